@@ -1,0 +1,183 @@
+"""Resumable training checkpoints.
+
+A checkpoint is a folder `checkpoints/step-N/` written atomically (a temporary folder renamed
+into place when complete, with a `COMPLETE` marker written last), holding:
+
+  weights.safetensors    the trainable parameters
+  optimizer.safetensors  AdamW moments (tensors) + optimizer.json (param groups, structure)
+  extra.safetensors      method state (AdaLoRA's importance scores) + extra.json
+  rng.safetensors        torch CPU/CUDA generator states
+  state.json             step, epoch, position in the epoch, running sums, best metric, scheduler
+
+Everything is safetensors or JSON: nothing is unpickled. Restoring puts the run back exactly
+where it was: same parameters, optimizer moments, schedule, dropout RNG and data position.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptune.safe_io import atomic_dir, load_safetensors, write_json
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    best: float | None = None
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0
+
+
+def _dir(out: Path) -> Path:
+    return Path(out) / CHECKPOINTS
+
+
+def latest(out: Path) -> Path | None:
+    """The newest complete checkpoint; half-written ones (no COMPLETE marker) are ignored."""
+    root = _dir(out)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("step-*") if (p / COMPLETE).exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def save(out: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+         state: TrainState) -> Path | None:
+    from safetensors.torch import save_file
+
+    accelerator.wait_for_everyone()
+    final = _dir(out) / f"step-{state.step}"
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        with atomic_dir(final) as tmp:
+            save_file({n: p.detach().contiguous().cpu() for n, p in unwrapped.named_parameters()
+                       if p.requires_grad}, str(tmp / "weights.safetensors"))
+            tensors, structure = _flatten_optimizer(optimizer.state_dict())
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            write_json(tmp / "optimizer.json", structure)
+            extra_tensors, extra_meta = _adalora_state(unwrapped)
+            save_file(extra_tensors, str(tmp / "extra.safetensors"))
+            write_json(tmp / "extra.json", extra_meta)
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                    rng[f"cuda{i}"] = s
+            save_file(rng, str(tmp / "rng.safetensors"))
+            write_json(tmp / "state.json", {**asdict(state), "scheduler": scheduler.state_dict(),
+                                            "python_random": _py_random_state()})
+            (tmp / COMPLETE).write_text("ok\n")
+        for old in _dir(out).glob("step-*"):  # keep only the newest
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def restore_latest(out: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any,
+                   scheduler: Any, state: TrainState) -> str | None:
+    path = latest(out)
+    if path is None:
+        return None
+    unwrapped = accelerator.unwrap_model(model)
+    weights = load_safetensors(path / "weights.safetensors")
+    own = dict(unwrapped.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            own[name].copy_(tensor)
+    structure = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(
+        load_safetensors(path / "optimizer.safetensors"), structure))
+    _load_adalora_state(unwrapped, load_safetensors(path / "extra.safetensors"),
+                        json.loads((path / "extra.json").read_text()))
+    saved = json.loads((path / "state.json").read_text())
+    scheduler.load_state_dict(saved.pop("scheduler"))
+    random.setstate(_to_tuple(saved.pop("python_random")))
+    for key, value in saved.items():
+        setattr(state, key, value)
+    rng = load_safetensors(path / "rng.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")])
+    accelerator.print(f"resumed from {path} (step {state.step})")
+    return str(path)
+
+
+def remove_all(out: Path) -> None:
+    shutil.rmtree(_dir(out), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: optimizer state <-> flat tensors, AdaLoRA allocator state, RNG.
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = tensor
+    for idx, values in structure.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": structure["param_groups"]}
+
+
+def _adalora_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    allocator = getattr(getattr(model, "base_model", None), "rankallocator", None)
+    if allocator is None:
+        return {}, {}
+    tensors = {f"{kind}/{name}": t.detach().contiguous().cpu()
+               for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc")
+               for name, t in getattr(allocator, kind).items()}
+    config = model.peft_config[model.base_model.trainable_adapter_name]
+    pattern = {k: (v.tolist() if torch.is_tensor(v) else v)
+               for k, v in (config.rank_pattern or {}).items()}
+    return tensors, {"rank_pattern": pattern}
+
+
+def _load_adalora_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                        meta: dict) -> None:
+    allocator = getattr(getattr(model, "base_model", None), "rankallocator", None)
+    if allocator is None:
+        return
+    for key, tensor in tensors.items():
+        kind, name = key.split("/", 1)
+        getattr(allocator, kind)[name] = tensor.to(next(model.parameters()).device)
+    if meta.get("rank_pattern"):
+        config = model.peft_config[model.base_model.trainable_adapter_name]
+        config.rank_pattern = meta["rank_pattern"]
+
+
+def _py_random_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _to_tuple(saved: list) -> tuple:
+    return (saved[0], tuple(saved[1]), saved[2])

@@ -1,0 +1,306 @@
+"""Run configuration: frozen, typed dataclasses that hold every default exactly once.
+
+A run is described by one `RunConfig`, made of four sections (model, method, data, train).
+YAML files and command-line overrides (`train.lr=1e-3`) only *replace* fields; an unknown key, a
+value of the wrong type or an impossible value is a `ConfigError` that names the field.
+
+    cfg = RunConfig()                                         # all defaults
+    cfg = load_config("my.yaml", overrides=["method.rank=16"])
+    cfg = cfg.replace(train={"epochs": 2})                    # a changed copy
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from adaptune.errors import ConfigError
+
+METHODS = ("lora", "adalora", "bitfit", "full", "head")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to adapt: a zoo short name, a Hub id or a local folder."""
+
+    name: str = "minilm-l6"
+    max_length: int = 128  # tokens per sequence (or per window, for QA)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "a zoo name, Hub id or folder", self.name)
+        _check(self.max_length >= 8, "model.max_length", "an integer >= 8", self.max_length)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """How the frozen model is adapted. One spec for every method; fields that a method does not
+    use are ignored by it (rank means nothing to bitfit)."""
+
+    name: str = "lora"
+    rank: int = 8  # LoRA rank; AdaLoRA's *target* average rank
+    alpha: float = 0.0  # LoRA scaling numerator; 0 means 2 * rank
+    dropout: float = 0.1
+    # Module names to adapt (suffix match, as in peft). Empty: the model's default (query/value
+    # style). "all-linear": every linear layer of the backbone.
+    targets: tuple[str, ...] = ()
+    # AdaLoRA budget schedule, as fractions of the total number of optimizer steps (the flow
+    # computes total_step itself, which is what peft users most often get wrong).
+    init_rank: int = 0  # 0 means ceil(1.5 * rank), the AdaLoRA paper's setting
+    tinit: float = 0.1
+    tfinal: float = 0.2
+    delta_t: int = 10
+    orth_reg_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.name in METHODS, "method.name", f"one of {', '.join(METHODS)}", self.name)
+        _check(self.rank >= 1, "method.rank", "a positive integer", self.rank)
+        _check(self.alpha >= 0, "method.alpha", "a number >= 0 (0 means 2 * rank)", self.alpha)
+        _check(0 <= self.dropout < 1, "method.dropout", "a number in [0, 1)", self.dropout)
+        _check(self.init_rank >= 0, "method.init_rank", "an integer >= 0", self.init_rank)
+        _check(0 <= self.tinit < 1 and 0 <= self.tfinal < 1 and self.tinit + self.tfinal < 1,
+               "method.tinit/tfinal", "fractions in [0, 1) that sum to less than 1",
+               (self.tinit, self.tfinal))
+        _check(self.delta_t >= 1, "method.delta_t", "a positive integer", self.delta_t)
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha or 2.0 * self.rank
+
+    @property
+    def adalora_init_rank(self) -> int:
+        return self.init_rank or math.ceil(1.5 * self.rank)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which task and data. `dataset` names a set under the data root (see adaptune.datasets) or
+    is left to `train_path`/`dev_path` for your own files."""
+
+    task: str = "classification"
+    dataset: str = "sst2"
+    train_path: str = ""  # overrides the dataset's train file
+    dev_path: str = ""  # overrides the dataset's dev file
+    data_dir: str = ""  # data root; empty: $ADAPTUNE_DATA, else ../shared/data
+    max_train_examples: int = 0  # 0: all; else the first N after a seeded shuffle
+    train_fraction: float = 1.0  # fraction of the training set, taken after the shuffle
+    max_dev_examples: int = 0  # 0: all
+    # Field names for generic CSV / TSV / JSON-lines classification files.
+    text_field: str = "text"
+    text_pair_field: str = ""
+    label_field: str = "label"
+
+    def __post_init__(self) -> None:
+        _check(self.max_train_examples >= 0, "data.max_train_examples", "an integer >= 0",
+               self.max_train_examples)
+        _check(0 < self.train_fraction <= 1, "data.train_fraction", "a number in (0, 1]",
+               self.train_fraction)
+        _check(self.max_dev_examples >= 0, "data.max_dev_examples", "an integer >= 0",
+               self.max_dev_examples)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and evaluation. Steps are optimizer steps (after gradient accumulation)."""
+
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 32  # per process, per micro-step
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto: bf16 autocast where the hardware has it, else fp32
+    seed: int = 42
+    eval_every: int = 0  # optimizer steps between evaluations; 0: at the end of each epoch
+    eval_batch_size: int = 128
+    group_by_length: bool = True  # batches of similar length: far less padding
+    log_every: int = 50
+    checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0: none
+    num_threads: int = 0  # torch intra-op threads; 0: leave torch's choice
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0 or self.max_steps > 0, "train.epochs/max_steps",
+               "a positive number of epochs or steps", (self.epochs, self.max_steps))
+        _check(self.max_steps >= 0, "train.max_steps", "an integer >= 0", self.max_steps)
+        _check(self.batch_size >= 1, "train.batch_size", "a positive integer", self.batch_size)
+        _check(self.grad_accum >= 1, "train.grad_accum", "a positive integer", self.grad_accum)
+        _check(self.lr > 0, "train.lr", "a positive number", self.lr)
+        _check(self.weight_decay >= 0, "train.weight_decay", "a number >= 0", self.weight_decay)
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "a number in [0, 1)",
+               self.warmup_ratio)
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "a number >= 0 (0: no clipping)",
+               self.max_grad_norm)
+        _check(self.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}",
+               self.precision)
+        _check(self.eval_every >= 0, "train.eval_every", "an integer >= 0", self.eval_every)
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", "a positive integer",
+               self.eval_batch_size)
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0",
+               self.checkpoint_every)
+        _check(self.num_threads >= 0, "train.num_threads", "an integer >= 0", self.num_threads)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = ""  # empty: runs/<task>-<dataset>-<model>-<method>
+    overwrite: bool = False  # allow reusing an output folder that holds another run
+
+    @property
+    def resolved_output_dir(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        model = Path(self.model.name).name or self.model.name
+        return Path("runs") / f"{self.data.task}-{Path(self.data.dataset).name}-{model}-{self.method.name}"
+
+    def replace(self, **sections: Mapping[str, Any] | Any) -> "RunConfig":
+        """A copy with some fields changed: `cfg.replace(train={"lr": 1e-3}, output_dir="x")`."""
+        return from_dict({**to_dict(self), **_merge(to_dict(self), sections)})
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion from plain data (YAML, JSON, CLI) with strict checking.
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(out))  # tuples become lists, as in YAML/JSON
+
+
+def from_dict(data: Mapping[str, Any], cls: type = RunConfig, where: str = "") -> Any:
+    """Build `cls` from nested plain data, rejecting unknown keys and wrong types by name."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {', '.join(prefix + k for k in unknown)}; "
+            f"known keys{' of ' + where if where else ''}: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(value, hints[name], path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        return from_dict(value, hint, path)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return tuple(str(v) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if isinstance(value, str):
+            try:
+                value = float(value) if hint is float else int(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}") from None
+        if hint is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            value = int(value)
+        if not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}")
+        return hint(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no such fields today
+        return value
+    return value
+
+
+def _merge(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        elif dataclasses.is_dataclass(value):
+            out[key] = to_dict(value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`["train.lr=1e-3", "method.targets=query,value"]` -> nested dict (values stay strings;
+    `from_dict` converts them by the field's type and reports bad ones by name)."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected section.field=value, e.g. train.lr=1e-3")
+        node = nested
+        *parents, leaf = key.lstrip("-").split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is a field, not a section")
+        node[leaf] = value
+    return nested
+
+
+def load_config(
+    yaml_path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    base: RunConfig | None = None,
+) -> RunConfig:
+    """Defaults (or `base`), then a YAML file, then `section.field=value` overrides."""
+    data = to_dict(base or RunConfig())
+    if yaml_path:
+        import yaml
+
+        path = Path(yaml_path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        try:
+            data = _merge(data, loaded)
+            from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    data = _merge(data, parse_overrides(overrides))
+    return from_dict(data)
+
+
+def _check(ok: bool, field_name: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: expected {expected}, got {got!r}")

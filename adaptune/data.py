@@ -1,0 +1,126 @@
+"""Shared data plumbing: where the data root is, reading text files safely, and subsetting.
+
+The real data sets live outside the repository (../shared/data here); the root is a setting:
+`data.data_dir`, else $ADAPTUNE_DATA, else ../shared/data beside the working folder or beside
+this checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence, TypeVar
+
+from adaptune.config import DataConfig
+from adaptune.errors import DataError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A named data set under the data root. `dev` may be empty for single-file sets, which
+    are split 80/10/10 with a fixed seed (train = 80%, dev = the next 10%)."""
+
+    train: str
+    dev: str = ""
+    reader: str = ""  # the task module's reader for this format
+    encoding: str = "utf-8"
+    note: str = ""
+
+
+def data_root(cfg: DataConfig) -> Path:
+    candidates = [cfg.data_dir, os.environ.get("ADAPTUNE_DATA", "")]
+    candidates += [str(Path.cwd().parent / "shared" / "data"),
+                   str(Path(__file__).resolve().parents[2] / "shared" / "data")]
+    tried = [c for c in candidates if c]
+    for c in tried:
+        if Path(c).is_dir():
+            return Path(c)
+    raise DataError("data root not found; set data.data_dir or $ADAPTUNE_DATA. Tried: "
+                    + ", ".join(tried))
+
+
+def split_paths(cfg: DataConfig, spec: DatasetSpec | None) -> dict[str, Path]:
+    """Paths of the train and dev files: explicit paths win over the named data set."""
+    if spec is None and not (cfg.train_path and cfg.dev_path):
+        raise DataError(f"data.dataset: unknown data set {cfg.dataset!r} and no "
+                        "data.train_path / data.dev_path given")
+    root = data_root(cfg) if spec is not None else Path(".")
+    train = Path(cfg.train_path) if cfg.train_path else root / spec.train
+    dev = Path(cfg.dev_path) if cfg.dev_path else (root / spec.dev if spec and spec.dev else train)
+    return {"train": train, "dev": dev}
+
+
+def read_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(line number from 1, line without its newline). A missing, empty, binary or mis-encoded
+    file is a DataError that names the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", path)
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError("file is empty", path)
+    if b"\x00" in raw[:65536]:
+        raise DataError("looks like a binary file, expected text", path)
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"not valid {encoding} text (byte {exc.start})", path, line) from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        yield number, line
+
+
+def take_subset(items: Sequence[T], cfg: DataConfig, seed: int, split: str) -> list[T]:
+    """Train: a seeded shuffle, then `train_fraction`, then `max_train_examples`. Dev: the first
+    `max_dev_examples` in file order (so every run is scored on the same examples)."""
+    items = list(items)
+    if split == "train":
+        random.Random(seed).shuffle(items)
+        keep = max(1, int(round(len(items) * cfg.train_fraction)))
+        items = items[:keep]
+        if cfg.max_train_examples:
+            items = items[: cfg.max_train_examples]
+    elif cfg.max_dev_examples:
+        items = items[: cfg.max_dev_examples]
+    return items
+
+
+def split_single_file(items: Sequence[T], split: str, seed: int = 1234) -> list[T]:
+    """80/10/10 split of a set that has no official one, fixed by `seed` (independent of the
+    run's seed, so every run sees the same dev set)."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_train, n_dev = int(0.8 * len(items)), int(0.1 * len(items))
+    picked = order[:n_train] if split == "train" else order[n_train:n_train + n_dev]
+    return [items[i] for i in sorted(picked)]
+
+
+def require_nonempty(items: Sequence[T], path: Path, split: str) -> None:
+    if not items:
+        raise DataError(f"the {split} split has no examples", path)
+
+
+def pad_collate(features: Sequence[dict], pad_id: int, pad_values: dict[str, int] | None = None
+                ) -> dict:
+    """Pad every list-valued field to the longest in the batch (right padding) and stack it;
+    scalar fields become 1-D tensors. Fields starting with "_" (bookkeeping) are left out."""
+    import torch
+
+    pads = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
+    pads.update(pad_values or {})
+    batch: dict = {}
+    for key in features[0]:
+        if key.startswith("_"):
+            continue
+        values = [f[key] for f in features]
+        if isinstance(values[0], (list, tuple)):
+            width = max(len(v) for v in values)
+            fill = pads.get(key, 0)
+            batch[key] = torch.tensor([list(v) + [fill] * (width - len(v)) for v in values])
+        else:
+            batch[key] = torch.tensor(values)
+    return batch

@@ -1,0 +1,102 @@
+"""Backbones and the task model: a frozen pretrained backbone composed with a small task head.
+
+`TaskModel` is a plain `nn.Module` with two children, `backbone` (a Hugging Face model) and
+`head` (the task's own module). peft wraps it like any custom model, with `head` in
+`modules_to_save`, so the head is saved inside the adapter and restored by
+`PeftModel.from_pretrained` -- the single most reported pain of peft users (heads lost on load).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TaskOutput:
+    """What every task head returns. `loss` is None without labels. peft's AdaLoRA adds its
+    orthogonality penalty to `loss` in place, which is why this is a mutable object."""
+
+    loss: torch.Tensor | None
+    logits: Any
+
+
+def load_backbone(path: str, family: str, *, lm_head: bool = False,
+                  dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load the pretrained body. Encoders lose their pooler (the heads pool themselves, the same
+    way on every model; an unused pooler would also break multi-process training). Decoders keep
+    their LM head only for generation tasks."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    # The load report lists the dropped pooler as "unexpected": noise for our users.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    if family == "decoder" and lm_head:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        return AutoModel.from_pretrained(path, dtype=dtype, add_pooling_layer=False)
+    except TypeError:  # architectures without a pooler do not take the argument
+        return AutoModel.from_pretrained(path, dtype=dtype)
+
+
+def family_of(config: Any) -> str:
+    """"decoder" for causal LMs (GPT-style), else "encoder" (BERT-style)."""
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if getattr(config, "is_decoder", False) or "CausalLM" in archs or "LMHead" in archs:
+        return "decoder"
+    decoder_types = {"gpt2", "llama", "gemma", "gemma2", "gemma3_text", "mistral", "qwen2",
+                     "qwen3", "phi", "phi3", "gpt_neox", "opt", "smollm3", "olmo", "falcon"}
+    return "decoder" if getattr(config, "model_type", "") in decoder_types else "encoder"
+
+
+def count_backbone_params(backbone: nn.Module) -> tuple[int, int]:
+    """(total, non-embedding) parameters; tied weights counted once."""
+    total = sum(p.numel() for p in backbone.parameters())
+    embedding = 0
+    seen: set[int] = set()
+    for module in backbone.modules():
+        if isinstance(module, nn.Embedding) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            embedding += module.weight.numel()
+    return total, total - embedding
+
+
+class TaskModel(nn.Module):
+    """backbone + head. The head gets the backbone's last hidden states (or its logits, for
+    language-model heads that reuse the backbone's own output layer) and the batch."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        # Mirrors HF models so peft and accelerate find what they look for.
+        self.config = backbone.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                **batch: Any) -> TaskOutput:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "token_type_ids" in batch:
+            inputs["token_type_ids"] = batch.pop("token_type_ids")
+        out = self.backbone(**inputs)
+        features = out.logits if getattr(self.head, "uses_logits", False) else out.last_hidden_state
+        return self.head(features, attention_mask=attention_mask, **batch)
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
+        return self.backbone.prepare_inputs_for_generation(*args, **kwargs)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The hidden state of the last real token of each row (decoders see the whole text only
+    there). Works for right padding, which is what the collators produce."""
+    last = attention_mask.sum(1).clamp(min=1) - 1
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]

@@ -1,0 +1,57 @@
+"""What every recipe script runs: defaults, then the recipe's preset, then a YAML file, then
+command-line overrides, then the one training flow.
+
+    python recipes/ner_lora.py train.lr=1e-3 method.rank=16
+    accelerate launch recipes/ner_lora.py --config my.yaml output_dir=runs/x
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Mapping, Sequence
+
+from adaptune.config import RunConfig, _merge, from_dict, load_config, to_dict
+from adaptune.errors import AdaptuneError
+from adaptune.train import RunResult, run
+
+
+def preset_config(preset: Mapping[str, Any]) -> RunConfig:
+    return from_dict(_merge(to_dict(RunConfig()), preset))
+
+
+def main(preset: Mapping[str, Any], argv: Sequence[str] | None = None,
+         description: str = "") -> RunResult:
+    parser = argparse.ArgumentParser(description=description or None)
+    parser.add_argument("--config", help="YAML file of config overrides")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="config overrides, e.g. train.lr=1e-3 method.rank=16")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides, base=preset_config(preset))
+        result = run(config)
+    except AdaptuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    report(result)
+    return result
+
+
+def report(result: RunResult) -> None:
+    from accelerate.state import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    m = result.metrics
+    dev = m["dev"]
+    print(f"\n{result.config.data.task} on {result.config.data.dataset} with "
+          f"{result.config.model.name} + {result.config.method.name}: "
+          f"{m['main_metric']} = {dev[m['main_metric']]:.4f} (best at step {m['best_step']})")
+    for key, value in dev.items():
+        if key != m["main_metric"]:
+            print(f"  {key:<24} {value:.4f}")
+    print(f"  trainable params         {m['trainable_params']:,} of {m['total_params']:,} "
+          f"({m['trainable_percent']:.3f}%)")
+    print(f"  wall time                {m['wall_time_s']:.1f} s ({m['precision']}, "
+          f"{m['real_tokens_per_s']:.0f} real tokens/s)")
+    print(f"outputs: {result.output_dir}/ (config.json, metrics.json, adapter/)")

@@ -1,0 +1,272 @@
+"""Text classification: single sentences and sentence pairs.
+
+Readers for the formats in the data root (SST-2 and other TSV with a header, AG News TSV
+without one, Financial PhraseBank `sentence@label`, TREC `COARSE:fine question`, JSON lines, CSV).
+Head: mean pooling for encoders (the same on every model, pooler or not), last-token pooling for
+decoders, then a linear classifier. Metrics: accuracy and macro-F1.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptune.config import DataConfig
+from adaptune.data import (DatasetSpec, pad_collate, read_lines, require_nonempty,
+                           split_paths, split_single_file, take_subset)
+from adaptune.errors import DataError
+from adaptune.modeling import TaskOutput, last_token_pool, mean_pool
+from adaptune.tasks import Task
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str | None
+    pair: str | None = None
+    where: str = ""  # file:line, for error messages
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepare data: readers.
+
+DATASETS = {
+    "sst2": DatasetSpec("cls/sst2/train.tsv", "cls/sst2/dev.tsv", "tsv"),
+    "agnews": DatasetSpec("cls/agnews/dev.tsv", "cls/agnews/test.tsv", "tsv_noheader",
+                          note="train = the 10k dev file (drawn from AG train), dev = test"),
+    "trec": DatasetSpec("cls/trec/train_5500.label", "cls/trec/TREC_10.label", "trec",
+                        encoding="latin-1"),
+    "financial_phrasebank": DatasetSpec(
+        "cls/financial_phrasebank/Sentences_50Agree.txt", "", "phrasebank", encoding="latin-1",
+        note="no official split: 80/10/10 with a fixed seed"),
+    "legal_unfair_tos": DatasetSpec("cls/legal_unfair_tos/data.tsv", "", "tsv",
+                                    note="single file: 80/10/10 with a fixed seed"),
+    "chemprot": DatasetSpec("cls/chemprot/train.jsonl", "cls/chemprot/dev.jsonl", "jsonl"),
+}
+
+
+def _read_tsv(path: Path, cfg: DataConfig, encoding: str, header: bool = True,
+              delimiter: str = "\t") -> list[Example]:
+    lines = list(read_lines(path, encoding))
+    if header:
+        names = lines[0][1].rstrip("\r").split(delimiter)
+        lines = lines[1:]
+    else:
+        names = [cfg.text_field, cfg.label_field]
+    wanted = [cfg.text_field, cfg.label_field] + ([cfg.text_pair_field] if cfg.text_pair_field else [])
+    missing = [w for w in wanted if w not in names]
+    if missing:
+        raise DataError(f"header has columns {names}; expected columns named {missing} "
+                        "(set data.text_field / data.label_field)", path, 1)
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    rows = csv.reader(io.StringIO("\n".join(l for _, l in lines)), delimiter=delimiter,
+                      quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+    for (number, _), row in zip(lines, rows):
+        if not row:
+            continue
+        if len(row) != len(names):
+            raise DataError(f"expected {len(names)} {'tab' if delimiter == chr(9) else 'comma'}-"
+                            f"separated columns ({', '.join(names)}), found {len(row)}",
+                            path, number)
+        pair = row[index[cfg.text_pair_field]].strip() if cfg.text_pair_field else None
+        out.append(Example(row[index[cfg.text_field]].strip(), row[index[cfg.label_field]].strip(),
+                           pair, f"{path}:{number}"))
+    return out
+
+
+def _read_phrasebank(path: Path, cfg: DataConfig, encoding: str) -> list[Example]:
+    out = []
+    for number, line in read_lines(path, encoding):
+        if not line.strip():
+            continue
+        text, sep, label = line.rpartition("@")
+        if not sep or not text.strip() or not label.strip():
+            raise DataError("expected 'sentence@label'", path, number)
+        out.append(Example(text.strip(), label.strip(), None, f"{path}:{number}"))
+    return out
+
+
+def _read_trec(path: Path, cfg: DataConfig, encoding: str) -> list[Example]:
+    out = []
+    for number, line in read_lines(path, encoding):
+        if not line.strip():
+            continue
+        tag, _, question = line.partition(" ")
+        coarse, sep, _fine = tag.partition(":")
+        if not sep or not question.strip():
+            raise DataError("expected 'COARSE:fine question words'", path, number)
+        out.append(Example(question.strip(), coarse, None, f"{path}:{number}"))
+    return out
+
+
+def _read_jsonl(path: Path, cfg: DataConfig, encoding: str) -> list[Example]:
+    out = []
+    for number, line in read_lines(path, encoding):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"not valid JSON: {exc.msg}", path, number) from None
+        fields = [cfg.text_field, cfg.label_field] + ([cfg.text_pair_field] if cfg.text_pair_field else [])
+        if not isinstance(row, dict) or any(f not in row for f in fields):
+            raise DataError(f"expected a JSON object with fields {fields}", path, number)
+        out.append(Example(str(row[cfg.text_field]), str(row[cfg.label_field]),
+                           str(row[cfg.text_pair_field]) if cfg.text_pair_field else None,
+                           f"{path}:{number}"))
+    return out
+
+
+READERS = {
+    "tsv": _read_tsv,
+    "tsv_noheader": lambda p, c, e: _read_tsv(p, c, e, header=False),
+    "csv": lambda p, c, e: _read_tsv(p, c, e, delimiter=","),
+    "phrasebank": _read_phrasebank,
+    "trec": _read_trec,
+    "jsonl": _read_jsonl,
+}
+
+
+def _reader_for(path: Path) -> str:
+    return {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}.get(path.suffix, "tsv")
+
+
+def load(cfg: DataConfig, split: str, seed: int) -> list[Example]:
+    spec = DATASETS.get(cfg.dataset)
+    path = split_paths(cfg, spec)[split]
+    explicit = cfg.train_path if split == "train" else cfg.dev_path
+    reader = spec.reader if spec and not explicit else _reader_for(path)
+    examples = READERS[reader](path, cfg, spec.encoding if spec and not explicit else "utf-8")
+    for ex in examples:
+        if not ex.text:
+            raise DataError("empty text", *ex.where.rsplit(":", 1))
+    if spec is not None and not spec.dev and not explicit:
+        examples = split_single_file(examples, split)
+    examples = take_subset(examples, cfg, seed, split)
+    require_nonempty(examples, path, split)
+    return examples
+
+
+def label_space(train: list[Example], dev: list[Example], dev_path: str = "") -> list[str]:
+    labels = sorted({ex.label for ex in train})
+    unseen = sorted({ex.label for ex in dev} - set(labels))
+    if unseen:
+        first = next(ex.where for ex in dev if ex.label in unseen)
+        raise DataError(f"dev labels {unseen} never occur in the training data (first at "
+                        f"{first}); training labels: {labels}")
+    if len(labels) < 2:
+        raise DataError(f"the training data has only the label(s) {labels}; need at least 2")
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Collate and encode.
+
+
+def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_length: int,
+           split: str) -> list[dict]:
+    texts = [ex.text for ex in examples]
+    pairs = [ex.pair for ex in examples] if examples and examples[0].pair is not None else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    index = {label: i for i, label in enumerate(labels)}
+    features = []
+    for i, ex in enumerate(examples):
+        feature = {key: enc[key][i] for key in ("input_ids", "attention_mask", "token_type_ids")
+                   if key in enc}
+        if ex.label is not None:
+            feature["labels"] = index[ex.label]
+        feature["_example"] = i
+        features.append(feature)
+    return features
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    return pad_collate(features, pad_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model head.
+
+
+class ClassificationHead(nn.Module):
+    def __init__(self, hidden_size: int, num_labels: int, pooling: str) -> None:
+        super().__init__()
+        self.pooling = pooling
+        self.dropout = nn.Dropout(0.1)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None, **_: Any) -> TaskOutput:
+        pool = mean_pool if self.pooling == "mean" else last_token_pool
+        logits = self.classifier(self.dropout(pool(hidden, attention_mask)))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        return TaskOutput(loss, logits)
+
+
+def build_head(hidden_size: int, labels: list[str], family: str) -> nn.Module:
+    return ClassificationHead(hidden_size, len(labels), "mean" if family == "encoder" else "last")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode and metrics.
+
+
+def predict(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[int]:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs).logits.argmax(-1).tolist()
+
+
+def score(examples: list[Example], features: list[dict], predictions: list[int],
+          labels: list[str]) -> dict[str, float]:
+    gold = [labels.index(ex.label) for ex in examples]
+    pred = [0] * len(examples)
+    for feature, p in zip(features, predictions):
+        pred[feature["_example"]] = p
+    return classification_metrics(gold, pred, len(labels))
+
+
+def classification_metrics(gold: list[int], pred: list[int], num_labels: int) -> dict[str, float]:
+    """Accuracy, and macro-F1 over the classes that occur in gold or predictions (as
+    scikit-learn's f1_score(average="macro") does, where a class with no support and no
+    predictions is left out)."""
+    accuracy = sum(g == p for g, p in zip(gold, pred)) / len(gold)
+    f1s = []
+    for c in range(num_labels):
+        tp = sum(g == c and p == c for g, p in zip(gold, pred))
+        fp = sum(g != c and p == c for g, p in zip(gold, pred))
+        fn = sum(g == c and p != c for g, p in zip(gold, pred))
+        if tp + fp + fn == 0:
+            continue
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s)}
+
+
+def decode(examples: list[Example], features: list[dict], predictions: list[int],
+           labels: list[str]) -> list[str]:
+    out = [""] * len(examples)
+    for feature, p in zip(features, predictions):
+        out[feature["_example"]] = labels[p]
+    return out
+
+
+def make_examples(inputs: list[str | tuple[str, str]]) -> list[Example]:
+    """Texts, or (text, pair) tuples, to examples without labels."""
+    return [Example(x[0], None, x[1]) if isinstance(x, tuple) else Example(x, None)
+            for x in inputs]
+
+
+TASK = Task(
+    name="classification", main_metric="accuracy", load=load, label_space=label_space,
+    encode=encode, collate=collate, build_head=build_head, predict=predict, score=score,
+    decode=decode, make_examples=make_examples, datasets=DATASETS, default_dataset="sst2",
+)

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny models built from config (offline, seconds), single-threaded torch."""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("ADAPTUNE_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)  # two threads on tiny models stall badly on 2-core machines
+
+DATA = Path(os.environ.get("ADAPTUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def _write_tokenizer(folder: Path, *, decoder: bool) -> None:
+    """A character-level WordPiece tokenizer: every text tokenizes, no download needed."""
+    from transformers import BertTokenizerFast
+
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(chars) + ["##" + c for c in chars]
+    vocab_file = folder / "vocab.txt"
+    vocab_file.write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    if decoder:
+        tok.eos_token = "[SEP]"
+        tok.bos_token = "[CLS]"
+    tok.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> str:
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    _write_tokenizer(folder, decoder=False)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=256)
+    BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    _write_tokenizer(folder, decoder=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                         max_position_embeddings=256, pad_token_id=0, eos_token_id=3,
+                         bos_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture()
+def cls_files(tmp_path) -> tuple[str, str]:
+    """A small, learnable sentiment set in the SST-2 TSV format."""
+    pos = ["good fun", "great film", "a joy", "lovely and warm", "so good", "great fun"]
+    neg = ["bad mess", "awful film", "a bore", "dull and cold", "so bad", "awful mess"]
+    rows = [f"{t}\t1" for t in pos] + [f"{t}\t0" for t in neg]
+    train = tmp_path / "train.tsv"
+    dev = tmp_path / "dev.tsv"
+    train.write_text("text\tlabel\n" + "\n".join(rows * 4) + "\n")
+    dev.write_text("text\tlabel\n" + "\n".join(rows) + "\n")
+    return str(train), str(dev)
+
+
+def tiny_config(model: str, train_file: str, dev_file: str, out: Path, **sections):
+    """A RunConfig for a few-second run on a tiny model."""
+    from adaptune.config import RunConfig, _merge, from_dict, to_dict
+
+    base = {"model": {"name": model, "max_length": 32},
+            "data": {"task": "classification", "dataset": "custom", "train_path": train_file,
+                     "dev_path": dev_file},
+            "train": {"max_steps": 6, "batch_size": 8, "lr": 5e-3, "eval_batch_size": 16,
+                      "precision": "fp32", "warmup_ratio": 0.0},
+            "output_dir": str(out)}
+    return from_dict(_merge(_merge(to_dict(RunConfig()), base), sections))

@@ -1,0 +1,121 @@
+"""Adapter methods on a tiny BERT built from config: exact trainable-parameter counts, save/load
+and merge round trips, loading with plain peft, and AdaLoRA's budget schedule being stepped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptune import api
+from adaptune.errors import ModelError
+from adaptune.train import run
+from conftest import tiny_config
+
+# Tiny BERT: hidden H=32, L=2 layers, FFN 64, 2 labels.
+H, L, FFN, C = 32, 2, 64, 2
+HEAD = H * C + C
+BACKBONE = (200 * H + 256 * H + 2 * H + 2 * H) + L * (4 * (H * H + H) + 2 * H + (H * FFN + FFN)
+                                                    + (FFN * H + H) + 2 * H)
+BIASES = L * (4 * H + H + FFN + H + H) + H  # q,k,v,o, attention LN, FFN in/out, output LN; emb LN
+RANK = 4
+EXPECTED_TRAINABLE = {
+    "lora": 2 * L * RANK * (H + H) + HEAD,  # A (r x in) + B (out x r) on query and value
+    "adalora": 2 * L * 6 * (H + H + 1) + HEAD,  # init rank ceil(1.5 r) = 6: A, B and E
+    "bitfit": BIASES + HEAD,
+    "full": BACKBONE + HEAD,
+    "head": HEAD,
+}
+
+
+@pytest.mark.parametrize("method", list(EXPECTED_TRAINABLE))
+def test_exact_parameter_counts_and_save_load_round_trip(method, tiny_encoder, cls_files,
+                                                         tmp_path):
+    cfg = tiny_config(tiny_encoder, *cls_files, tmp_path / method,
+                      method={"name": method, "rank": RANK})
+    result = run(cfg)
+    m = result.metrics
+    assert m["trainable_params"] == EXPECTED_TRAINABLE[method]
+    adapter_params = m["trainable_params"] - HEAD if method in ("lora", "adalora") else 0
+    if method == "adalora":
+        adapter_params += 2 * L  # one frozen `ranknum` scalar per adapted module
+    assert m["total_params"] == BACKBONE + HEAD + adapter_params
+    assert m["backbone_params"] == BACKBONE
+
+    texts = ["good fun", "a bore", "so bad", "lovely and warm"]
+    predictor = api.load(result.adapter_dir)
+    logits = _logits(predictor, texts)
+    again = _logits(api.load(result.adapter_dir), texts)
+    torch.testing.assert_close(logits, again)
+    # The reloaded model reproduces the dev score the run reported for its best adapter.
+    assert predictor.predict(texts) == api.load(result.adapter_dir).predict(texts)
+
+
+def _logits(predictor, texts):
+    features = predictor.task.encode(predictor.task.make_examples(texts), predictor.tokenizer,
+                                     predictor.labels, 32, "predict")
+    batch = predictor.task.collate(features, predictor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        return predictor.model(**batch).logits
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_plain_peft_loading_and_merge_match_adaptune(method, tiny_encoder, cls_files, tmp_path):
+    from peft import PeftModel
+
+    result = run(tiny_config(tiny_encoder, *cls_files, tmp_path / "run",
+                             method={"name": method, "rank": RANK}, train={"max_steps": 8}))
+    texts = ["good fun", "a bore", "so bad", "great film"]
+    ours = api.load(result.adapter_dir)
+    expected = _logits(ours, texts)
+    # The head is inside the adapter: plain peft restores it onto a fresh base.
+    base = api.build_base(result.adapter_dir)
+    fresh_head = _logits(api.Predictor(base, ours.tokenizer, ours.meta), texts)
+    assert not torch.allclose(fresh_head, expected)
+    plain = PeftModel.from_pretrained(api.build_base(result.adapter_dir), str(result.adapter_dir))
+    torch.testing.assert_close(_logits(api.Predictor(plain, ours.tokenizer, ours.meta), texts),
+                               expected)
+    merged = api.load(result.adapter_dir, merge=True)
+    assert not any("lora_" in n for n, _ in merged.model.named_parameters())
+    torch.testing.assert_close(_logits(merged, texts), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_adalora_budget_schedule_is_stepped_by_the_flow(tiny_encoder, cls_files, tmp_path,
+                                                        monkeypatch):
+    from peft.tuners.adalora import AdaLoraModel
+
+    calls: list[int] = []
+    original = AdaLoraModel.update_and_allocate
+
+    def spy(self, global_step):
+        calls.append(global_step)
+        return original(self, global_step)
+
+    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", spy)
+    steps = 20
+    result = run(tiny_config(tiny_encoder, *cls_files, tmp_path / "ada",
+                             method={"name": "adalora", "rank": 2, "init_rank": 6,
+                                     "delta_t": 2, "tinit": 0.1, "tfinal": 0.2},
+                             train={"max_steps": steps, "batch_size": 4}))
+    assert calls == list(range(1, steps + 1))
+    import json
+
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert saved["total_step"] == steps and saved["tinit"] == 2 and saved["tfinal"] == 4
+    # The budget was really re-allocated: the final ranks add up to the target budget
+    # (target rank 2 x 4 adapted modules), below the initial 6 x 4.
+    pattern = saved["rank_pattern"]
+    assert pattern and sum(sum(mask) for mask in pattern.values()) == 2 * 4
+
+
+def test_bitfit_refuses_a_model_without_biases(tiny_decoder, cls_files, tmp_path):
+    cfg = tiny_config(tiny_decoder, *cls_files, tmp_path / "out", method={"name": "bitfit"})
+    with pytest.raises(ModelError, match="no bias parameters"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_decoder_classification_with_lora(tiny_decoder, cls_files, tmp_path):
+    result = run(tiny_config(tiny_decoder, *cls_files, tmp_path / "dec",
+                             method={"name": "lora", "rank": 2}))
+    # q_proj (32 -> 32) and v_proj (32 -> 16, 2 KV heads of 8): A r x in + B out x r
+    assert result.metrics["trainable_params"] == L * 2 * ((32 + 32) + (32 + 16)) + (32 * 2 + 2)
