@@ -37,6 +37,8 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
     loss_sum: float = 0.0
     loss_count: int = 0
+    window_loss_sum: float = 0.0  # since the last evaluation
+    window_loss_count: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0
     best: float | None = None

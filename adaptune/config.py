@@ -220,19 +220,18 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{path}: expected true or false, got {value!r}")
     if hint in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        expected = "an integer" if hint is int else "a number"
         if isinstance(value, str):
             try:
-                value = float(value) if hint is float else int(value)
+                value = float(value)
             except ValueError:
-                raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}") from None
-        if hint is int and isinstance(value, float):
-            if not value.is_integer():
-                raise ConfigError(f"{path}: expected an integer, got {value!r}")
+                raise ConfigError(f"{path}: expected {expected}, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected {expected}, got {value!r}")
+        if hint is int:
+            if not float(value).is_integer():
+                raise ConfigError(f"{path}: expected {expected}, got {value!r}")
             value = int(value)
-        if not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}")
         return hint(value)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

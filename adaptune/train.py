@@ -288,13 +288,17 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
             state.step += 1
             state.loss_sum += loss.item()
             state.loss_count += 1
+            state.window_loss_sum += loss.item()
+            state.window_loss_count += 1
             progress.update(1)
             if state.step % t.log_every == 0:
                 progress.set_postfix(loss=f"{state.loss_sum / state.loss_count:.4f}",
                                      lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if state.step % plan.eval_every == 0 or state.step == plan.total_steps:
                 metrics = _evaluate_and_keep_best(accelerator, model, p, out, state)
-                evals.append({"step": state.step, **metrics})
+                train_loss = state.window_loss_sum / max(1, state.window_loss_count)
+                state.window_loss_sum, state.window_loss_count = 0.0, 0
+                evals.append({"step": state.step, "train_loss": train_loss, **metrics})
                 state.evals = evals
                 model.train()
             if t.checkpoint_every and state.step % t.checkpoint_every == 0:
@@ -310,7 +314,7 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
 
     best = max(evals, key=lambda e: e[p.task.main_metric])
     metrics = {
-        "dev": {k: v for k, v in best.items() if k != "step"},
+        "dev": {k: v for k, v in best.items() if k not in ("step", "train_loss")},
         "best_step": best["step"],
         "evaluations": evals,
         "main_metric": p.task.main_metric,

@@ -19,13 +19,11 @@ DATA = Path(os.environ.get("ADAPTUNE_DATA", Path(__file__).resolve().parents[2] 
 
 def _write_tokenizer(folder: Path, *, decoder: bool) -> None:
     """A character-level WordPiece tokenizer: every text tokenizes, no download needed."""
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
     chars = string.ascii_lowercase + string.digits + string.punctuation
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(chars) + ["##" + c for c in chars]
-    vocab_file = folder / "vocab.txt"
-    vocab_file.write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     if decoder:
         tok.eos_token = "[SEP]"
         tok.bos_token = "[CLS]"

@@ -1,0 +1,75 @@
+"""NER: readers on the real files, word/sub-token alignment, a short training run."""
+
+from __future__ import annotations
+
+import pytest
+
+from adaptune.config import DataConfig
+from adaptune.errors import DataError
+from adaptune.tasks import ner
+from adaptune.train import load_tokenizer, run
+from conftest import DATA, tiny_config
+
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not present")
+
+
+@needs_data
+@pytest.mark.parametrize("name, split, sentences, tags", [
+    ("conll2003", "dev", 3250, {"O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG",
+                                "B-MISC", "I-MISC"}),
+    ("wnut17", "dev", 1009, None),
+    ("bc5cdr", "train", 4560, {"O", "B-Chemical", "I-Chemical", "B-Disease", "I-Disease"}),
+    ("sec_filings", "train", None, {"O", "I-PER", "I-ORG", "I-LOC", "I-MISC"}),
+])
+def test_readers_on_real_files(name, split, sentences, tags):
+    examples = ner.load(DataConfig(task="ner", dataset=name, data_dir=str(DATA)), split, 0)
+    if sentences:
+        assert len(examples) == sentences
+    seen = {t for ex in examples for t in ex.tags}
+    if tags:
+        assert seen == tags
+    assert all(len(ex.words) == len(ex.tags) for ex in examples)
+
+
+def test_wrong_column_count_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.conll"
+    bad.write_text("EU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\nGerman B-MISC\n")
+    with pytest.raises(DataError, match=r"bad\.conll, line 4: expected 4 columns"):
+        ner.read_conll(bad)
+    bad.write_text("EU\tB-ORG\nrejects\tX-FOO\n")
+    with pytest.raises(DataError, match=r"line 2: tag 'X-FOO' is not O or B-/I-/E-/S-TYPE"):
+        ner.read_conll(bad)
+
+
+def test_alignment_round_trip_and_truncated_words(tiny_encoder):
+    tok = load_tokenizer(tiny_encoder)
+    examples = [ner.Example(("Peter", "Blackburn", "visits", "Brussels"),
+                            ("B-PER", "I-PER", "O", "B-LOC"))]
+    labels = ["O", "B-LOC", "B-PER", "I-PER"]
+    # Each character is a sub-token here: "Peter" has 5; the label sits on the first only.
+    feats = ner.encode(examples, tok, labels, max_length=64, split="dev")
+    gold_ids = feats[0]["labels"]
+    assert sum(1 for x in gold_ids if x != -100) == 4
+    as_predictions = [[max(x, 0) for x in gold_ids]]
+    assert ner.decode(examples, feats, as_predictions, labels) == [list(examples[0].tags)]
+    # Truncated: [CLS] + 14 sub-tokens + [SEP] keeps "Peter" and "Blackburn" (5 + 9).
+    feats = ner.encode(examples, tok, labels, max_length=16, split="dev")
+    decoded = ner.decode(examples, feats, [[max(x, 0) for x in feats[0]["labels"]]], labels)
+    assert decoded == [["B-PER", "I-PER", "O", "O"]]
+    # ...and the cut-off LOC entity still counts, as a miss.
+    assert ner.score(examples, feats, [[max(x, 0) for x in feats[0]["labels"]]],
+                     labels)["recall"] == 0.5
+
+
+@needs_data
+def test_short_ner_run_loss_falls(tiny_encoder, tmp_path):
+    cfg = tiny_config(tiny_encoder, "", "", tmp_path / "ner",
+                      data={"task": "ner", "dataset": "conll2003", "train_path": "",
+                            "dev_path": "", "data_dir": str(DATA), "max_train_examples": 64,
+                            "max_dev_examples": 32},
+                      method={"name": "full"}, train={"max_steps": 16, "eval_every": 8,
+                                                      "lr": 3e-3})
+    m = run(cfg).metrics
+    first, last = m["evaluations"]
+    assert last["train_loss"] < 0.8 * first["train_loss"]
+    assert set(m["dev"]) >= {"f1", "precision", "recall"}
