@@ -40,9 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name in args.names or list(zoo.ZOO):
                     print(f"{name}: {zoo.prepare(name)}")
         elif args.command == "train":
-            from adaptune.recipe import main as recipe_main
+            from adaptune.recipe import run_from_args
 
-            recipe_main({}, ([f"--config={args.config}"] if args.config else []) + args.overrides)
+            run_from_args({}, ([f"--config={args.config}"] if args.config else []) + args.overrides)
         else:
             from adaptune.api import load
 

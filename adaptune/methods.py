@@ -196,7 +196,11 @@ def save_trained(model: nn.Module, method: Method, folder: Path) -> None:
     from safetensors.torch import save_file
 
     if method.uses_peft:
-        model.save_pretrained(str(folder), safe_serialization=True)
+        with warnings.catch_warnings():
+            # AdaLoRA may prune a module to rank 0; peft then warns about "invalid shapes" as if
+            # DeepSpeed shards had not been gathered. Here they are simply empty.
+            warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape.*")
+            model.save_pretrained(str(folder), safe_serialization=True)
         return
     state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
              if p.requires_grad}

@@ -20,21 +20,27 @@ def preset_config(preset: Mapping[str, Any]) -> RunConfig:
     return from_dict(_merge(to_dict(RunConfig()), preset))
 
 
-def main(preset: Mapping[str, Any], argv: Sequence[str] | None = None,
-         description: str = "") -> RunResult:
+def run_from_args(preset: Mapping[str, Any], argv: Sequence[str] | None = None,
+                  description: str = "") -> RunResult:
+    """Parse `--config` and overrides over `preset`, run, print the report."""
     parser = argparse.ArgumentParser(description=description or None)
     parser.add_argument("--config", help="YAML file of config overrides")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="config overrides, e.g. train.lr=1e-3 method.rank=16")
     args = parser.parse_args(argv)
+    result = run(load_config(args.config, args.overrides, base=preset_config(preset)))
+    report(result)
+    return result
+
+
+def main(preset: Mapping[str, Any], argv: Sequence[str] | None = None,
+         description: str = "") -> RunResult:
+    """A recipe's entry point: user errors become one line on stderr and exit status 2."""
     try:
-        config = load_config(args.config, args.overrides, base=preset_config(preset))
-        result = run(config)
+        return run_from_args(preset, argv, description)
     except AdaptuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    report(result)
-    return result
 
 
 def report(result: RunResult) -> None:

@@ -71,11 +71,11 @@ def cls_files(tmp_path) -> tuple[str, str]:
     return str(train), str(dev)
 
 
-def tiny_config(model: str, train_file: str, dev_file: str, out: Path, **sections):
+def tiny_config(model_path: str, train_file: str, dev_file: str, out: Path, **sections):
     """A RunConfig for a few-second run on a tiny model."""
     from adaptune.config import RunConfig, _merge, from_dict, to_dict
 
-    base = {"model": {"name": model, "max_length": 32},
+    base = {"model": {"name": model_path, "max_length": 32},
             "data": {"task": "classification", "dataset": "custom", "train_path": train_file,
                      "dev_path": dev_file},
             "train": {"max_steps": 6, "batch_size": 8, "lr": 5e-3, "eval_batch_size": 16,

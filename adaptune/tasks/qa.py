@@ -1,0 +1,288 @@
+"""Extractive question answering (SQuAD v1.1 and v2.0 style).
+
+Prepare: SQuAD JSON (articles -> paragraphs -> questions); each answer's `answer_start` must
+point at its text in the context. Long contexts are cut into windows of `model.max_length`
+tokens that overlap by `STRIDE` tokens; token-to-character offsets are kept for decoding.
+Head: a linear layer giving start and end logits per token.
+Decode: per question, the best span over all its windows among the n-best start x end pairs
+(end >= start, at most `MAX_ANSWER_TOKENS`, inside the context); for v2.0 data the answer is
+empty when the no-answer score (start = end = [CLS]) beats the best span.
+Metrics: exact match and F1 with the official SQuAD answer normalisation, best over all gold
+answers, with v2.0's HasAns / NoAns breakdown.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptune.config import DataConfig
+from adaptune.data import DatasetSpec, pad_collate, require_nonempty, split_paths, take_subset
+from adaptune.errors import DataError
+from adaptune.modeling import TaskOutput
+from adaptune.tasks import Task
+
+STRIDE = 64  # tokens of overlap between consecutive windows of a long context
+N_BEST = 20
+MAX_ANSWER_TOKENS = 30
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    question: str
+    context: str
+    answers: tuple[tuple[str, int], ...]  # (text, character start); empty: no answer
+    article: int = 0
+
+
+DATASETS = {
+    # The SQuAD v2.0 dev file's 16 articles: train on the first 12, evaluate on the last 4.
+    "squad_v2_dev_part": DatasetSpec("qa/squad_v2_dev_part/dev-v2.0.json", "", "articles",
+                                     note="articles 1-12 train, 13-16 dev"),
+    "covid_qa": DatasetSpec("qa/covid_qa/covid_qa.json", "", "articles",
+                            note="papers: first 75% train, rest dev"),
+    "policyqa": DatasetSpec("qa/policyqa/dev.json", "qa/policyqa/test.json", "",
+                            note="no train split here: train = dev file, dev = test file"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepare data.
+
+
+def read_squad(path: Path) -> list[Example]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"not a SQuAD JSON file: {exc}", path) from None
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise DataError("expected SQuAD JSON: {\"data\": [{\"paragraphs\": [...]}]}", path)
+    examples = []
+    for article_index, article in enumerate(data["data"]):
+        for paragraph in article.get("paragraphs", []):
+            context = paragraph["context"]
+            for qa in paragraph.get("qas", []):
+                qid = str(qa.get("id", ""))
+                answers = []
+                if not qa.get("is_impossible", False):
+                    for answer in qa.get("answers", []):
+                        text, start = answer["text"], int(answer["answer_start"])
+                        if context[start:start + len(text)] != text:
+                            raise DataError(
+                                f"question id {qid}: answer {text!r} is not at answer_start "
+                                f"{start} of its context (found "
+                                f"{context[start:start + len(text)]!r})", path)
+                        answers.append((text, start))
+                    if not answers:
+                        raise DataError(f"question id {qid}: no answers and not marked "
+                                        "is_impossible", path)
+                examples.append(Example(qid, qa["question"], context, tuple(answers),
+                                        article_index))
+    return examples
+
+
+def load(cfg: DataConfig, split: str, seed: int) -> list[Example]:
+    spec = DATASETS.get(cfg.dataset)
+    path = split_paths(cfg, spec)[split]
+    examples = read_squad(path)
+    explicit = cfg.train_path if split == "train" else cfg.dev_path
+    if spec is not None and spec.reader == "articles" and not explicit:
+        articles = sorted({ex.article for ex in examples})
+        cut = articles[int(round(0.75 * len(articles))) - 1]
+        examples = [ex for ex in examples if (ex.article <= cut) == (split == "train")]
+    examples = take_subset(examples, cfg, seed, split)
+    require_nonempty(examples, path, split)
+    return examples
+
+
+def label_space(train: list[Example], dev: list[Example]) -> list[str]:
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Encode: windows with offsets; training targets on the tokens of the first gold answer.
+
+
+def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_length: int,
+           split: str) -> list[dict]:
+    enc = tokenizer(_cap_questions(examples, tokenizer, max_length // 2),
+                    [ex.context for ex in examples], truncation="only_second", max_length=max_length,
+                    stride=min(STRIDE, max_length // 4), return_overflowing_tokens=True,
+                    return_offsets_mapping=True)
+    features = []
+    for i, example_index in enumerate(enc["overflow_to_sample_mapping"]):
+        ex = examples[example_index]
+        sequence_ids = enc.sequence_ids(i)
+        offsets = [off if sequence_ids[k] == 1 else None
+                   for k, off in enumerate(enc["offset_mapping"][i])]
+        feature = {key: enc[key][i] for key in ("input_ids", "attention_mask", "token_type_ids")
+                   if key in enc}
+        start_tok = end_tok = 0  # [CLS]: no answer in this window
+        if ex.answers:
+            text, start_char = ex.answers[0]
+            end_char = start_char + len(text)
+            inside = [k for k, off in enumerate(offsets) if off is not None]
+            if offsets[inside[0]][0] <= start_char and offsets[inside[-1]][1] >= end_char:
+                start_tok = next(k for k in inside if offsets[k][1] > start_char)
+                end_tok = max(k for k in inside if offsets[k][0] < end_char)
+        feature["start_positions"] = start_tok
+        feature["end_positions"] = end_tok
+        feature["_example"] = example_index
+        feature["_offsets"] = offsets
+        features.append(feature)
+    return features
+
+
+def _cap_questions(examples: list[Example], tokenizer: Any, limit: int) -> list[str]:
+    """Questions cut to `limit` tokens: windows must leave room for the context (a tokenizer
+    refuses to window a context when the question alone fills the length)."""
+    enc = tokenizer([ex.question for ex in examples], add_special_tokens=False,
+                    return_offsets_mapping=True)
+    return [ex.question if len(offsets) <= limit else ex.question[:offsets[limit - 1][1]]
+            for ex, offsets in zip(examples, enc["offset_mapping"])]
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    return pad_collate(features, pad_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model head.
+
+
+class SpanHead(nn.Module):
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.qa_outputs = nn.Linear(hidden_size, 2)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                start_positions: torch.Tensor | None = None,
+                end_positions: torch.Tensor | None = None, **_: Any) -> TaskOutput:
+        logits = self.qa_outputs(hidden).float()
+        logits = logits.masked_fill(attention_mask.unsqueeze(-1) == 0, -1e4)
+        start, end = logits.unbind(-1)
+        loss = None
+        if start_positions is not None:
+            loss = (nn.functional.cross_entropy(start, start_positions)
+                    + nn.functional.cross_entropy(end, end_positions)) / 2
+        return TaskOutput(loss, (start, end))
+
+
+def build_head(hidden_size: int, labels: list[str], family: str) -> nn.Module:
+    return SpanHead(hidden_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode and metrics.
+
+
+def predict(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[tuple[list, list]]:
+    inputs = {k: v for k, v in batch.items() if k not in ("start_positions", "end_positions")}
+    start, end = model(**inputs).logits
+    lengths = batch["attention_mask"].sum(1).tolist()
+    return [(s[:n].tolist(), e[:n].tolist()) for s, e, n in zip(start, end, lengths)]
+
+
+def decode(examples: list[Example], features: list[dict], predictions: list,
+           labels: list[str] = ()) -> list[str]:
+    """The answer text per example ("" for no answer, where the data allow one)."""
+    allow_empty = any(not ex.answers for ex in examples)
+    by_example: dict[int, list[int]] = collections.defaultdict(list)
+    for k, feature in enumerate(features):
+        by_example[feature["_example"]].append(k)
+    answers = []
+    for i, ex in enumerate(examples):
+        best_score, best_text, null_score = -float("inf"), "", float("inf")
+        for k in by_example[i]:
+            starts, ends = predictions[k]
+            offsets = features[k]["_offsets"]
+            null_score = min(null_score, starts[0] + ends[0])
+            top_s = sorted(range(len(starts)), key=lambda j: -starts[j])[:N_BEST]
+            top_e = sorted(range(len(ends)), key=lambda j: -ends[j])[:N_BEST]
+            for s in top_s:
+                for e in top_e:
+                    if (s >= len(offsets) or e >= len(offsets) or offsets[s] is None
+                            or offsets[e] is None or e < s or e - s + 1 > MAX_ANSWER_TOKENS):
+                        continue
+                    score_ = starts[s] + ends[e]
+                    if score_ > best_score:
+                        best_score = score_
+                        best_text = ex.context[offsets[s][0]:offsets[e][1]]
+        answers.append("" if allow_empty and null_score > best_score else best_text)
+    return answers
+
+
+def score(examples: list[Example], features: list[dict], predictions: list,
+          labels: list[str]) -> dict[str, float]:
+    return squad_metrics(examples, decode(examples, features, predictions))
+
+
+def normalize_answer(s: str) -> str:
+    """The official SQuAD normalisation: lower case, no punctuation, no articles, single
+    spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def _tokens(s: str) -> list[str]:
+    return normalize_answer(s).split() if s else []
+
+
+def exact_score(gold: str, pred: str) -> int:
+    return int(normalize_answer(gold) == normalize_answer(pred))
+
+
+def f1_score(gold: str, pred: str) -> float:
+    gold_toks, pred_toks = _tokens(gold), _tokens(pred)
+    if not gold_toks or not pred_toks:  # no-answer: 1 if both empty, else 0
+        return float(gold_toks == pred_toks)
+    common = collections.Counter(gold_toks) & collections.Counter(pred_toks)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_toks), same / len(gold_toks)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_metrics(examples: list[Example], predictions: list[str]) -> dict[str, float]:
+    """EM and F1 in [0, 100] as the official v2.0 script reports them, max over gold answers
+    (gold answers that normalise to "" are dropped; none left means no-answer)."""
+    exact, f1, has_ans = [], [], []
+    for ex, pred in zip(examples, predictions, strict=True):
+        golds = [t for t, _ in ex.answers if normalize_answer(t)] or [""]
+        exact.append(max(exact_score(g, pred) for g in golds))
+        f1.append(max(f1_score(g, pred) for g in golds))
+        has_ans.append(bool(ex.answers))
+    out = {"exact": 100.0 * sum(exact) / len(exact), "f1": 100.0 * sum(f1) / len(f1)}
+    for name, keep in (("HasAns", True), ("NoAns", False)):
+        idx = [i for i, h in enumerate(has_ans) if h == keep]
+        if idx:
+            out[f"{name}_exact"] = 100.0 * sum(exact[i] for i in idx) / len(idx)
+            out[f"{name}_f1"] = 100.0 * sum(f1[i] for i in idx) / len(idx)
+    return out
+
+
+def make_examples(inputs: list[tuple[str, str]]) -> list[Example]:
+    """(question, context) pairs to examples without answers."""
+    return [Example(str(i), q, c, ()) for i, (q, c) in enumerate(inputs)]
+
+
+TASK = Task(
+    name="qa", main_metric="f1", load=load, label_space=label_space, encode=encode,
+    collate=collate, build_head=build_head, predict=predict, score=score, decode=decode,
+    make_examples=make_examples, datasets=DATASETS, default_dataset="squad_v2_dev_part",
+)
