@@ -67,18 +67,19 @@ class Predictor:
         self.meta = meta
         self.task = get_task(meta["task"])
         self.labels: list[str] = meta["labels"]
+        self.config = from_dict(meta["config"])
 
     def predict(self, inputs: Sequence[Any], batch_size: int = 64) -> list[Any]:
         """Predictions for raw inputs (texts for classification, token lists for NER, ...)."""
         examples = self.task.make_examples(inputs) if hasattr(self.task, "make_examples") \
             else inputs
         features = self.task.encode(list(examples), self.tokenizer, self.labels,
-                                    self.meta["max_length"], "predict")
+                                    self.meta["max_length"], "predict", self.config)
         preds: list[Any] = []
         with torch.no_grad():
             for i in range(0, len(features), batch_size):
                 batch = self.task.collate(features[i:i + batch_size], self.tokenizer.pad_token_id)
-                preds += self.task.predict(self.model, batch)
+                preds += self.task.predict(self.model, batch, self.config, self.tokenizer)
         return self.task.decode(examples, features, preds, self.labels)
 
 

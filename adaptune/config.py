@@ -124,7 +124,7 @@ class TrainConfig:
     group_by_length: bool = True  # batches of similar length: far less padding
     log_every: int = 50
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0: none
-    num_threads: int = 0  # torch intra-op threads; 0: leave torch's choice
+    num_threads: int = 0  # torch intra-op threads per process; 0: the CPU's cores / processes
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0 or self.max_steps > 0, "train.epochs/max_steps",
@@ -149,11 +149,29 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding for generation tasks (summarization)."""
+
+    max_new_tokens: int = 48
+    num_beams: int = 1  # 1: greedy
+    # {document} is replaced by the (possibly truncated) input text.
+    prompt: str = "Summarize the following text in one sentence.\n\n{document}\n\nSummary:"
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "generation.max_new_tokens", "a positive integer",
+               self.max_new_tokens)
+        _check(self.num_beams >= 1, "generation.num_beams", "a positive integer", self.num_beams)
+        _check("{document}" in self.prompt, "generation.prompt", "a template containing "
+               "{document}", self.prompt)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     output_dir: str = ""  # empty: runs/<task>-<dataset>-<model>-<method>
     overwrite: bool = False  # allow reusing an output folder that holds another run
 

@@ -30,7 +30,7 @@ from adaptune import checkpoint as ckpt
 from adaptune import zoo
 from adaptune.batching import LengthGroupedBatches, eval_batches
 from adaptune.config import RunConfig, to_dict
-from adaptune.errors import OutputDirError, TrainingDiverged
+from adaptune.errors import ConfigError, OutputDirError, TrainingDiverged
 from adaptune.methods import Method, count_params, get_method, save_trained
 from adaptune.modeling import TaskModel, count_backbone_params, family_of, load_backbone
 from adaptune.safe_io import atomic_dir, write_json
@@ -151,8 +151,8 @@ def prepare(config: RunConfig) -> Prepared:
     labels = task.label_space(train, dev)
     max_len = config.model.max_length
     return Prepared(config, task, method, model_path, family, tokenizer, labels, train, dev,
-                    task.encode(train, tokenizer, labels, max_len, "train"),
-                    task.encode(dev, tokenizer, labels, max_len, "dev"))
+                    task.encode(train, tokenizer, labels, max_len, "train", config),
+                    task.encode(dev, tokenizer, labels, max_len, "dev", config))
 
 
 def _check_model_name(name: str) -> str:
@@ -221,8 +221,6 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    if config.train.num_threads:
-        torch.set_num_threads(config.train.num_threads)
     out = check_output_dir(config)
     p = prepared or prepare(config)
     t = config.train
@@ -230,6 +228,10 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
                                   "cuda" if torch.cuda.is_available() else "cpu")
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
                               gradient_accumulation_steps=t.grad_accum)
+    # `accelerate launch` pins OMP_NUM_THREADS=1 for CPU runs; one process should still use
+    # every core, several processes share them.
+    torch.set_num_threads(t.num_threads or max(
+        1, (os.cpu_count() or 1) // accelerator.state.num_processes))
     set_seed(t.seed)
     plan = make_plan(config, len(p.train_features), accelerator.num_processes)
 
@@ -239,6 +241,9 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
     targets = default_targets(config.model.name, model)
     model = p.method.apply(model, config.method, targets, plan.total_steps)
     trainable, total = count_params(model)
+    if trainable == 0:
+        raise ConfigError(f"method.name={p.method.name} leaves nothing to train for the "
+                          f"{p.task.name} task (its head has no parameters); use lora or full")
 
     optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(plan))
@@ -354,8 +359,7 @@ def _evaluate_and_keep_best(accelerator: Any, model: nn.Module, p: Prepared, out
         unwrapped = accelerator.unwrap_model(model)
         with accelerator.autocast():
             metrics = evaluate(unwrapped, p.task, p.dev_examples, p.dev_features, p.labels,
-                               p.tokenizer.pad_token_id, p.config.train.eval_batch_size,
-                               accelerator.device)
+                               p.tokenizer, p.config, accelerator.device)
         value = metrics[p.task.main_metric]
         if state.best is None or value > state.best:
             state.best = value
@@ -368,13 +372,15 @@ def _evaluate_and_keep_best(accelerator: Any, model: nn.Module, p: Prepared, out
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, examples: list, features: list, labels: list[str],
-             pad_id: int, batch_size: int, device: torch.device | str = "cpu") -> dict[str, float]:
+             tokenizer: Any, config: RunConfig, device: torch.device | str = "cpu"
+             ) -> dict[str, float]:
     model.eval()
     predictions: list[Any] = [None] * len(features)
-    for indices in eval_batches([len(f["input_ids"]) for f in features], batch_size):
-        batch = task.collate([features[i] for i in indices], pad_id)
+    lengths = [len(f["input_ids"]) for f in features]
+    for indices in eval_batches(lengths, config.train.eval_batch_size):
+        batch = task.collate([features[i] for i in indices], tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        for i, pred in zip(indices, task.predict(model, batch)):
+        for i, pred in zip(indices, task.predict(model, batch, config, tokenizer)):
             predictions[i] = pred
     return task.score(examples, features, predictions, labels)
 

@@ -79,6 +79,6 @@ def tiny_config(model_path: str, train_file: str, dev_file: str, out: Path, **se
             "data": {"task": "classification", "dataset": "custom", "train_path": train_file,
                      "dev_path": dev_file},
             "train": {"max_steps": 6, "batch_size": 8, "lr": 5e-3, "eval_batch_size": 16,
-                      "precision": "fp32", "warmup_ratio": 0.0},
+                      "precision": "fp32", "warmup_ratio": 0.0, "num_threads": 1},
             "output_dir": str(out)}
     return from_dict(_merge(_merge(to_dict(RunConfig()), base), sections))

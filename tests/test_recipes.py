@@ -23,7 +23,7 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not prese
 def _tiny_overrides(model: str, out: Path) -> list[str]:
     return [f"model.name={model}", "model.max_length=32", f"data.data_dir={DATA}",
             "data.max_train_examples=48", "data.max_dev_examples=16", "train.max_steps=3",
-            "train.batch_size=8", "train.precision=fp32", "method.init_rank=6",
+            "train.batch_size=8", "train.precision=fp32", "method.init_rank=6", "train.num_threads=1",
             f"output_dir={out}"]
 
 
@@ -70,7 +70,7 @@ def test_cli_zoo_list_and_predict(tiny_encoder, cls_files, tmp_path, capsys):
     assert cli.main(["zoo", "list"]) == 0
     assert "minilm-l6" in capsys.readouterr().out
     train, dev = cls_files
-    assert cli.main(["train", f"model.name={tiny_encoder}", "data.dataset=custom",
+    assert cli.main(["train", f"model.name={tiny_encoder}", "data.dataset=custom", "train.num_threads=1",
                      f"data.train_path={train}", f"data.dev_path={dev}", "train.max_steps=2",
                      "train.precision=fp32", f"output_dir={tmp_path / 'run'}"]) == 0
     capsys.readouterr()

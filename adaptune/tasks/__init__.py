@@ -2,10 +2,10 @@
 
     load(data_cfg, split, seed)            -> examples (train or dev), validated
     label_space(train, dev, path)          -> label names (empty for label-free tasks)
-    encode(examples, tokenizer, labels, max_length, split) -> features (plain dicts)
+    encode(examples, tokenizer, labels, max_length, split, config) -> features (plain dicts)
     collate(features, pad_id)              -> a batch of tensors
     build_head(hidden_size, labels, family) -> the head module (its parameters are "head.*")
-    predict(model, batch)                  -> one prediction per feature
+    predict(model, batch, config, tokenizer) -> one prediction per feature
     score(examples, features, predictions, labels) -> metrics
     decode(examples, features, predictions, labels) -> one output per example (for users)
     make_examples(raw inputs)              -> examples without gold labels (for prediction)

@@ -172,7 +172,7 @@ def label_space(train: list[Example], dev: list[Example], dev_path: str = "") ->
 
 
 def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_length: int,
-           split: str) -> list[dict]:
+           split: str, config: Any = None) -> list[dict]:
     texts = [ex.text for ex in examples]
     pairs = [ex.pair for ex in examples] if examples and examples[0].pair is not None else None
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
@@ -221,7 +221,8 @@ def build_head(hidden_size: int, labels: list[str], family: str) -> nn.Module:
 # Decode and metrics.
 
 
-def predict(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[int]:
+def predict(model: nn.Module, batch: dict[str, torch.Tensor], config: Any = None,
+            tokenizer: Any = None) -> list[int]:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     return model(**inputs).logits.argmax(-1).tolist()
 

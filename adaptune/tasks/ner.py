@@ -116,7 +116,7 @@ def label_space(train: list[Example], dev: list[Example]) -> list[str]:
 
 
 def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_length: int,
-           split: str) -> list[dict]:
+           split: str, config: Any = None) -> list[dict]:
     enc = tokenizer([list(ex.words) for ex in examples], is_split_into_words=True,
                     truncation=True, max_length=max_length)
     index = {t: i for i, t in enumerate(labels)}
@@ -171,7 +171,8 @@ def build_head(hidden_size: int, labels: list[str], family: str) -> nn.Module:
 # Decode and metrics.
 
 
-def predict(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[list[int]]:
+def predict(model: nn.Module, batch: dict[str, torch.Tensor], config: Any = None,
+            tokenizer: Any = None) -> list[list[int]]:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     return model(**inputs).logits.argmax(-1).tolist()
 

@@ -116,7 +116,7 @@ def label_space(train: list[Example], dev: list[Example]) -> list[str]:
 
 
 def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_length: int,
-           split: str) -> list[dict]:
+           split: str, config: Any = None) -> list[dict]:
     enc = tokenizer(_cap_questions(examples, tokenizer, max_length // 2),
                     [ex.context for ex in examples], truncation="only_second", max_length=max_length,
                     stride=min(STRIDE, max_length // 4), return_overflowing_tokens=True,
@@ -188,7 +188,8 @@ def build_head(hidden_size: int, labels: list[str], family: str) -> nn.Module:
 # Decode and metrics.
 
 
-def predict(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[tuple[list, list]]:
+def predict(model: nn.Module, batch: dict[str, torch.Tensor], config: Any = None,
+            tokenizer: Any = None) -> list[tuple[list, list]]:
     inputs = {k: v for k, v in batch.items() if k not in ("start_positions", "end_positions")}
     start, end = model(**inputs).logits
     lengths = batch["attention_mask"].sum(1).tolist()

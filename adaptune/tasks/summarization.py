@@ -1,0 +1,238 @@
+"""Abstractive summarization with a decoder-only model (GPT family).
+
+Prepare: JSON lines from XSum, SciTLDR (several reference TLDRs per paper), DialogSum and
+Multi-LexSum. Encode: `generation.prompt` with the document (truncated so prompt + summary fit
+`model.max_length`), then the summary and EOS; the loss counts only the summary tokens.
+Head: the backbone's own LM output layer (no new parameters). Decode: greedy or beam search up to
+`generation.max_new_tokens`. Metrics: ROUGE-1/2/L F1 x 100 from the `rouge-score` package with
+stemming, best over the references of each example (its `score_multi`).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptune.config import DataConfig, RunConfig
+from adaptune.data import (DatasetSpec, pad_collate, read_lines, require_nonempty, split_paths,
+                           split_single_file, take_subset)
+from adaptune.errors import ConfigError, DataError
+from adaptune.modeling import TaskOutput
+from adaptune.tasks import Task
+
+MAX_SUMMARY_TOKENS = 96  # training targets longer than this are cut
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    document: str
+    references: tuple[str, ...]  # empty for prediction inputs
+
+
+DATASETS = {
+    "xsum": DatasetSpec("summ/xsum/validation_1000.jsonl", "", "xsum",
+                        note="1,000 validation documents: fixed 80/10/10 split"),
+    "scitldr": DatasetSpec("summ/scitldr/train.jsonl", "summ/scitldr/dev.jsonl", "scitldr"),
+    "dialogsum": DatasetSpec("summ/dialogsum/dev.jsonl", "summ/dialogsum/test.jsonl", "dialogsum",
+                             note="train = dev file, dev = test file (3 references)"),
+    "multilexsum": DatasetSpec("summ/multilexsum/test.jsonl", "", "multilexsum",
+                               note="fixed 80/10/10 split of the test file"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepare data.
+
+
+def _fields(row: dict, reader: str) -> tuple[str, str, list[str]]:
+    """(id, document, references) from one JSON line of each format."""
+    if reader == "scitldr":
+        return str(row["paper_id"]), " ".join(row["source"]), list(row["target"])
+    if reader == "dialogsum":
+        refs = [row[k] for k in ("summary", "summary1", "summary2", "summary3") if k in row]
+        return str(row["fname"]), row["dialogue"], refs
+    return str(row.get("id", "")), row["document"], [row["summary"]]
+
+
+def read_jsonl(path: Path, reader: str) -> list[Example]:
+    """Examples of one file. An empty summary target is an error; an empty *document* (the real
+    XSum file has one) is skipped with a warning, since there is nothing to summarize."""
+    examples = []
+    skipped: list[str] = []
+    for number, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            qid, document, refs = _fields(row, reader)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"not valid JSON: {exc.msg}", path, number) from None
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"missing field {exc} for the {reader} format", path, number) \
+                from None
+        qid = qid or f"line{number}"
+        if not str(document).strip():
+            skipped.append(f"line {number} (id {qid})")
+            continue
+        if not refs or any(not str(r).strip() for r in refs):
+            raise DataError(f"id {qid}: empty summary target", path, number)
+        examples.append(Example(qid, str(document), tuple(str(r).strip() for r in refs)))
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} example(s) with an empty document: "
+                      + ", ".join(skipped[:5]))
+    return examples
+
+
+def load(cfg: DataConfig, split: str, seed: int) -> list[Example]:
+    spec = DATASETS.get(cfg.dataset)
+    path = split_paths(cfg, spec)[split]
+    explicit = cfg.train_path if split == "train" else cfg.dev_path
+    examples = read_jsonl(path, spec.reader if spec and not explicit else "xsum")
+    if spec is not None and not spec.dev and not explicit:
+        examples = split_single_file(examples, split)
+    examples = take_subset(examples, cfg, seed, split)
+    require_nonempty(examples, path, split)
+    return examples
+
+
+def label_space(train: list[Example], dev: list[Example]) -> list[str]:
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Encode: prompt (masked out of the loss) + summary + EOS.
+
+
+def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_length: int,
+           split: str, config: RunConfig | None = None) -> list[dict]:
+    config = config or RunConfig()
+    template = config.generation.prompt
+    before, after = template.split("{document}", 1)
+    pre = tokenizer(before, add_special_tokens=False)["input_ids"]
+    post = tokenizer(after, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    training = split == "train"
+    features = []
+    for i, ex in enumerate(examples):
+        target = []
+        if training:
+            target = tokenizer(" " + ex.references[0], add_special_tokens=False)["input_ids"]
+            target = target[:MAX_SUMMARY_TOKENS] + [tokenizer.eos_token_id]
+        reserve = len(target) if training else config.generation.max_new_tokens
+        budget = max_length - len(bos) - len(pre) - len(post) - reserve
+        if budget < 16:
+            raise ConfigError(f"model.max_length {max_length} leaves {budget} tokens for the "
+                              "document after the prompt and summary; raise it")
+        doc = tokenizer(ex.document, add_special_tokens=False)["input_ids"][:budget]
+        prompt = bos + pre + doc + post
+        ids = prompt + target
+        feature = {"input_ids": ids, "attention_mask": [1] * len(ids), "_example": i}
+        if training:
+            feature["labels"] = [-100] * len(prompt) + target
+        features.append(feature)
+    return features
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    return pad_collate(features, pad_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model head: the language-model output the backbone already has.
+
+
+class LMHead(nn.Module):
+    """Next-token loss on the backbone's logits, over label positions only."""
+
+    uses_logits = True
+
+    def forward(self, logits: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None, **_: Any) -> TaskOutput:
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                               labels[:, 1:].flatten(), ignore_index=-100)
+        return TaskOutput(loss, logits)
+
+
+def build_head(hidden_size: int, labels: list[str], family: str) -> nn.Module:
+    if family != "decoder":
+        raise ConfigError("summarization runs decoder-only (GPT-family) models; got an encoder. "
+                          "Use e.g. model.name=smollm2-135m")
+    return LMHead()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode and metrics.
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The causal LM inside a TaskModel, with any LoRA layers peft injected into it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.backbone
+
+
+def predict(model: nn.Module, batch: dict[str, torch.Tensor], config: RunConfig | None = None,
+            tokenizer: Any = None) -> list[str]:
+    """Generated text per row. Rows arrive right-padded; generation needs left padding."""
+    config = config or RunConfig()
+    lm = _backbone(model)
+    lengths = batch["attention_mask"].sum(1)
+    width = int(lengths.max())
+    pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
+    ids = torch.full((len(lengths), width), pad, dtype=batch["input_ids"].dtype,
+                     device=batch["input_ids"].device)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths.tolist()):
+        ids[row, width - n:] = batch["input_ids"][row, :n]
+        mask[row, width - n:] = 1
+    out = lm.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                      num_beams=config.generation.num_beams,
+                      max_new_tokens=config.generation.max_new_tokens, pad_token_id=pad)
+    return [text.strip() for text in
+            tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+
+
+def decode(examples: list[Example], features: list[dict], predictions: list[str],
+           labels: list[str] = ()) -> list[str]:
+    out = [""] * len(examples)
+    for feature, text in zip(features, predictions):
+        out[feature["_example"]] = text
+    return out
+
+
+def rouge(predictions: list[str], references: list[tuple[str, ...]]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 x 100; for several references, the best per example."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for pred, refs in zip(predictions, references, strict=True):
+        scores = scorer.score_multi(list(refs), pred)
+        for key in totals:
+            totals[key] += scores[key].fmeasure
+    return {key: 100.0 * value / len(predictions) for key, value in totals.items()}
+
+
+def score(examples: list[Example], features: list[dict], predictions: list[str],
+          labels: list[str]) -> dict[str, float]:
+    return rouge(decode(examples, features, predictions), [ex.references for ex in examples])
+
+
+def make_examples(inputs: list[str]) -> list[Example]:
+    return [Example(str(i), text, ()) for i, text in enumerate(inputs)]
+
+
+TASK = Task(
+    name="summarization", main_metric="rougeL", load=load, label_space=label_space,
+    encode=encode, collate=collate, build_head=build_head, predict=predict, score=score,
+    decode=decode, make_examples=make_examples, datasets=DATASETS, lm_head=True,
+    default_dataset="xsum",
+)

@@ -1,0 +1,93 @@
+"""Summarization on a tiny decoder: readers, loss masking, generation, ROUGE on hand cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adaptune.config import DataConfig
+from adaptune.errors import ConfigError, DataError
+from adaptune.tasks import summarization as summ
+from adaptune.train import load_tokenizer, run
+from conftest import DATA, tiny_config
+
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not present")
+
+
+def test_rouge_hand_cases():
+    # Identical: 100. "the cat sat" vs "the cat ran": unigram overlap 2/3 -> R1 F 66.67;
+    # bigrams: {the cat} shared of 2 -> 50; LCS "the cat" = 2/3.
+    m = summ.rouge(["the cat sat", "the cat sat"], [("the cat sat",), ("the cat ran",)])
+    assert m["rouge1"] == pytest.approx((100 + 200 / 3) / 2)
+    assert m["rouge2"] == pytest.approx((100 + 50) / 2)
+    assert m["rougeL"] == pytest.approx((100 + 200 / 3) / 2)
+    # Several references: the best one counts; stemming makes "running" match "runs".
+    assert summ.rouge(["dogs running"], [("cats sleep", "dog runs")])["rouge1"] == 100.0
+
+
+@needs_data
+@pytest.mark.parametrize("name, split, count, refs", [
+    ("scitldr", "dev", 619, 1), ("dialogsum", "dev", 500, 3), ("xsum", "train", 799, 1),
+])
+@pytest.mark.filterwarnings("ignore:.*empty document")
+def test_readers_on_real_files(name, split, count, refs):
+    examples = summ.load(DataConfig(task="summarization", dataset=name, data_dir=str(DATA)),
+                         split, 0)
+    assert len(examples) == count
+    assert min(len(ex.references) for ex in examples) >= refs
+
+
+def test_empty_summary_target_names_file_and_id(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a1", "document": "text", "summary": "ok"}) + "\n"
+                   + json.dumps({"id": "b2", "document": "text", "summary": " "}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2: id b2: empty summary target"):
+        summ.read_jsonl(bad, "xsum")
+
+
+def test_loss_counts_only_summary_tokens(tiny_decoder):
+    tok = load_tokenizer(tiny_decoder)
+    ex = [summ.Example("1", "a long document about cats", ("cats",))]
+    from adaptune.config import RunConfig
+
+    cfg = RunConfig().replace(generation={"prompt": "{document} tl;dr:", "max_new_tokens": 8})
+    feat = summ.encode(ex, tok, [], 96, "train", cfg)[0]
+    scored = [t for t, l in zip(feat["input_ids"], feat["labels"]) if l != -100]
+    assert tok.decode(scored[:-1]).replace(" ", "") == "cats"
+    assert scored[-1] == tok.eos_token_id
+    dev = summ.encode(ex, tok, [], 96, "dev", cfg)[0]
+    assert "labels" not in dev and dev["input_ids"] == feat["input_ids"][:len(dev["input_ids"])]
+
+
+def test_short_run_trains_and_generates(tiny_decoder, tmp_path):
+    docs = tmp_path / "train.jsonl"
+    rows = [{"id": str(i), "document": f"story number {i} about a red fox", "summary": "red fox"}
+            for i in range(24)]
+    docs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = tiny_config(tiny_decoder, str(docs), str(docs), tmp_path / "s",
+                      model={"max_length": 96},
+                      data={"task": "summarization", "max_dev_examples": 4},
+                      generation={"max_new_tokens": 8, "num_beams": 2,
+                                  "prompt": "{document} tl;dr:"},
+                      method={"name": "lora", "rank": 4}, train={"max_steps": 20,
+                                                                 "eval_every": 10, "lr": 1e-2})
+    m = run(cfg).metrics
+    first, last = m["evaluations"]
+    assert last["train_loss"] < 0.8 * first["train_loss"]
+    assert set(m["dev"]) == {"rouge1", "rouge2", "rougeL"}
+
+
+def test_encoder_and_head_only_are_refused(tiny_encoder, tiny_decoder, tmp_path):
+    docs = tmp_path / "d.jsonl"
+    docs.write_text(json.dumps({"id": "1", "document": "x y z", "summary": "x"}) + "\n")
+    cfg = tiny_config(tiny_encoder, str(docs), str(docs), tmp_path / "a",
+                      data={"task": "summarization"}, model={"max_length": 96},
+                      generation={"prompt": "{document}:"})
+    with pytest.raises(ConfigError, match="decoder-only"):
+        run(cfg)
+    cfg = tiny_config(tiny_decoder, str(docs), str(docs), tmp_path / "b",
+                      data={"task": "summarization"}, method={"name": "head"},
+                      model={"max_length": 96}, generation={"prompt": "{document}:"})
+    with pytest.raises(ConfigError, match="leaves nothing to train"):
+        run(cfg)
