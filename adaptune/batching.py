@@ -24,7 +24,9 @@ class LengthGroupedBatches:
         self.group = group
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    # Deliberately not named `set_epoch`: accelerate calls `set_epoch(n)` with the number of
+    # times *its* loader was iterated, which is wrong after a resume. The flow sets the epoch.
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def batches(self, epoch: int) -> list[list[int]]:

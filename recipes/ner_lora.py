@@ -9,7 +9,7 @@ PRESET = {
     "model": {"name": "minilm-l6", "max_length": 128},
     "data": {"task": "ner", "dataset": "conll2003"},
     "method": {"name": "lora", "rank": 8, "targets": ["query", "key", "value", "dense"]},
-    "train": {"epochs": 1, "batch_size": 32, "lr": 1e-3},
+    "train": {"epochs": 2, "batch_size": 32, "lr": 1e-3},
     "output_dir": "runs/ner_lora",
 }
 
