@@ -19,6 +19,7 @@ import torch
 from adaptune.config import RunConfig, from_dict, to_dict
 from adaptune.errors import ModelError
 from adaptune.methods import get_method, load_trained, merged
+from adaptune.safe_io import verify_checksums
 from adaptune.tasks import get_task
 from adaptune.train import META_FILE, RunResult, build_task_model, load_tokenizer, run
 
@@ -91,6 +92,7 @@ def load(adapter_dir: str | Path, *, merge: bool = False) -> Predictor:
     if not meta_path.is_file():
         raise ModelError(f"{folder}: not an adaptune adapter folder (no {META_FILE})")
     meta = json.loads(meta_path.read_text())
+    verify_checksums(folder, meta.get("sha256", {}))
     model = load_trained(build_base(meta), get_method(meta["method"]), folder)
     if merge:
         model = merged(model, get_method(meta["method"]))

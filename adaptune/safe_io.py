@@ -70,6 +70,28 @@ def load_safetensors(path: Path) -> dict[str, Any]:
                          f"{exc}") from None
 
 
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksums(folder: Path, expected: dict[str, str]) -> None:
+    """Refuse a folder whose files differ from the checksums recorded when it was saved."""
+    for name, digest in expected.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise ModelError(f"{path}: file missing from the adapter folder")
+        load_safetensors(path)  # a clear message for a truncated or malformed file
+        if sha256_of(path) != digest:
+            raise ModelError(f"{path}: checksum differs from the one recorded at save time; "
+                             "the file was modified or corrupted after saving")
+
+
 def _fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():

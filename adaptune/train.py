@@ -33,7 +33,7 @@ from adaptune.config import RunConfig, to_dict
 from adaptune.errors import ConfigError, OutputDirError, TrainingDiverged
 from adaptune.methods import Method, count_params, get_method, save_trained
 from adaptune.modeling import TaskModel, count_backbone_params, family_of, load_backbone
-from adaptune.safe_io import atomic_dir, write_json
+from adaptune.safe_io import atomic_dir, sha256_of, write_json
 from adaptune.tasks import Task, get_task
 
 ADAPTER_DIR = "adapter"
@@ -234,7 +234,10 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
     # run's accelerator settings, keep the process group.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
-                              gradient_accumulation_steps=t.grad_accum)
+                              gradient_accumulation_steps=t.grad_accum,
+                              # Without a GPU, several launched processes train on the CPU
+                              # with gloo (accelerate only does so when told `cpu`).
+                              cpu=not torch.cuda.is_available())
     # `accelerate launch` pins OMP_NUM_THREADS=1 for CPU runs; one process should still use
     # every core, several processes share them.
     torch.set_num_threads(t.num_threads or max(
@@ -362,20 +365,24 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
 
 def _evaluate_and_keep_best(accelerator: Any, model: nn.Module, p: Prepared, out: Path,
                             state: "ckpt.TrainState") -> dict[str, float]:
-    """Score the dev set on the main process only (once, not once per process), and save the
-    adapter when the main metric improves."""
+    """Score the dev set on the main process only (once, not once per process), save the
+    adapter when the main metric improves, and share the scores with every process."""
+    from accelerate.utils import broadcast_object_list
+
     metrics: dict[str, float] = {}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         with accelerator.autocast():
             metrics = evaluate(unwrapped, p.task, p.dev_examples, p.dev_features, p.labels,
                                p.tokenizer, p.config, accelerator.device)
-        value = metrics[p.task.main_metric]
-        if state.best is None or value > state.best:
-            state.best = value
+        if state.best is None or metrics[p.task.main_metric] > state.best:
             save_adapter(unwrapped, p, out / ADAPTER_DIR)
         accelerator.print(f"step {state.step}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    if accelerator.num_processes > 1:
+        metrics = broadcast_object_list([metrics])[0]
+    value = metrics[p.task.main_metric]
+    state.best = value if state.best is None else max(state.best, value)
     accelerator.wait_for_everyone()
     return metrics
 
@@ -399,10 +406,15 @@ def save_adapter(model: nn.Module, p: Prepared, folder: Path) -> None:
     """The trained state plus `adaptune.json`, which says how to rebuild the model around it."""
     with atomic_dir(folder) as tmp:
         save_trained(model, p.method, tmp)
+        weights = {f.name: sha256_of(f) for f in sorted(tmp.glob("*.safetensors"))}
+        if not weights or any((tmp / name).stat().st_size < 64 for name in weights):
+            # peft under DeepSpeed ZeRO-3 is known to write empty adapters (peft #286, #2892).
+            raise RuntimeError(f"saving the adapter produced no weights in {folder}")
         write_json(tmp / META_FILE, {
             "model": p.config.model.name, "model_path": p.model_path, "family": p.family,
             "task": p.task.name, "labels": p.labels, "method": p.method.name,
             "max_length": p.config.model.max_length, "config": to_dict(p.config),
+            "sha256": weights,
         })
 
 

@@ -97,3 +97,48 @@ def test_output_folder_of_another_run(tiny_encoder, cls_files, tmp_path):
     assert first.metrics["optimizer_steps"] == 6
     with pytest.raises(OutputDirError):
         run(cfg.replace(train={"lr": 1e-4}))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "tamper"])
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_truncated_or_tampered_adapter_is_refused(damage, method, tiny_encoder, cls_files,
+                                                  tmp_path):
+    from adaptune import api
+
+    result = run(tiny_config(tiny_encoder, *cls_files, tmp_path / "out",
+                             method={"name": method, "rank": 4}))
+    weights = next(result.adapter_dir.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        weights.write_bytes(bytes(data[: len(data) // 2]))
+        match = "not a valid safetensors file"
+    else:
+        data[-3] ^= 0xFF  # flip bits inside the last tensor's data
+        weights.write_bytes(bytes(data))
+        match = "checksum differs"
+    with pytest.raises(ModelError, match=match):
+        api.load(result.adapter_dir)
+
+
+def test_non_finite_loss_stops_the_run_with_step_and_checkpoint(tiny_encoder, cls_files,
+                                                                tmp_path, monkeypatch):
+    from adaptune.errors import TrainingDiverged
+    from adaptune.tasks import classification
+
+    original = classification.ClassificationHead.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(classification.ClassificationHead, "forward", forward)
+    cfg = tiny_config(tiny_encoder, *cls_files, tmp_path / "out",
+                      train={"checkpoint_every": 2, "max_steps": 8})
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at optimizer step 5; last good "
+                                               r"checkpoint: .*step-4"):
+        run(cfg)

@@ -1,0 +1,46 @@
+"""Two processes on the CPU (gloo) through a real `accelerate launch`: data split across
+processes, one evaluation, outputs from one process, the same metric as one process with the
+same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _launch(processes: int, batch: int, model: str, train: str, dev: str, out: Path) -> dict:
+    env = {**os.environ, "ADAPTUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(processes)]
+    if processes > 1:
+        cmd.append("--multi_gpu")  # accelerate's multi-process launcher; gloo without GPUs
+    cmd += [str(ROOT / "recipes" / "cls_lora.py"), f"model.name={model}", "model.max_length=32",
+            "data.dataset=custom", f"data.train_path={train}", f"data.dev_path={dev}",
+            "train.max_steps=12", f"train.batch_size={batch}", "train.lr=5e-3",
+            "train.eval_every=6", "train.precision=fp32", "train.num_threads=1",
+            "method.dropout=0", f"output_dir={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("step 6:") == 1 and proc.stdout.count("step 12:") == 1
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny_encoder, cls_files, tmp_path):
+    one = _launch(1, 16, tiny_encoder, *cls_files, tmp_path / "one")
+    two = _launch(2, 8, tiny_encoder, *cls_files, tmp_path / "two")
+    print(f"1 process: {one['dev']} loss {one['final_train_loss']:.4f}; "
+          f"2 processes: {two['dev']} loss {two['final_train_loss']:.4f}")
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    assert one["train_padded_tokens"] == two["train_padded_tokens"] or \
+        abs(one["train_real_tokens"] - two["train_real_tokens"]) < 0.2 * one["train_real_tokens"]
+    # Same global batch, same number of steps: the same dev accuracy within one example of 12,
+    # and a final training loss within 10% (the processes split batches differently).
+    assert abs(one["dev"]["accuracy"] - two["dev"]["accuracy"]) <= 1 / 12 + 1e-9
+    assert abs(one["final_train_loss"] - two["final_train_loss"]) <= 0.1 * one["final_train_loss"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
+        ["adapter", "config.json", "metrics.json"]
