@@ -49,6 +49,8 @@ def finetune(model: str = "minilm-l6", *, task: str = "classification", dataset:
     for key, value in overrides.items():
         if key in _SHORTCUTS:
             changes.setdefault(_SHORTCUTS[key], {})[key] = value
+        elif isinstance(value, dict):
+            changes[key] = {**changes.get(key, {}), **value}
         else:
             changes[key] = value
     for section, values in changes.items():

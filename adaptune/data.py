@@ -17,6 +17,7 @@ from adaptune.config import DataConfig
 from adaptune.errors import DataError
 
 T = TypeVar("T")
+MAX_LINE_CHARS = 1_000_000  # one example per line; longer means a file without line breaks
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ def read_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(f"not valid {encoding} text (byte {exc.start})", path, line) from None
     for number, line in enumerate(text.splitlines(), start=1):
+        if len(line) > MAX_LINE_CHARS:
+            raise DataError(f"line is {len(line):,} characters long, more than the "
+                            f"{MAX_LINE_CHARS:,} allowed for one example (a file without line "
+                            "breaks?)", path, number)
         yield number, line
 
 

