@@ -29,11 +29,18 @@ def _tiny_overrides(model: str, out: Path) -> list[str]:
 
 @needs_data
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_recipe_in_process(recipe, tiny_encoder, tmp_path, monkeypatch, capsys):
+def test_recipe_in_process(recipe, tiny_encoder, tiny_decoder, tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(recipe.parent))
     overrides = _tiny_overrides(tiny_encoder, tmp_path / "out")
-    if recipe.stem in ("ner_adalora",):  # tiny model: rank must fit 32-wide layers
+    if recipe.stem == "ner_adalora":  # tiny model: rank must fit 32-wide layers
         overrides.append("method.rank=4")
+    if recipe.stem == "qa_lora":
+        overrides[1] = "model.max_length=96"
+    if recipe.stem == "summarize_lora":  # a decoder, and a prompt that fits a tiny model
+        overrides = _tiny_overrides(tiny_decoder, tmp_path / "out") + [
+            "generation.prompt={document} tl;dr:", "generation.max_new_tokens=4",
+            "method.rank=4"]
+        overrides[1] = "model.max_length=160"  # character tokens: XSum summaries are long
     monkeypatch.setattr(sys, "argv", [str(recipe)] + overrides)
     runpy.run_path(str(recipe), run_name="__main__")
     printed = capsys.readouterr().out
