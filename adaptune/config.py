@@ -46,7 +46,9 @@ class MethodConfig:
     name: str = "lora"
     rank: int = 8  # LoRA rank; AdaLoRA's *target* average rank
     alpha: float = 0.0  # LoRA scaling numerator; 0 means 2 * rank
-    dropout: float = 0.1
+    # LoRA dropout. 0 by measurement: on minilm-l6 CoNLL-2003 NER, 0.1 cost 35% of CPU step
+    # time (random masks) and gained nothing (dev F1 0.8655 with 0.1, 0.8660 with 0).
+    dropout: float = 0.0
     # Module names to adapt (suffix match, as in peft). Empty: the model's default (query/value
     # style). "all-linear": every linear layer of the backbone.
     targets: tuple[str, ...] = ()

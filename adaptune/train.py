@@ -119,16 +119,20 @@ def default_targets(name: str, model: nn.Module) -> tuple[str, ...]:
     return tuple(MAP.get(getattr(model.config, "model_type", ""), ()))
 
 
-def resolve_precision(requested: str, device: torch.device | str = "cpu") -> str:
-    """"auto": bf16 autocast on a GPU that supports it; fp32 on the CPU. Measured on this
-    project's AVX512-BF16 CPU, bf16 autocast made LoRA training of the zoo encoders *slower*
-    (1,839 vs 2,672 real tokens/s for minilm-l6 NER): their matrix products are too small for
-    the bf16 units to repay the casts. bf16 stays available on request. Returns "bf16" or
-    "fp32"."""
+BF16_MIN_PARAMS = 50_000_000  # non-embedding parameters from which bf16 autocast pays
+
+
+def resolve_precision(requested: str, device: torch.device | str = "cpu",
+                      non_embedding_params: int = 0) -> str:
+    """"auto": bf16 autocast on a GPU that supports it for models of at least 50M non-embedding
+    parameters; fp32 otherwise. Measured: on this project's AVX512-BF16 CPU, bf16 autocast made
+    LoRA training of minilm-l6 *slower* (1,839 vs 2,672 real tokens/s, NER); on an H100 too
+    (7,111 vs 14,531): matrices of width 384 are too small to repay the casts. bf16 stays
+    available on request. Returns "bf16" or "fp32"."""
     if requested != "auto":
         return requested
-    if torch.device(device).type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16" if non_embedding_params >= BF16_MIN_PARAMS else "fp32"
     return "fp32"
 
 
@@ -240,8 +244,13 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
     out = check_output_dir(config)
     p = prepared or prepare(config)
     t = config.train
-    precision = resolve_precision(t.precision,
-                                  "cuda" if torch.cuda.is_available() else "cpu")
+    set_seed(t.seed)
+
+    # Model: backbone + head; its size decides the default precision.
+    model = build_task_model(p.model_path, p.family, p.task, p.labels, p.tokenizer.pad_token_id)
+    backbone_total, backbone_non_embedding = count_backbone_params(model.backbone)
+    precision = resolve_precision(t.precision, "cuda" if torch.cuda.is_available() else "cpu",
+                                  backbone_non_embedding)
     # Several runs in one process (tests, sweeps) may differ in precision: forget the previous
     # run's accelerator settings, keep the process group.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -254,12 +263,9 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
     # every core, several processes share them.
     torch.set_num_threads(t.num_threads or max(
         1, (os.cpu_count() or 1) // accelerator.state.num_processes))
-    set_seed(t.seed)
     plan = make_plan(config, len(p.train_features), accelerator.num_processes)
 
-    # Model: backbone + head, made trainable by the method (checks targets, rank, biases).
-    model = build_task_model(p.model_path, p.family, p.task, p.labels, p.tokenizer.pad_token_id)
-    backbone_total, backbone_non_embedding = count_backbone_params(model.backbone)
+    # The method makes the model trainable (and checks targets, rank, biases).
     targets = default_targets(config.model.name, model)
     model = p.method.apply(model, config.method, targets, plan.total_steps)
     trainable, total = count_params(model)

@@ -48,6 +48,10 @@ DATASETS = {
     # The SQuAD v2.0 dev file's 16 articles: train on the first 12, evaluate on the last 4.
     "squad_v2_dev_part": DatasetSpec("qa/squad_v2_dev_part/dev-v2.0.json", "", "articles",
                                      note="articles 1-12 train, 13-16 dev"),
+    # The same articles, answerable questions only: a SQuAD v1.1-style set.
+    "squad_v1_dev_part": DatasetSpec("qa/squad_v2_dev_part/dev-v2.0.json", "",
+                                     "articles-answerable",
+                                     note="answerable questions only; same article split"),
     "covid_qa": DatasetSpec("qa/covid_qa/covid_qa.json", "", "articles",
                             note="papers: first 75% train, rest dev"),
     "policyqa": DatasetSpec("qa/policyqa/dev.json", "qa/policyqa/test.json", "",
@@ -98,7 +102,9 @@ def load(cfg: DataConfig, split: str, seed: int) -> list[Example]:
     path = split_paths(cfg, spec)[split]
     examples = read_squad(path)
     explicit = cfg.train_path if split == "train" else cfg.dev_path
-    if spec is not None and spec.reader == "articles" and not explicit:
+    if spec is not None and spec.reader == "articles-answerable":
+        examples = [ex for ex in examples if ex.answers]
+    if spec is not None and spec.reader.startswith("articles") and not explicit:
         articles = sorted({ex.article for ex in examples})
         cut = articles[int(round(0.75 * len(articles))) - 1]
         examples = [ex for ex in examples if (ex.article <= cut) == (split == "train")]

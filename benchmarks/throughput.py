@@ -1,0 +1,260 @@
+"""Training throughput: adaptune against Hugging Face `Trainer` + `peft` on the same model, data,
+method and number of steps, in one invocation.
+
+    python benchmarks/throughput.py                      # every job, every contender
+    python benchmarks/throughput.py --jobs ner --out runs/bench-throughput
+
+Each contender runs in its own subprocess (so peak memory is its own), one after another,
+alternating between adaptune and Trainer. For each it prints wall time, real and padded tokens
+per second, peak memory and the final dev metric, then the ratios against both Trainer runs,
+model FLOP/s over real tokens and that as a fraction of the matrix-product peak measured on this
+machine in the same run.
+
+The Trainer baseline is what a user would otherwise write: `AutoModelFor*` + `get_peft_model`
+with the same LoRA config + `Trainer` with default (random) batching and the same batch size,
+learning rate, warm-up and epochs; `bf16=True` for the second Trainer run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+JOBS: dict[str, dict[str, Any]] = {
+    # The job of the performance issue: minilm-l6, LoRA r=8 on query/key/value/dense, CoNLL-2003
+    # train, batch 32, max length 128, lr 1e-3, 50 warm-up steps then linear decay, one epoch.
+    "ner": {"model": "minilm-l6", "task": "ner", "dataset": "conll2003", "max_length": 128,
+            "targets": ["query", "key", "value", "dense"], "batch": 32, "lr": 1e-3,
+            "warmup_steps": 50, "train_examples": 0},
+    "cls": {"model": "minilm-l6", "task": "classification", "dataset": "sst2", "max_length": 64,
+            "targets": ["query", "key", "value", "dense"], "batch": 32, "lr": 1e-3,
+            "warmup_steps": 50, "train_examples": 20000},
+    "decoder": {"model": "smollm2-135m", "task": "classification", "dataset": "sst2",
+                "max_length": 64, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                "batch": 16, "lr": 5e-4, "warmup_steps": 10, "train_examples": 1600,
+                "dev_examples": 300},
+}
+CONTENDERS = ("adaptune", "trainer-fp32", "trainer-bf16")
+
+
+# ----------------------------------------------------------------------------------------------
+# One contender, in its own process.
+
+
+def run_adaptune(job: dict[str, Any], out: Path, precision: str = "auto") -> dict[str, Any]:
+    from adaptune import finetune
+
+    n_train = job["train_examples"]
+    result = finetune(job["model"], task=job["task"], dataset=job["dataset"], method="lora",
+                      rank=8, targets=job["targets"], lr=job["lr"], epochs=1,
+                      batch_size=job["batch"], max_length=job["max_length"],
+                      max_train_examples=n_train, max_dev_examples=job.get("dev_examples", 0),
+                      precision=precision, output_dir=str(out), overwrite=True)
+    m = result.metrics
+    steps = m["optimizer_steps"]
+    return {"wall_s": m["wall_time_s"], "real_tokens": m["train_real_tokens"],
+            "padded_tokens": m["train_padded_tokens"], "dev": m["dev"][m["main_metric"]],
+            "precision": m["precision"], "steps": steps}
+
+
+def run_trainer(job: dict[str, Any], out: Path, bf16: bool) -> dict[str, Any]:
+    """The baseline a user would write with transformers + peft."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification,
+                              DataCollatorForTokenClassification, DataCollatorWithPadding,
+                              Trainer, TrainingArguments)
+
+    from adaptune import zoo
+    from adaptune.config import RunConfig
+    from adaptune.train import load_tokenizer
+    from adaptune.tasks import get_task
+
+    path = zoo.resolve(job["model"])
+    tokenizer = load_tokenizer(path)
+    cfg = RunConfig().replace(data={"task": job["task"], "dataset": job["dataset"],
+                                    "max_train_examples": job["train_examples"],
+                                    "max_dev_examples": job.get("dev_examples", 0)})
+    task = get_task(job["task"])
+    train = task.load(cfg.data, "train", cfg.train.seed)
+    dev = task.load(cfg.data, "dev", cfg.train.seed)
+    labels = task.label_space(train, dev)
+    train_f = task.encode(train, tokenizer, labels, job["max_length"], "train", cfg)
+    dev_f = task.encode(dev, tokenizer, labels, job["max_length"], "dev", cfg)
+    strip = lambda feats: [{k: v for k, v in f.items() if not k.startswith("_")} for f in feats]
+    if job["task"] == "ner":
+        model = AutoModelForTokenClassification.from_pretrained(path, num_labels=len(labels))
+        collate = DataCollatorForTokenClassification(tokenizer)
+        task_type = TaskType.TOKEN_CLS
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        collate = DataCollatorWithPadding(tokenizer)
+        task_type = TaskType.SEQ_CLS
+    model = get_peft_model(model, LoraConfig(task_type=task_type, r=8, lora_alpha=16,
+                                             lora_dropout=0.1, target_modules=job["targets"]))
+    counts = {"real": 0, "padded": 0}
+
+    def counting_collate(features):
+        batch = collate(features)
+        counts["real"] += int(batch["attention_mask"].sum())
+        counts["padded"] += batch["attention_mask"].numel()
+        return batch
+
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=job["batch"],
+        per_device_eval_batch_size=128, learning_rate=job["lr"],
+        warmup_steps=job["warmup_steps"], num_train_epochs=1, weight_decay=0.01,
+        bf16=bf16, use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no",
+        eval_strategy="no", logging_steps=10**6, seed=42, dataloader_num_workers=0,
+        disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=strip(train_f),
+                      data_collator=counting_collate)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    real, padded = counts["real"], counts["padded"]
+    # Dev metric with adaptune's scorer on the Trainer model's predictions.
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(dev_f), 128):
+            batch = collate(strip(dev_f[i:i + 128]))
+            batch.pop("labels", None)
+            with torch.autocast("cuda" if torch.cuda.is_available() else "cpu",
+                                dtype=torch.bfloat16, enabled=bf16):
+                logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits
+            preds += logits.argmax(-1).tolist()
+    metrics = task.score(dev, dev_f, preds, labels)
+    return {"wall_s": wall, "real_tokens": real, "padded_tokens": padded,
+            "dev": metrics[task.main_metric], "precision": "bf16" if bf16 else "fp32",
+            "steps": trainer.state.global_step}
+
+
+def _child(job_name: str, contender: str, out: Path) -> None:
+    torch.set_num_threads(os.cpu_count() or 1)
+    job = JOBS[job_name]
+    if contender.startswith("adaptune"):  # adaptune, or adaptune-fp32 / adaptune-bf16
+        precision = contender.split("-")[1] if "-" in contender else "auto"
+        result = run_adaptune(job, out / f"{job_name}-{contender}", precision)
+    else:
+        result = run_trainer(job, out / f"{job_name}-{contender}", contender.endswith("bf16"))
+    if torch.cuda.is_available():
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+# ----------------------------------------------------------------------------------------------
+# The parent: peak matmul rates, contenders in subprocesses, the table.
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a large square matrix product: the practical peak the ratio is taken against."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def flops_per_token(model: str) -> float:
+    """Model FLOPs per trained token with a frozen base: forward 2N plus backward through the
+    activations 2N (no weight gradients for frozen weights), N = non-embedding parameters;
+    LoRA's own FLOPs are under 2% of that and left out."""
+    from adaptune import zoo
+    from adaptune.modeling import count_backbone_params, family_of, load_backbone
+
+    if model in zoo.ZOO:
+        return 4.0 * zoo.ZOO[model].non_embedding_params
+    from transformers import AutoConfig
+
+    backbone = load_backbone(model, family_of(AutoConfig.from_pretrained(model)))
+    return 4.0 * count_backbone_params(backbone)[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", default="ner,cls,decoder")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--out", default="runs/bench-throughput")
+    parser.add_argument("--model", default="", help="replace every job's model (a zoo name, "
+                        "Hub id or folder), e.g. where the zoo cannot be installed")
+    parser.add_argument("--batch", type=int, default=0, help="replace every job's batch size")
+    parser.add_argument("--child", nargs=2, metavar=("JOB", "CONTENDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    out = Path(args.out)
+    for job in JOBS.values():
+        job.update({"model": args.model} if args.model else {})
+        job.update({"batch": args.batch} if args.batch else {})
+    if args.child:
+        _child(args.child[0], args.child[1], out)
+        return
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"CPU, {os.cpu_count()} cores"
+    print(f"device: {device}; matrix-product peak (2048^3): fp32 {peaks['fp32'] / 1e9:.0f} "
+          f"GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    for job_name in args.jobs.split(","):
+        results = {}
+        for contender in args.contenders.split(","):
+            proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--model",
+                                   args.model, "--batch", str(args.batch), "--child", job_name,
+                                   contender], capture_output=True, text=True,
+                                  env={**os.environ, "ADAPTUNE_PROGRESS": "0"})
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{job_name}/{contender} failed:\n{proc.stderr[-3000:]}")
+                continue
+            results[contender] = json.loads(line[len("RESULT "):])
+        print_table(job_name, results, peaks, flops_per_token(JOBS[job_name]["model"]))
+
+
+def print_table(job_name: str, results: dict[str, dict], peaks: dict[str, float],
+                flops: float) -> None:
+    job = JOBS[job_name]
+    print(f"\n### {job_name}: {job['model']}, {job['task']} on {job['dataset']}, LoRA r=8 on "
+          f"{'/'.join(job['targets'])}, batch {job['batch']}, one epoch\n")
+    print("| contender | precision | steps | wall (s) | real tok/s | padded tok/s | padding | "
+          "peak mem (MB) | dev | model GFLOP/s | of peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        real_rate = r["real_tokens"] / r["wall_s"]
+        gflops = real_rate * flops / 1e9
+        print(f"| {name} | {r['precision']} | {r['steps']} | {r['wall_s']:.1f} | "
+              f"{real_rate:,.0f} | {r['padded_tokens'] / r['wall_s']:,.0f} | "
+              f"{1 - r['real_tokens'] / r['padded_tokens']:.0%} | {r['peak_memory_mb']:,.0f} | "
+              f"{r['dev']:.4f} | {gflops:.1f} | {gflops * 1e9 / peaks[r['precision']]:.1%} |")
+    ours = results.get("adaptune")
+    if ours:
+        for base in ("trainer-fp32", "trainer-bf16"):
+            if base in results:
+                b = results[base]
+                speed = (ours["real_tokens"] / ours["wall_s"]) / (b["real_tokens"] / b["wall_s"])
+                print(f"\nadaptune vs {base}: {speed:.2f}x real-token throughput, "
+                      f"{b['wall_s'] / ours['wall_s']:.2f}x less wall time, dev "
+                      f"{ours['dev'] - b['dev']:+.4f}")
+
+
+if __name__ == "__main__":
+    main()
