@@ -79,9 +79,11 @@ class Predictor:
         features = self.task.encode(list(examples), self.tokenizer, self.labels,
                                     self.meta["max_length"], "predict", self.config)
         preds: list[Any] = []
+        device = next(self.model.parameters()).device  # a quantized base lives on the GPU
         with torch.no_grad():
             for i in range(0, len(features), batch_size):
                 batch = self.task.collate(features[i:i + batch_size], self.tokenizer.pad_token_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
                 preds += self.task.predict(self.model, batch, self.config, self.tokenizer)
         return self.task.decode(examples, features, preds, self.labels)
 
@@ -111,4 +113,5 @@ def build_base(meta_or_folder: dict[str, Any] | str | Path) -> torch.nn.Module:
     path = zoo.resolve(meta["model"]) if meta["model"] in zoo.ZOO else meta["model_path"]
     tokenizer = load_tokenizer(path)
     return build_task_model(path, meta["family"], get_task(meta["task"]), meta["labels"],
-                            tokenizer.pad_token_id)
+                            tokenizer.pad_token_id,
+                            meta.get("config", {}).get("model", {}).get("quantization", "none"))

@@ -32,9 +32,13 @@ class ModelConfig:
 
     name: str = "minilm-l6"
     max_length: int = 128  # tokens per sequence (or per window, for QA)
+    # Frozen base weights in 4-bit NF4 or 8-bit (bitsandbytes, CUDA only), as in QLoRA.
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "a zoo name, Hub id or folder", self.name)
+        _check(self.quantization in ("none", "4bit", "8bit"), "model.quantization",
+               "one of none, 4bit, 8bit", self.quantization)
         _check(self.max_length >= 8, "model.max_length", "an integer >= 8", self.max_length)
 
 

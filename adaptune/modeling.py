@@ -25,10 +25,11 @@ class TaskOutput:
 
 
 def load_backbone(path: str, family: str, *, lm_head: bool = False,
-                  dtype: torch.dtype = torch.float32) -> nn.Module:
+                  dtype: torch.dtype = torch.float32, quantization: str = "none") -> nn.Module:
     """Load the pretrained body. Encoders lose their pooler (the heads pool themselves, the same
     way on every model; an unused pooler would also break multi-process training). Decoders keep
-    their LM head only for generation tasks."""
+    their LM head only for generation tasks. `quantization` ("4bit" NF4 or "8bit") loads the
+    frozen weights through bitsandbytes on the GPU, as QLoRA does."""
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -36,12 +37,39 @@ def load_backbone(path: str, family: str, *, lm_head: bool = False,
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantization != "none":
+        kwargs.update(quantization_kwargs(quantization))
     if family == "decoder" and lm_head:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     try:
-        return AutoModel.from_pretrained(path, dtype=dtype, add_pooling_layer=False)
+        return AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
     except TypeError:  # architectures without a pooler do not take the argument
-        return AutoModel.from_pretrained(path, dtype=dtype)
+        return AutoModel.from_pretrained(path, **kwargs)
+
+
+def quantization_kwargs(quantization: str) -> dict[str, Any]:
+    """from_pretrained arguments for a 4-bit (NF4, bf16 compute, double quantization) or 8-bit
+    frozen base. Needs a CUDA GPU and the `bitsandbytes` package (the `gpu` extra)."""
+    from adaptune.errors import ConfigError
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"model.quantization={quantization} needs a CUDA GPU (bitsandbytes); "
+                          "use model.quantization=none on the CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"model.quantization={quantization} needs the bitsandbytes package: "
+                          "pip install 'adaptune[gpu]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=torch.bfloat16,
+                                    bnb_4bit_use_double_quant=True)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
 def family_of(config: Any) -> str:

@@ -103,11 +103,13 @@ def model_family(model_path: str, name: str) -> str:
 
 
 def build_task_model(model_path: str, family: str, task: Task, labels: list[str],
-                     pad_token_id: int | None) -> TaskModel:
-    backbone = load_backbone(model_path, family, lm_head=task.lm_head)
+                     pad_token_id: int | None, quantization: str = "none") -> TaskModel:
+    backbone = load_backbone(model_path, family, lm_head=task.lm_head, quantization=quantization)
     if pad_token_id is not None and getattr(backbone.config, "pad_token_id", None) is None:
         backbone.config.pad_token_id = pad_token_id
     head = task.build_head(backbone.config.hidden_size, labels, family)
+    if quantization != "none":  # the head trains in fp32 next to the quantized base
+        head.to(next(backbone.parameters()).device)
     return TaskModel(backbone, head)
 
 
@@ -247,7 +249,8 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
     set_seed(t.seed)
 
     # Model: backbone + head; its size decides the default precision.
-    model = build_task_model(p.model_path, p.family, p.task, p.labels, p.tokenizer.pad_token_id)
+    model = build_task_model(p.model_path, p.family, p.task, p.labels, p.tokenizer.pad_token_id,
+                             config.model.quantization)
     backbone_total, backbone_non_embedding = count_backbone_params(model.backbone)
     precision = resolve_precision(t.precision, "cuda" if torch.cuda.is_available() else "cpu",
                                   backbone_non_embedding)
