@@ -44,6 +44,7 @@ class TrainState:
     best: float | None = None
     evals: list[dict[str, Any]] = field(default_factory=list)
     elapsed: float = 0.0
+    overhead: float = 0.0  # seconds spent evaluating and checkpointing, not training
 
 
 def _dir(out: Path) -> Path:

@@ -58,6 +58,7 @@ def report(result: RunResult) -> None:
             print(f"  {key:<24} {value:.4f}")
     print(f"  trainable params         {m['trainable_params']:,} of {m['total_params']:,} "
           f"({m['trainable_percent']:.3f}%)")
-    print(f"  wall time                {m['wall_time_s']:.1f} s ({m['precision']}, "
-          f"{m['real_tokens_per_s']:.0f} real tokens/s)")
+    print(f"  wall time                {m['wall_time_s']:.1f} s, of which training "
+          f"{m['train_time_s']:.1f} s ({m['precision']}, {m['real_tokens_per_s']:.0f} real "
+          "tokens/s)")
     print(f"outputs: {result.output_dir}/ (config.json, metrics.json, adapter/)")

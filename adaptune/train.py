@@ -334,15 +334,19 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
                 progress.set_postfix(loss=f"{state.loss_sum / state.loss_count:.4f}",
                                      lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if state.step % plan.eval_every == 0 or state.step == plan.total_steps:
+                paused = time.perf_counter()
                 metrics = _evaluate_and_keep_best(accelerator, model, p, out, state)
+                state.overhead += time.perf_counter() - paused
                 train_loss = state.window_loss_sum / max(1, state.window_loss_count)
                 state.window_loss_sum, state.window_loss_count = 0.0, 0
                 evals.append({"step": state.step, "train_loss": train_loss, **metrics})
                 state.evals = evals
                 model.train()
             if t.checkpoint_every and state.step % t.checkpoint_every == 0:
-                state.elapsed = time.perf_counter() - started
+                paused = time.perf_counter()
+                state.elapsed = paused - started
                 ckpt.save(out, accelerator, model, optimizer, scheduler, state)
+                state.overhead += time.perf_counter() - paused
             if state.step >= plan.total_steps:
                 break
         else:
@@ -366,10 +370,12 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
         "dev_examples": len(p.dev_examples),
         "optimizer_steps": state.step,
         "epochs": plan.epochs,
-        "wall_time_s": wall,
+        "wall_time_s": wall,  # training, evaluations and checkpoints
+        "train_time_s": wall - state.overhead,  # training steps only
         "train_real_tokens": state.real_tokens * accelerator.num_processes,
         "train_padded_tokens": state.padded_tokens * accelerator.num_processes,
-        "real_tokens_per_s": state.real_tokens * accelerator.num_processes / wall,
+        "real_tokens_per_s": state.real_tokens * accelerator.num_processes
+        / max(1e-9, wall - state.overhead),
         "peak_memory_mb": peak_memory_mb(),
         "precision": precision,
         "num_processes": accelerator.num_processes,

@@ -61,7 +61,7 @@ def run_adaptune(job: dict[str, Any], out: Path, precision: str = "auto") -> dic
                       precision=precision, output_dir=str(out), overwrite=True)
     m = result.metrics
     steps = m["optimizer_steps"]
-    return {"wall_s": m["wall_time_s"], "real_tokens": m["train_real_tokens"],
+    return {"wall_s": m["train_time_s"], "real_tokens": m["train_real_tokens"],
             "padded_tokens": m["train_padded_tokens"], "dev": m["dev"][m["main_metric"]],
             "precision": m["precision"], "steps": steps}
 
