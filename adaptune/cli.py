@@ -22,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     zoo_p = sub.add_parser("zoo", help="list or prepare the offline model zoo")
     zoo_p.add_argument("action", choices=["list", "prepare"])
     zoo_p.add_argument("names", nargs="*", help="zoo models to prepare (default: all)")
+    sub.add_parser("methods", help="list the adapter methods")
     train_p = sub.add_parser("train", help="run the training flow")
     train_p.add_argument("--config", help="YAML file of config overrides")
     train_p.add_argument("overrides", nargs="*", metavar="section.field=value")
@@ -39,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 for name in args.names or list(zoo.ZOO):
                     print(f"{name}: {zoo.prepare(name)}")
+        elif args.command == "methods":
+            from adaptune.methods import describe_methods
+
+            print(describe_methods())
         elif args.command == "train":
             from adaptune.recipe import run_from_args
 

@@ -101,6 +101,9 @@ class DataConfig:
     text_field: str = "text"
     text_pair_field: str = ""
     label_field: str = "label"
+    # Language modelling (task "lm"): "mlm" masked LM (encoders), "clm" causal LM (decoders),
+    # "auto" picks by the model.
+    lm_objective: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.max_train_examples >= 0, "data.max_train_examples", "an integer >= 0",
@@ -109,6 +112,8 @@ class DataConfig:
                self.train_fraction)
         _check(self.max_dev_examples >= 0, "data.max_dev_examples", "an integer >= 0",
                self.max_dev_examples)
+        _check(self.lm_objective in ("auto", "mlm", "clm"), "data.lm_objective",
+               "one of auto, mlm, clm", self.lm_objective)
 
 
 @dataclass(frozen=True)
@@ -186,7 +191,8 @@ class RunConfig:
         if self.output_dir:
             return Path(self.output_dir)
         model = Path(self.model.name).name or self.model.name
-        return Path("runs") / f"{self.data.task}-{Path(self.data.dataset).name}-{model}-{self.method.name}"
+        dataset = Path(self.data.dataset).name
+        return Path("runs") / f"{self.data.task}-{dataset}-{model}-{self.method.name}"
 
     def replace(self, **sections: Mapping[str, Any] | Any) -> "RunConfig":
         """A copy with some fields changed: `cfg.replace(train={"lr": 1e-3}, output_dir="x")`."""
@@ -285,7 +291,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected section.field=value, e.g. train.lr=1e-3")
+            raise ConfigError(f"override {item!r}: expected section.field=value, "
+                              "e.g. train.lr=1e-3")
         node = nested
         *parents, leaf = key.lstrip("-").split(".")
         for part in parents:

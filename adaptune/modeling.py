@@ -96,12 +96,17 @@ def count_backbone_params(backbone: nn.Module) -> tuple[int, int]:
 
 class TaskModel(nn.Module):
     """backbone + head. The head gets the backbone's last hidden states (or its logits, for
-    language-model heads that reuse the backbone's own output layer) and the batch."""
+    language-model heads that reuse the backbone's own output layer) and the batch; a head that
+    ties its output to the word embeddings (masked LM) also gets the embedding matrix, so that
+    the tie survives peft copying the head into the adapter."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        # Read once here: peft later wraps the head in a ModulesToSaveWrapper.
+        self.head_uses_logits = bool(getattr(head, "uses_logits", False))
+        self.head_ties_embeddings = bool(getattr(head, "ties_embeddings", False))
         # Mirrors HF models so peft and accelerate find what they look for.
         self.config = backbone.config
 
@@ -111,11 +116,28 @@ class TaskModel(nn.Module):
         if "token_type_ids" in batch:
             inputs["token_type_ids"] = batch.pop("token_type_ids")
         out = self.backbone(**inputs)
-        features = out.logits if getattr(self.head, "uses_logits", False) else out.last_hidden_state
+        features = out.logits if self.head_uses_logits else out.last_hidden_state
+        if self.head_ties_embeddings:
+            batch["embeddings"] = self.backbone.get_input_embeddings().weight
         return self.head(features, attention_mask=attention_mask, **batch)
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         return self.backbone.prepare_inputs_for_generation(*args, **kwargs)
+
+
+class CausalLMHead(nn.Module):
+    """Next-token loss on the backbone's own logits, over label positions only (-100 elsewhere).
+    No parameters: the decoder's output layer is part of the backbone."""
+
+    uses_logits = True
+
+    def forward(self, logits: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None, **_: Any) -> TaskOutput:
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                               labels[:, 1:].flatten(), ignore_index=-100)
+        return TaskOutput(loss, logits)
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

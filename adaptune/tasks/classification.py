@@ -52,6 +52,12 @@ DATASETS = {
 }
 
 
+def _fields(cfg: DataConfig) -> list[str]:
+    """The columns a generic file must have: text, label, and the pair's text if any."""
+    return [cfg.text_field, cfg.label_field] + ([cfg.text_pair_field] if cfg.text_pair_field
+                                                 else [])
+
+
 def _read_tsv(path: Path, cfg: DataConfig, encoding: str, header: bool = True,
               delimiter: str = "\t") -> list[Example]:
     lines = list(read_lines(path, encoding))
@@ -60,7 +66,7 @@ def _read_tsv(path: Path, cfg: DataConfig, encoding: str, header: bool = True,
         lines = lines[1:]
     else:
         names = [cfg.text_field, cfg.label_field]
-    wanted = [cfg.text_field, cfg.label_field] + ([cfg.text_pair_field] if cfg.text_pair_field else [])
+    wanted = _fields(cfg)
     missing = [w for w in wanted if w not in names]
     if missing:
         raise DataError(f"header has columns {names}; expected columns named {missing} "
@@ -116,7 +122,7 @@ def _read_jsonl(path: Path, cfg: DataConfig, encoding: str) -> list[Example]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"not valid JSON: {exc.msg}", path, number) from None
-        fields = [cfg.text_field, cfg.label_field] + ([cfg.text_pair_field] if cfg.text_pair_field else [])
+        fields = _fields(cfg)
         if not isinstance(row, dict) or any(f not in row for f in fields):
             raise DataError(f"expected a JSON object with fields {fields}", path, number)
         out.append(Example(str(row[cfg.text_field]), str(row[cfg.label_field]),
@@ -213,7 +219,8 @@ class ClassificationHead(nn.Module):
         return TaskOutput(loss, logits)
 
 
-def build_head(hidden_size: int, labels: list[str], family: str) -> nn.Module:
+def build_head(hidden_size: int, labels: list[str], family: str,
+               backbone_config: Any = None) -> nn.Module:
     return ClassificationHead(hidden_size, len(labels), "mean" if family == "encoder" else "last")
 
 

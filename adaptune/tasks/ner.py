@@ -182,7 +182,8 @@ class TokenHead(nn.Module):
         return TaskOutput(loss, logits)
 
 
-def build_head(hidden_size: int, labels: list[str], family: str) -> nn.Module:
+def build_head(hidden_size: int, labels: list[str], family: str,
+               backbone_config: Any = None) -> nn.Module:
     return TokenHead(hidden_size, len(labels))
 
 

@@ -124,7 +124,8 @@ def label_space(train: list[Example], dev: list[Example]) -> list[str]:
 def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_length: int,
            split: str, config: Any = None) -> list[dict]:
     enc = tokenizer(_cap_questions(examples, tokenizer, max_length // 2),
-                    [ex.context for ex in examples], truncation="only_second", max_length=max_length,
+                    [ex.context for ex in examples], truncation="only_second",
+                    max_length=max_length,
                     stride=min(STRIDE, max_length // 4), return_overflowing_tokens=True,
                     return_offsets_mapping=True)
     features = []
@@ -186,7 +187,8 @@ class SpanHead(nn.Module):
         return TaskOutput(loss, (start, end))
 
 
-def build_head(hidden_size: int, labels: list[str], family: str) -> nn.Module:
+def build_head(hidden_size: int, labels: list[str], family: str,
+               backbone_config: Any = None) -> nn.Module:
     return SpanHead(hidden_size)
 
 

@@ -23,7 +23,7 @@ from adaptune.config import DataConfig, RunConfig
 from adaptune.data import (DatasetSpec, pad_collate, read_lines, require_nonempty, split_paths,
                            split_single_file, take_subset)
 from adaptune.errors import ConfigError, DataError
-from adaptune.modeling import TaskOutput
+from adaptune.modeling import CausalLMHead
 from adaptune.tasks import Task
 
 MAX_SUMMARY_TOKENS = 96  # training targets longer than this are cut
@@ -86,7 +86,7 @@ def read_jsonl(path: Path, reader: str) -> list[Example]:
         examples.append(Example(qid, str(document), tuple(str(r).strip() for r in refs)))
     if skipped:
         warnings.warn(f"{path}: skipped {len(skipped)} example(s) with an empty document: "
-                      + ", ".join(skipped[:5]))
+                      + ", ".join(skipped[:5]), stacklevel=2)
     return examples
 
 
@@ -148,25 +148,15 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 # Model head: the language-model output the backbone already has.
 
 
-class LMHead(nn.Module):
-    """Next-token loss on the backbone's logits, over label positions only."""
-
-    uses_logits = True
-
-    def forward(self, logits: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None, **_: Any) -> TaskOutput:
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                               labels[:, 1:].flatten(), ignore_index=-100)
-        return TaskOutput(loss, logits)
-
-
-def build_head(hidden_size: int, labels: list[str], family: str) -> nn.Module:
+def check(config: Any, family: str) -> None:
     if family != "decoder":
         raise ConfigError("summarization runs decoder-only (GPT-family) models; got an encoder. "
                           "Use e.g. model.name=smollm2-135m")
-    return LMHead()
+
+
+def build_head(hidden_size: int, labels: list[str], family: str,
+               backbone_config: Any = None) -> nn.Module:
+    return CausalLMHead()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,8 +169,8 @@ def _backbone(model: nn.Module) -> nn.Module:
     return base.backbone
 
 
-def predict(model: nn.Module, batch: dict[str, torch.Tensor], config: RunConfig | None = None,
-            tokenizer: Any = None) -> list[str]:
+def predict(model: nn.Module, batch: dict[str, torch.Tensor],
+            config: RunConfig | None = None, tokenizer: Any = None) -> list[str]:
     """Generated text per row. Rows arrive right-padded; generation needs left padding."""
     config = config or RunConfig()
     lm = _backbone(model)
@@ -233,6 +223,6 @@ def make_examples(inputs: list[str]) -> list[Example]:
 TASK = Task(
     name="summarization", main_metric="rougeL", load=load, label_space=label_space,
     encode=encode, collate=collate, build_head=build_head, predict=predict, score=score,
-    decode=decode, make_examples=make_examples, datasets=DATASETS, lm_head=True,
+    decode=decode, make_examples=make_examples, datasets=DATASETS, lm_head=True, check=check,
     default_dataset="xsum",
 )

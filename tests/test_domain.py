@@ -1,0 +1,158 @@
+"""Domain adaptation: corpus reading, cleaning, de-duplication and packing on real slices, the
+masked-LM masking rule, the two-stage run, and its bad inputs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from adaptune.config import DataConfig, RunConfig
+from adaptune.domain import adapt_and_finetune
+from adaptune.errors import ConfigError, DataError
+from adaptune.tasks import lm
+from adaptune.train import load_tokenizer, run
+from conftest import DATA, tiny_config
+
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not present")
+
+
+def test_cleaning_and_exact_duplicates():
+    docs = ["  The  cat sat. ", "The cat sat.", "too short", "", "A dog ran far.", "The cat sat."]
+    kept, stats = lm.clean(docs)
+    assert kept == ["The cat sat.", "A dog ran far."]
+    assert (stats.documents_read, stats.too_short, stats.duplicates, stats.kept) == (6, 2, 2, 2)
+
+
+@needs_data
+def test_named_corpora_from_real_files():
+    docs, stats, _ = lm.load_corpus(DataConfig(task="lm", dataset="pubmed", data_dir=str(DATA)))
+    assert stats.documents_read == 1000 and len(docs) == stats.kept > 990
+    docs, stats, _ = lm.load_corpus(DataConfig(task="lm", dataset="bc5cdr_text",
+                                               data_dir=str(DATA)))
+    assert stats.documents_read == 4560 and stats.too_short == 13  # e.g. "( ABSTRACT TRUNCATED )"
+    train = lm.load(DataConfig(task="lm", dataset="pubmed", data_dir=str(DATA)), "train", 0)
+    dev = lm.load(DataConfig(task="lm", dataset="pubmed", data_dir=str(DATA)), "dev", 7)
+    assert len(dev) == int(0.05 * (len(train) + len(dev)))
+    assert not {ex.text for ex in train} & {ex.text for ex in dev}
+
+
+def test_packing_into_blocks(tiny_encoder):
+    tok = load_tokenizer(tiny_encoder)
+    blocks = lm.pack(["abc def", "gh ij"], tok, block=4, separator=tok.sep_token_id)
+    flat = [t for b in blocks for t in b]
+    # characters as sub-tokens: a ##b ##c d ##e ##f [SEP] g ##h i ##j [SEP] -> 12 tokens
+    assert len(flat) == 12 and all(len(b) == 4 for b in blocks)
+    assert flat.count(tok.sep_token_id) == 2
+
+
+def test_masking_follows_the_15_80_10_10_rule(tiny_encoder):
+    tok = load_tokenizer(tiny_encoder)
+    rng = random.Random(0)
+    special = set(tok.all_special_ids)
+    chosen = masked = randomised = kept = total = 0
+    for _ in range(200):
+        ids = [tok.cls_token_id] + [rng.randrange(5, len(tok)) for _ in range(100)] + \
+            [tok.sep_token_id]
+        inputs, labels = lm.mask_tokens(ids, tok, random.Random(rng.random()))
+        picked = [i for i, l in enumerate(labels) if l != -100]
+        assert len(picked) == 15 and not {0, 101} & set(picked)  # exactly 15%, no specials
+        total += 100
+        chosen += len(picked)
+        for i in picked:
+            assert labels[i] == ids[i]
+            if inputs[i] == tok.mask_token_id:
+                masked += 1
+            elif inputs[i] == ids[i]:
+                kept += 1
+            else:
+                randomised += 1
+                assert inputs[i] not in special
+    assert chosen / total == 0.15
+    assert abs(masked / chosen - 0.8) < 0.03
+    assert abs(randomised / chosen - 0.1) < 0.025 and abs(kept / chosen - 0.1) < 0.025
+
+
+def _corpus(tmp_path, n=60):
+    words = "cell protein gene dose tumour drug receptor kinase binding assay".split()
+    rng = random.Random(1)
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(n)))
+    return str(path)
+
+
+def test_two_stage_run_records_both_stages(tiny_encoder, cls_files, tmp_path):
+    result = adapt_and_finetune(
+        tiny_encoder, _corpus(tmp_path), task="classification", dataset="custom",
+        output_dir=str(tmp_path / "run"),
+        domain_overrides={"model": {"max_length": 64},
+                          "method": {"rank": 4, "targets": ["query", "value"]},
+                          "train": {"max_steps": 10, "lr": 5e-3, "precision": "fp32",
+                                    "num_threads": 1}},
+        task_overrides={"data": {"train_path": cls_files[0], "dev_path": cls_files[1]},
+                        "model": {"max_length": 32},
+                        "train": {"max_steps": 4, "precision": "fp32", "num_threads": 1}})
+    d = result.domain
+    assert d["documents_kept"] == 60 and d["heldout_documents"] == 3
+    assert d["perplexity_after"] < d["perplexity_before"]
+    assert result.task["optimizer_steps"] == 4 and "accuracy" in result.task["dev"]
+    assert (tmp_path / "run" / "domain-model" / "config.json").exists()
+    assert (tmp_path / "run" / "result.json").exists()
+
+
+def test_domain_adapter_reloaded_and_merged_gives_the_same_perplexity(tiny_encoder, tmp_path):
+    from adaptune import api
+    from adaptune.train import evaluate, prepare
+
+    cfg = tiny_config(tiny_encoder, _corpus(tmp_path), "", tmp_path / "lm",
+                      model={"max_length": 64},
+                      data={"task": "lm", "dataset": "", "dev_path": ""},
+                      method={"rank": 4}, train={"max_steps": 6})
+    result = run(cfg)
+    p = prepare(cfg)
+
+    def ppl(model):
+        return evaluate(model, p.task, p.dev_examples, p.dev_features, p.labels, p.tokenizer,
+                        cfg)["perplexity"]
+
+    reloaded, merged = api.load(result.adapter_dir), api.load(result.adapter_dir, merge=True)
+    assert ppl(reloaded.model) == pytest.approx(result.metrics["dev"]["perplexity"], rel=1e-6)
+    assert ppl(merged.model) == pytest.approx(result.metrics["dev"]["perplexity"], rel=1e-4)
+    # The output layer is the word-embedding matrix itself, not a trained copy.
+    assert not any("decoder" in n for n, _ in merged.model.named_parameters())
+
+
+def test_bad_corpora(tiny_encoder, tiny_decoder, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("a b\n\nshort\n")
+    cfg = tiny_config(tiny_encoder, str(empty), "", tmp_path / "o1", data={"task": "lm"})
+    with pytest.raises(DataError, match="corpus is empty after cleaning .* no document has 3"):
+        run(cfg)
+    dupes = tmp_path / "dupes.txt"
+    dupes.write_text("the same long sentence here\n" * 50)
+    cfg = tiny_config(tiny_encoder, str(dupes), "", tmp_path / "o2", data={"task": "lm"})
+    with pytest.raises(DataError, match="need at least 2 documents"):
+        run(cfg)
+    binary = tmp_path / "corpus.bin"
+    binary.write_bytes(b"\x00\x01\x02 binary")
+    cfg = tiny_config(tiny_encoder, str(binary), "", tmp_path / "o3", data={"task": "lm"})
+    with pytest.raises(DataError, match="binary file"):
+        run(cfg)
+    cfg = tiny_config(tiny_decoder, _corpus(tmp_path), "", tmp_path / "o4",
+                      data={"task": "lm", "lm_objective": "mlm"}, model={"max_length": 64})
+    with pytest.raises(ConfigError, match="lm_objective=mlm needs an encoder"):
+        run(cfg)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_decoder_causal_lm_perplexity(tiny_decoder, tmp_path):
+    cfg = tiny_config(tiny_decoder, _corpus(tmp_path), "", tmp_path / "clm",
+                      model={"max_length": 64}, data={"task": "lm", "dev_path": ""},
+                      method={"rank": 4}, train={"max_steps": 8, "lr": 1e-2})
+    from adaptune.train import evaluate_untrained
+
+    before = evaluate_untrained(cfg)["perplexity"]
+    after = run(cfg).metrics["dev"]["perplexity"]
+    assert after < before
+    assert isinstance(RunConfig(), RunConfig) and torch.isfinite(torch.tensor(after))
