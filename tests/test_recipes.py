@@ -16,7 +16,7 @@ from adaptune import cli
 from conftest import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").glob("*.py"))
+RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.py") if p.stem != "domain_ner")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not present")
 
 
@@ -48,6 +48,22 @@ def test_recipe_in_process(recipe, tiny_encoder, tiny_decoder, tmp_path, monkeyp
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["optimizer_steps"] == 3
     assert (tmp_path / "out" / "adapter" / "adaptune.json").exists()
+
+
+@needs_data
+def test_domain_ner_recipe_in_process(tiny_encoder, tmp_path, monkeypatch, capsys):
+    corpus = tmp_path / "bio.txt"
+    corpus.write_text("\n".join(f"the drug {i} binds the receptor in tumour cells" for i in
+                                 range(40)))
+    recipe = ROOT / "recipes" / "domain_ner.py"
+    task = [o for o in _tiny_overrides(tiny_encoder, tmp_path / "unused")
+            if not o.startswith(("model.name", "output_dir", "method.init_rank"))]
+    monkeypatch.setattr(sys, "argv", [str(recipe), "--model", tiny_encoder, "--corpus",
+                                      str(corpus), "--output-dir", str(tmp_path / "d")] + task)
+    runpy.run_path(str(recipe), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "held-out perplexity" in printed and "bc5cdr dev F1" in printed
+    assert json.loads((tmp_path / "d" / "result.json").read_text())["task"]["optimizer_steps"] == 3
 
 
 def test_recipe_reports_bad_overrides_without_traceback(tiny_encoder, tmp_path, monkeypatch,

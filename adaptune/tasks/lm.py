@@ -225,7 +225,7 @@ def pack(docs: list[str], tokenizer: Any, block: int, separator: int) -> list[li
     """Token ids of all documents, joined by `separator`, cut into blocks of `block` tokens
     (the last, shorter block is kept if it has at least 8 tokens or is a full block)."""
     ids: list[int] = []
-    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+    for enc in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
         ids += enc + [separator]
     blocks = [ids[i:i + block] for i in range(0, len(ids), block)]
     if blocks and len(blocks[-1]) < min(8, block):  # a last scrap is not worth a forward pass
