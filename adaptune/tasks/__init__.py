@@ -43,6 +43,11 @@ class Task:
     default_dataset: str = ""
 
 
+def no_labels(train: list, dev: list) -> list[str]:
+    """label_space of the tasks without a label set (QA, summarization, language modelling)."""
+    return []
+
+
 # Task name -> module; imported on first use so that a task's dependencies load only when needed.
 TASK_MODULES = {
     "classification": "adaptune.tasks.classification",

@@ -194,9 +194,6 @@ def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_lengt
     return features
 
 
-def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    return pad_collate(features, pad_id)
-
 
 # ---------------------------------------------------------------------------------------------
 # Model head.
@@ -275,6 +272,6 @@ def make_examples(inputs: list[str | tuple[str, str]]) -> list[Example]:
 
 TASK = Task(
     name="classification", main_metric="accuracy", load=load, label_space=label_space,
-    encode=encode, collate=collate, build_head=build_head, predict=predict, score=score,
+    encode=encode, collate=pad_collate, build_head=build_head, predict=predict, score=score,
     decode=decode, make_examples=make_examples, datasets=DATASETS, default_dataset="sst2",
 )

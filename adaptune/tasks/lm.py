@@ -33,7 +33,7 @@ from adaptune.config import DataConfig
 from adaptune.data import data_root, pad_collate, read_lines
 from adaptune.errors import ConfigError, DataError
 from adaptune.modeling import CausalLMHead, TaskOutput
-from adaptune.tasks import Task
+from adaptune.tasks import Task, no_labels
 
 MASK_FRACTION, MASK_TOKEN, RANDOM_TOKEN = 0.15, 0.8, 0.1
 HELDOUT_FRACTION = 0.05
@@ -199,10 +199,6 @@ def load(cfg: DataConfig, split: str, seed: int) -> list[Example]:
     return examples
 
 
-def label_space(train: list[Example], dev: list[Example]) -> list[str]:
-    return []
-
-
 # ---------------------------------------------------------------------------------------------
 # Encode: pack into blocks; static masking for masked LM.
 
@@ -280,9 +276,6 @@ def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_lengt
         raise DataError(f"the {split} corpus packs into no block of at least 8 tokens")
     return features
 
-
-def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    return pad_collate(features, pad_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,8 +368,8 @@ def make_examples(inputs: list[str]) -> list[Example]:
 
 
 TASK = Task(
-    name="lm", main_metric="perplexity", load=load, label_space=label_space, encode=encode,
-    collate=collate, build_head=build_head, predict=predict, score=score, decode=decode,
+    name="lm", main_metric="perplexity", load=load, label_space=no_labels, encode=encode,
+    collate=pad_collate, build_head=build_head, predict=predict, score=score, decode=decode,
     make_examples=make_examples, datasets=CORPORA, lm_head=True, higher_is_better=False,
     check=check,
     default_dataset="bio",

@@ -158,9 +158,6 @@ def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_lengt
     return features
 
 
-def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    return pad_collate(features, pad_id)
-
 
 # ---------------------------------------------------------------------------------------------
 # Model head.
@@ -294,6 +291,6 @@ def conlleval(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
 
 TASK = Task(
     name="ner", main_metric="f1", load=load, label_space=label_space, encode=encode,
-    collate=collate, build_head=build_head, predict=predict, score=score, decode=decode,
+    collate=pad_collate, build_head=build_head, predict=predict, score=score, decode=decode,
     make_examples=make_examples, datasets=DATASETS, default_dataset="conll2003",
 )

@@ -28,7 +28,7 @@ from adaptune.config import DataConfig
 from adaptune.data import DatasetSpec, pad_collate, require_nonempty, split_paths, take_subset
 from adaptune.errors import DataError
 from adaptune.modeling import TaskOutput
-from adaptune.tasks import Task
+from adaptune.tasks import Task, no_labels
 
 STRIDE = 64  # tokens of overlap between consecutive windows of a long context
 N_BEST = 20
@@ -113,10 +113,6 @@ def load(cfg: DataConfig, split: str, seed: int) -> list[Example]:
     return examples
 
 
-def label_space(train: list[Example], dev: list[Example]) -> list[str]:
-    return []
-
-
 # ---------------------------------------------------------------------------------------------
 # Encode: windows with offsets; training targets on the tokens of the first gold answer.
 
@@ -160,9 +156,6 @@ def _cap_questions(examples: list[Example], tokenizer: Any, limit: int) -> list[
     return [ex.question if len(offsets) <= limit else ex.question[:offsets[limit - 1][1]]
             for ex, offsets in zip(examples, enc["offset_mapping"])]
 
-
-def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    return pad_collate(features, pad_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +284,7 @@ def make_examples(inputs: list[tuple[str, str]]) -> list[Example]:
 
 
 TASK = Task(
-    name="qa", main_metric="f1", load=load, label_space=label_space, encode=encode,
-    collate=collate, build_head=build_head, predict=predict, score=score, decode=decode,
+    name="qa", main_metric="f1", load=load, label_space=no_labels, encode=encode,
+    collate=pad_collate, build_head=build_head, predict=predict, score=score, decode=decode,
     make_examples=make_examples, datasets=DATASETS, default_dataset="squad_v2_dev_part",
 )

@@ -24,7 +24,7 @@ from adaptune.data import (DatasetSpec, pad_collate, read_lines, require_nonempt
                            split_single_file, take_subset)
 from adaptune.errors import ConfigError, DataError
 from adaptune.modeling import CausalLMHead
-from adaptune.tasks import Task
+from adaptune.tasks import Task, no_labels
 
 MAX_SUMMARY_TOKENS = 96  # training targets longer than this are cut
 
@@ -102,10 +102,6 @@ def load(cfg: DataConfig, split: str, seed: int) -> list[Example]:
     return examples
 
 
-def label_space(train: list[Example], dev: list[Example]) -> list[str]:
-    return []
-
-
 # ---------------------------------------------------------------------------------------------
 # Encode: prompt (masked out of the loss) + summary + EOS.
 
@@ -139,9 +135,6 @@ def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_lengt
         features.append(feature)
     return features
 
-
-def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    return pad_collate(features, pad_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,8 +214,8 @@ def make_examples(inputs: list[str]) -> list[Example]:
 
 
 TASK = Task(
-    name="summarization", main_metric="rougeL", load=load, label_space=label_space,
-    encode=encode, collate=collate, build_head=build_head, predict=predict, score=score,
+    name="summarization", main_metric="rougeL", load=load, label_space=no_labels,
+    encode=encode, collate=pad_collate, build_head=build_head, predict=predict, score=score,
     decode=decode, make_examples=make_examples, datasets=DATASETS, lm_head=True, check=check,
     default_dataset="xsum",
 )
