@@ -1,11 +1,13 @@
 """The one training flow: `run(config)`.
 
-Recipes, the Python API and the benchmark runner all call this function. It reads top to bottom:
+Recipes, the Python API and the benchmark runners all call this function. Helpers come first;
+`run` itself reads top to bottom:
 
   1. check everything that can be checked before any training (config, model, data, targets)
   2. build the task model and let the adapter method make it trainable
   3. train with accelerate: AdamW, warm-up then linear decay, clipping, accumulation, bf16
-     autocast where the hardware has it, length-grouped batches, periodic evaluation
+     autocast when chosen (see `resolve_precision`), length-grouped batches, periodic
+     evaluation, resumable checkpoints
   4. keep the best adapter, write config.json, metrics.json and adapter/ into the output folder
 
 Method- and task-specific behaviour sits behind the `Method` and `Task` interfaces; the loop

@@ -40,7 +40,7 @@ JOBS: dict[str, dict[str, Any]] = {
             "warmup_steps": 50, "train_examples": 20000},
     "decoder": {"model": "smollm2-135m", "task": "classification", "dataset": "sst2",
                 "max_length": 64, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                "batch": 16, "lr": 5e-4, "warmup_steps": 10, "train_examples": 1600,
+                "batch": 16, "lr": 5e-4, "warmup_steps": 10, "train_examples": 800,
                 "dev_examples": 300},
 }
 CONTENDERS = ("adaptune", "trainer-fp32", "trainer-bf16")

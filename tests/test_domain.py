@@ -132,7 +132,8 @@ def test_bad_corpora(tiny_encoder, tiny_decoder, tmp_path):
     dupes = tmp_path / "dupes.txt"
     dupes.write_text("the same long sentence here\n" * 50)
     cfg = tiny_config(tiny_encoder, str(dupes), "", tmp_path / "o2", data={"task": "lm"})
-    with pytest.raises(DataError, match="need at least 2 documents"):
+    with pytest.raises(DataError, match="need at least 2 distinct documents .* 50 read, 49 "
+                                        "exact duplicates"):
         run(cfg)
     binary = tmp_path / "corpus.bin"
     binary.write_bytes(b"\x00\x01\x02 binary")

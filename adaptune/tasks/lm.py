@@ -176,13 +176,14 @@ def load(cfg: DataConfig, split: str, seed: int) -> list[Example]:
     if split == "dev" and cfg.dev_path:
         docs, _ = clean(read_corpus_file(Path(cfg.dev_path), cfg.text_field))
     else:
-        docs, _, where = load_corpus(cfg)
+        docs, stats, where = load_corpus(cfg)
+        if len(docs) < 2:
+            raise DataError(f"{where}: need at least 2 distinct documents (one to hold out); "
+                            f"{stats.documents_read} read, {stats.duplicates} exact duplicates "
+                            f"and {stats.too_short} too short removed, {len(docs)} left")
         order = list(range(len(docs)))
         random.Random(1234).shuffle(order)  # fixed: every run holds out the same documents
         n_held = max(1, int(HELDOUT_FRACTION * len(docs)))
-        if len(docs) < 2:
-            raise DataError(f"{where}: need at least 2 documents (one to hold out), got "
-                            f"{len(docs)}")
         held = set(order[:n_held])
         if split == "train" and not cfg.dev_path:
             docs = [d for i, d in enumerate(docs) if i not in held]
