@@ -24,6 +24,9 @@ from adaptune.config import MethodConfig
 from adaptune.errors import ConfigError, ModelError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name
+# The TaskModel's head attribute. Not "head": peft matches modules_to_save by plain suffix, and
+# "head" would also catch a decoder's `lm_head` and train a full copy of the output layer.
+HEAD = "task_head"
 STATE_WEIGHTS = "trainable.safetensors"  # our file for bitfit / full / head
 
 
@@ -94,7 +97,7 @@ def _apply_full(model: nn.Module, cfg: MethodConfig, default, total_steps: int) 
 
 
 def _apply_head(model: nn.Module, cfg: MethodConfig, default, total_steps: int) -> nn.Module:
-    return _freeze_all_but(model, lambda name, p: name.startswith("head."))
+    return _freeze_all_but(model, lambda name, p: name.startswith(HEAD + "."))
 
 
 def _apply_bitfit(model: nn.Module, cfg: MethodConfig, default, total_steps: int) -> nn.Module:
@@ -103,7 +106,7 @@ def _apply_bitfit(model: nn.Module, cfg: MethodConfig, default, total_steps: int
     if not biases:
         raise ModelError("bitfit: this model has no bias parameters, so BitFit would train only "
                          "the task head. Use method.name=head for that, or lora.")
-    return _freeze_all_but(model, lambda name, p: name.startswith("head.") or name in biases)
+    return _freeze_all_but(model, lambda name, p: name.startswith(HEAD + ".") or name in biases)
 
 
 def _peft_wrap(model: nn.Module, peft_config) -> nn.Module:
@@ -121,7 +124,7 @@ def _apply_lora(model: nn.Module, cfg: MethodConfig, default, total_steps: int) 
     targets = resolve_targets(model, cfg, default)
     return _peft_wrap(model, LoraConfig(
         r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout,
-        target_modules=targets, modules_to_save=["head"], bias="none"))
+        target_modules=targets, modules_to_save=[HEAD], bias="none"))
 
 
 def adalora_schedule(cfg: MethodConfig, total_steps: int) -> dict[str, int]:
@@ -142,7 +145,7 @@ def _apply_adalora(model: nn.Module, cfg: MethodConfig, default, total_steps: in
     return _peft_wrap(model, AdaLoraConfig(
         target_r=cfg.rank, init_r=cfg.adalora_init_rank, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.dropout, orth_reg_weight=cfg.orth_reg_weight,
-        target_modules=targets, modules_to_save=["head"], **adalora_schedule(cfg, total_steps)))
+        target_modules=targets, modules_to_save=[HEAD], **adalora_schedule(cfg, total_steps)))
 
 
 def _adalora_after_step(model: nn.Module, step: int) -> None:

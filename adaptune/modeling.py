@@ -1,7 +1,7 @@
 """Backbones and the task model: a frozen pretrained backbone composed with a small task head.
 
 `TaskModel` is a plain `nn.Module` with two children, `backbone` (a Hugging Face model) and
-`head` (the task's own module). peft wraps it like any custom model, with `head` in
+`task_head` (the task's own module). peft wraps it like any custom model, with `task_head` in
 `modules_to_save`, so the head is saved inside the adapter and restored by
 `PeftModel.from_pretrained` -- the single most reported pain of peft users (heads lost on load).
 """
@@ -103,7 +103,7 @@ class TaskModel(nn.Module):
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = head
+        self.task_head = head  # the name matters: see methods.HEAD
         # Read once here: peft later wraps the head in a ModulesToSaveWrapper.
         self.head_uses_logits = bool(getattr(head, "uses_logits", False))
         self.head_ties_embeddings = bool(getattr(head, "ties_embeddings", False))
@@ -119,7 +119,7 @@ class TaskModel(nn.Module):
         features = out.logits if self.head_uses_logits else out.last_hidden_state
         if self.head_ties_embeddings:
             batch["embeddings"] = self.backbone.get_input_embeddings().weight
-        return self.head(features, attention_mask=attention_mask, **batch)
+        return self.task_head(features, attention_mask=attention_mask, **batch)
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         return self.backbone.prepare_inputs_for_generation(*args, **kwargs)

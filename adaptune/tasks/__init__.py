@@ -4,7 +4,7 @@
     label_space(train, dev, path)          -> label names (empty for label-free tasks)
     encode(examples, tokenizer, labels, max_length, split, config) -> features (plain dicts)
     collate(features, pad_id)              -> a batch of tensors
-    build_head(hidden_size, labels, family, backbone_config) -> the head ("head.*" parameters)
+    build_head(hidden_size, labels, family, backbone_config) -> the head ("task_head.*" parameters)
     predict(model, batch, config, tokenizer) -> one prediction per feature
     score(examples, features, predictions, labels) -> metrics
     decode(examples, features, predictions, labels) -> one output per example (for users)
