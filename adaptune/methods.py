@@ -23,7 +23,6 @@ from torch import nn
 from adaptune.config import MethodConfig
 from adaptune.errors import ConfigError, ModelError
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name
 # The TaskModel's head attribute. Not "head": peft matches modules_to_save by plain suffix, and
 # "head" would also catch a decoder's `lm_head` and train a full copy of the output layer.
 HEAD = "task_head"

@@ -121,9 +121,6 @@ class TaskModel(nn.Module):
             batch["embeddings"] = self.backbone.get_input_embeddings().weight
         return self.task_head(features, attention_mask=attention_mask, **batch)
 
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
-        return self.backbone.prepare_inputs_for_generation(*args, **kwargs)
-
 
 class CausalLMHead(nn.Module):
     """Next-token loss on the backbone's own logits, over label positions only (-100 elsewhere).

@@ -406,8 +406,10 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
 def evaluate_untrained(config: RunConfig) -> dict[str, float]:
     """Dev metrics of the base model as it is, with no training (a freshly built head, if the
     task has one with parameters): the "before" of summarization and causal-LM perplexity."""
+    from accelerate.utils import set_seed
+
     p = prepare(config)
-    set_seed_all(config.train.seed)
+    set_seed(config.train.seed)
     model = build_task_model(p.model_path, p.family, p.task, p.labels, p.tokenizer.pad_token_id,
                              config.model.quantization)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -417,12 +419,6 @@ def evaluate_untrained(config: RunConfig) -> dict[str, float]:
     with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
         return evaluate(model, p.task, p.dev_examples, p.dev_features, p.labels, p.tokenizer,
                         config, device)
-
-
-def set_seed_all(seed: int) -> None:
-    from accelerate.utils import set_seed
-
-    set_seed(seed)
 
 
 def _evaluate_and_keep_best(accelerator: Any, model: nn.Module, p: Prepared, out: Path,
