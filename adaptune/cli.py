@@ -4,6 +4,9 @@
     adaptune zoo prepare minilm-l6    install and convert ahead of time
     adaptune train --config x.yaml section.field=value ...
     adaptune predict runs/x/adapter "some text" "more text"
+    adaptune sweep benchmarks/grids/sst2_encoders.yaml --out results/sst2 [--workers 2]
+    adaptune report results/sst2          tables, CSV, plots and scaling-law fits
+    adaptune advise results/sst2 --model minilm-l6 --within 0.01
 """
 
 from __future__ import annotations
@@ -30,6 +33,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     pred_p.add_argument("adapter_dir")
     pred_p.add_argument("texts", nargs="+")
     pred_p.add_argument("--merge", action="store_true", help="merge LoRA into the weights first")
+    sweep_p = sub.add_parser("sweep", help="run (or finish) a benchmark grid")
+    sweep_p.add_argument("grid", help="grid YAML file (see benchmarks/grids/)")
+    sweep_p.add_argument("--out", required=True, help="results folder")
+    sweep_p.add_argument("--workers", type=int, default=1,
+                         help="cells run at once (one per GPU; on a CPU they share the cores)")
+    report_p = sub.add_parser("report", help="tables, CSV, plots and fits of a results folder")
+    report_p.add_argument("results")
+    report_p.add_argument("--out", default="", help="where to write (default: the results folder)")
+    report_p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    advise_p = sub.add_parser("advise", help="which method and rank to use, from a results folder")
+    advise_p.add_argument("results")
+    advise_p.add_argument("--model", required=True)
+    advise_p.add_argument("--within", type=float, default=0.01,
+                          help="tolerated gap to the best mean metric (0.01: one point)")
+    advise_p.add_argument("--fraction", type=float, default=1.0)
     args = parser.parse_args(argv)
     try:
         if args.command == "zoo":
@@ -48,6 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from adaptune.recipe import run_from_args
 
             run_from_args({}, ([f"--config={args.config}"] if args.config else []) + args.overrides)
+        elif args.command == "sweep":
+            from adaptune.sweep import load_grid, run_grid
+
+            print(run_grid(load_grid(args.grid), args.out, workers=args.workers))
+        elif args.command == "report":
+            from adaptune.report import write_report
+
+            print(write_report(args.results, args.out or args.results, args.bootstrap))
+        elif args.command == "advise":
+            from adaptune.report import advise
+
+            print(advise(args.results, args.model, args.within, args.fraction))
         else:
             from adaptune.api import load
 

@@ -32,6 +32,11 @@ class ModelError(AdaptuneError, ValueError):
     """A model name cannot be resolved, or a model does not support what was asked of it."""
 
 
+class NotApplicable(ConfigError, ModelError):
+    """A method cannot be used on this model at all (BitFit on a bias-free model, a rank larger
+    than the adapted layers): a sweep lists such cells as skipped rather than failed."""
+
+
 class OutputDirError(AdaptuneError):
     """The output folder cannot be used for this run."""
 

@@ -21,7 +21,7 @@ from typing import Callable
 from torch import nn
 
 from adaptune.config import MethodConfig
-from adaptune.errors import ConfigError, ModelError
+from adaptune.errors import ConfigError, ModelError, NotApplicable
 
 # The TaskModel's head attribute. Not "head": peft matches modules_to_save by plain suffix, and
 # "head" would also catch a decoder's `lm_head` and train a full copy of the output layer.
@@ -75,9 +75,9 @@ def resolve_targets(model: nn.Module, cfg: MethodConfig, default: tuple[str, ...
         for layer in matched:
             limit = min(layer.in_features, layer.out_features)
             if max(cfg.rank, cfg.adalora_init_rank if cfg.name == "adalora" else 0) > limit:
-                raise ConfigError(f"method.rank: {cfg.rank} is larger than the layer {target!r} "
-                                  f"allows ({layer.in_features} x {layer.out_features}: at most "
-                                  f"{limit})")
+                raise NotApplicable(f"method.rank: {cfg.rank} is larger than the layer "
+                                    f"{target!r} allows ({layer.in_features} x "
+                                    f"{layer.out_features}: at most {limit})")
     return targets
 
 
@@ -103,8 +103,8 @@ def _apply_bitfit(model: nn.Module, cfg: MethodConfig, default, total_steps: int
     biases = [n for n, _ in model.named_parameters()
               if n.startswith("backbone.") and n.endswith(".bias")]
     if not biases:
-        raise ModelError("bitfit: this model has no bias parameters, so BitFit would train only "
-                         "the task head. Use method.name=head for that, or lora.")
+        raise NotApplicable("bitfit: this model has no bias parameters, so BitFit would train "
+                            "only the task head. Use method.name=head for that, or lora.")
     return _freeze_all_but(model, lambda name, p: name.startswith(HEAD + ".") or name in biases)
 
 

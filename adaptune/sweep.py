@@ -1,0 +1,405 @@
+"""Benchmark grids: base model x method x rank x training-data fraction x seed.
+
+A grid is data (a YAML file, see benchmarks/grids/). `expand` turns it into cells with stable ids;
+`run_grid` runs every cell through the one training flow (`adaptune.train.run`) and records each
+finished cell as one JSON file, written atomically:
+
+    <out>/grid.json             the grid as run
+    <out>/cells/<id>.json       a finished cell: status "ok" (with metrics) or "skipped" (why)
+    <out>/failed/<id>.json      a cell that raised; retried on the next start
+    <out>/work/<id>/            a cell in progress (its run folder; resumable checkpoints)
+    <out>/locks/<id>            claimed by a worker right now
+
+A cell counts as done only when its `cells/<id>.json` exists, and that file appears in one rename
+after the run has finished. So the runner can be killed at any moment: on restart it skips the
+done cells and reruns (or resumes, with train.checkpoint_every) the rest; no cell is counted
+twice or half.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import itertools
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from adaptune.config import METHODS, RunConfig, _merge, from_dict, to_dict
+from adaptune.errors import ConfigError, NotApplicable
+from adaptune.safe_io import write_json
+
+RANKED_METHODS = ("lora", "adalora")  # methods the rank axis applies to
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The axes of a sweep and what is fixed. Every cell's config is `overrides`, then the
+    method's `method_overrides`, then the cell's own axis values."""
+
+    name: str
+    task: str
+    dataset: str = ""
+    models: tuple[str, ...] = ("minilm-l6",)
+    methods: tuple[str, ...] = ("lora",)
+    ranks: tuple[int, ...] = (8,)
+    fractions: tuple[float, ...] = (1.0,)
+    seeds: tuple[int, ...] = (0,)
+    # RunConfig sections, e.g. {"train": {"epochs": 1}, "data": {"max_train_examples": 2000}}.
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    # Per method, e.g. {"full": {"train": {"lr": 5e-5}}}: full fine-tuning wants a lower lr.
+    method_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = f"grid {self.name!r}"
+        for axis in ("models", "methods", "ranks", "fractions", "seeds"):
+            values = getattr(self, axis)
+            if not values:
+                raise ConfigError(f"{where}: {axis} is empty; give at least one value")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{where}: {axis} lists a value twice: {list(values)}")
+        for m in self.methods:
+            if m not in METHODS:
+                raise ConfigError(f"{where}: methods: {m!r} is not one of {', '.join(METHODS)}")
+        for m in self.method_overrides:
+            if m not in self.methods:
+                raise ConfigError(f"{where}: method_overrides: {m!r} is not in methods "
+                                  f"{list(self.methods)}")
+        if any(r < 1 for r in self.ranks):
+            raise ConfigError(f"{where}: ranks must be positive integers, got {list(self.ranks)}")
+        if any(not 0 < f <= 1 for f in self.fractions):
+            raise ConfigError(f"{where}: fractions must be in (0, 1], got {list(self.fractions)}")
+        for section in ("model", "method", "data"):
+            fixed = {"model": "name", "method": "name", "data": "task"}[section]
+            if fixed in self.overrides.get(section, {}):
+                raise ConfigError(f"{where}: overrides.{section}.{fixed} is an axis of the grid; "
+                                  "set it with the grid's own key instead")
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read a grid YAML file; unknown keys and wrong types are errors naming the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of grid keys, got {type(data).__name__}")
+    return grid_from_dict(data, where=str(path))
+
+
+def grid_from_dict(data: Mapping[str, Any], where: str = "grid") -> Grid:
+    known = {f.name: f for f in dataclasses.fields(Grid)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    for key in ("name", "task"):
+        if key not in data:
+            raise ConfigError(f"{where}: missing key {key!r}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("models", "methods", "ranks", "fractions", "seeds"):
+            value = value if isinstance(value, (list, tuple)) else [value]
+            kind = {"models": str, "methods": str, "ranks": int, "fractions": float,
+                    "seeds": int}[key]
+            try:
+                value = tuple(kind(v) if not isinstance(v, bool) else _bad(v) for v in value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: {key}: expected a list of {kind.__name__}, got "
+                                  f"{data[key]!r}") from None
+        elif key in ("overrides", "method_overrides"):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
+        elif not isinstance(value, str):
+            raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
+        kwargs[key] = value
+    grid = Grid(**kwargs)
+    # Check the overrides now (strictly, as any config), not at the first cell an hour later.
+    for method in grid.methods:
+        try:
+            _cell_config(grid, grid.models[0], method, grid.ranks[0], 1.0, grid.seeds[0])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: overrides for method {method!r}: {exc}") from None
+    return grid
+
+
+def _bad(value: Any) -> Any:
+    raise TypeError(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cells.
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    method: str
+    rank: int | None  # None where the rank axis does not apply (bitfit, full, head)
+    fraction: float
+    seed: int
+    config: RunConfig
+
+    @property
+    def id(self) -> str:
+        """Readable and stable: the axis values, then a hash of the whole config, so that a
+        changed override makes new cells instead of reusing stale results."""
+        model = "".join(c if c.isalnum() or c in "-_." else "_"
+                        for c in (Path(self.model).name or self.model))
+        rank = f"-r{self.rank}" if self.rank is not None else ""
+        digest = hashlib.sha256(json.dumps(to_dict(self.config), sort_keys=True)
+                                .encode()).hexdigest()[:8]
+        return f"{model}-{self.method}{rank}-f{self.fraction:g}-s{self.seed}-{digest}"
+
+    def axes(self) -> dict[str, Any]:
+        return {"model": self.model, "method": self.method, "rank": self.rank,
+                "fraction": self.fraction, "seed": self.seed}
+
+
+def _cell_config(grid: Grid, model: str, method: str, rank: int | None, fraction: float,
+                 seed: int) -> RunConfig:
+    base = _merge(dict(grid.overrides), grid.method_overrides.get(method, {}))
+    axes = {"model": {"name": model}, "method": {"name": method},
+            "data": {"task": grid.task, "train_fraction": fraction},
+            "train": {"seed": seed}}
+    if rank is not None:
+        axes["method"]["rank"] = rank
+    if grid.dataset:
+        axes["data"]["dataset"] = grid.dataset
+    # Runner-only settings never enter a cell's identity.
+    cfg = from_dict(_merge(base, axes))
+    return cfg.replace(output_dir="", overwrite=False, train={"num_threads": 0})
+
+
+def expand(grid: Grid) -> tuple[list[Cell], list[str]]:
+    """All cells of the grid in a fixed order, and the combinations that were skipped because
+    an axis does not apply, each with the reason. The order is seed-major (seed, model, method,
+    rank, fraction): a sweep stopped early has whole grids for its first seeds rather than
+    every seed of its first models."""
+    cells: list[Cell] = []
+    skipped = [f"{method}: the rank axis does not apply (one cell per model, fraction and seed, "
+               "not one per rank)" for method in grid.methods if method not in RANKED_METHODS]
+    for seed, model, method in itertools.product(grid.seeds, grid.models, grid.methods):
+        ranks: Sequence[int | None] = grid.ranks if method in RANKED_METHODS else [None]
+        for rank, fraction in itertools.product(ranks, grid.fractions):
+            cells.append(Cell(model, method, rank, fraction, seed,
+                              _cell_config(grid, model, method, rank, fraction, seed)))
+    ids = [c.id for c in cells]
+    assert len(set(ids)) == len(ids), "cell ids must be unique"
+    return cells, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# Running.
+
+
+def code_version() -> dict[str, Any]:
+    """adaptune's version and, in a git checkout, the commit and whether the tree was dirty."""
+    import adaptune
+
+    version: dict[str, Any] = {"adaptune": adaptune.__version__, "commit": None, "dirty": None}
+    root = Path(adaptune.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode == 0:
+            version["commit"] = commit.stdout.strip()
+            status = subprocess.run(["git", "status", "--porcelain", "--", "adaptune"],
+                                    cwd=root, capture_output=True, text=True, timeout=10)
+            version["dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def done_ids(out: Path) -> set[str]:
+    folder = Path(out) / "cells"
+    return {p.stem for p in folder.glob("*.json")} if folder.is_dir() else set()
+
+
+def run_cell(cell: Cell, out: Path, num_threads: int = 0,
+             environment: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Train one cell and record it; returns the record. A NotApplicable error (bitfit on a
+    bias-free model, a rank larger than the layers) is recorded as skipped, not failed."""
+    from adaptune.train import run
+
+    out = Path(out)
+    work = out / "work" / cell.id
+    cfg = cell.config.replace(output_dir=str(work), train={"num_threads": num_threads})
+    record: dict[str, Any] = {"id": cell.id, "axes": cell.axes(), "config": to_dict(cell.config),
+                              **(environment or {})}
+    started = time.perf_counter()
+    try:
+        result = run(cfg)
+    except NotApplicable as exc:
+        record.update(status="skipped", reason=str(exc))
+    else:
+        m = result.metrics
+        record.update(
+            status="ok", metric=m["main_metric"], value=m["dev"][m["main_metric"]],
+            dev=m["dev"], trainable_params=m["trainable_params"], total_params=m["total_params"],
+            backbone_params=m["backbone_params"],
+            non_embedding_params=m["backbone_non_embedding_params"],
+            train_examples=m["train_examples"], dev_examples=m["dev_examples"],
+            tokens_seen=m["train_real_tokens"], padded_tokens=m["train_padded_tokens"],
+            optimizer_steps=m["optimizer_steps"], train_time_s=m["train_time_s"],
+            run_wall_time_s=m["wall_time_s"], precision=m["precision"],
+            peak_memory_mb=m["peak_memory_mb"], resumed_from=m["resumed_from"])
+    record["wall_time_s"] = time.perf_counter() - started
+    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json(out / "cells" / f"{cell.id}.json", record)  # the moment the cell counts as done
+    shutil.rmtree(work, ignore_errors=True)
+    stale = out / "failed" / f"{cell.id}.json"
+    stale.unlink(missing_ok=True)
+    return record
+
+
+def _claim(out: Path, cell_id: str) -> bool:
+    locks = out / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(locks / cell_id, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def work_through(grid: Grid, out: Path, num_threads: int = 0, label: str = "") -> None:
+    """Run every cell that is neither done nor claimed by another worker."""
+    cells, _ = expand(grid)
+    environment = {"code_version": code_version(), "libraries": library_versions(),
+                   "device": device_name(), "grid": grid.name}
+    total = len(cells)
+    for index, cell in enumerate(cells, 1):
+        if cell.id in done_ids(out) or not _claim(out, cell.id):
+            continue
+        try:
+            record = run_cell(cell, out, num_threads, environment)
+        except Exception as exc:  # one bad cell must not stop the sweep
+            write_json(out / "failed" / f"{cell.id}.json",
+                       {"id": cell.id, "axes": cell.axes(), "error": f"{type(exc).__name__}: "
+                        f"{exc}", "traceback": traceback.format_exc(), **environment})
+            print(f"{label}[{index}/{total}] {cell.id}: FAILED ({type(exc).__name__}: {exc})",
+                  flush=True)
+        else:
+            shown = (f"{record['metric']} {record['value']:.4f}" if record["status"] == "ok"
+                     else f"skipped ({record['reason']})")
+            print(f"{label}[{index}/{total}] {cell.id}: {shown} ({record['wall_time_s']:.1f} s)",
+                  flush=True)
+        finally:
+            (out / "locks" / cell.id).unlink(missing_ok=True)
+            gc.collect()
+
+
+@dataclass
+class SweepSummary:
+    total: int
+    done: int
+    skipped_axes: list[str]
+    failed: list[str]
+
+    def __str__(self) -> str:
+        lines = [f"{self.done} of {self.total} cells done"]
+        lines += [f"not applicable: {s}" for s in self.skipped_axes]
+        lines += [f"failed (see failed/<id>.json; retried on the next start): {f}"
+                  for f in self.failed]
+        return "\n".join(lines)
+
+
+def run_grid(grid: Grid, out: str | Path, workers: int = 1) -> SweepSummary:
+    """Run (or finish) a grid into the folder `out`. With several workers each is a separate
+    process that claims cells one at a time; with several GPUs each worker gets one, on a CPU
+    they split the cores."""
+    import torch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid_file = out / "grid.json"
+    as_data = dataclasses.asdict(grid)
+    if grid_file.exists():
+        previous = json.loads(grid_file.read_text())
+        if previous.get("name") != grid.name or previous.get("task") != grid.task:
+            raise ConfigError(f"{out} holds the results of grid {previous.get('name')!r} "
+                              f"({previous.get('task')}); use another folder for {grid.name!r}")
+    write_json(grid_file, as_data)
+    # Claims left by a killed runner are void: this runner owns the folder now.
+    shutil.rmtree(out / "locks", ignore_errors=True)
+    cells, skipped = expand(grid)
+    todo = len([c for c in cells if c.id not in done_ids(out)])
+    print(f"grid {grid.name}: {len(cells)} cells, {len(cells) - todo} already done, {todo} to run"
+          f", {workers} worker(s)", flush=True)
+    if workers <= 1:
+        work_through(grid, out)
+    else:
+        gpus = torch.cuda.device_count()
+        threads = 1 if gpus else max(1, (os.cpu_count() or 1) // workers)
+        procs = []
+        for k in range(workers):
+            env = dict(os.environ)
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = str(k % gpus)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "adaptune.sweep", "--worker", str(out),
+                 "--threads", str(threads), "--label", f"w{k} "], env=env))
+        try:
+            for proc in procs:
+                proc.wait()
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+    failed = sorted(p.stem for p in (out / "failed").glob("*.json")) \
+        if (out / "failed").is_dir() else []
+    return SweepSummary(len(cells), len(done_ids(out) & {c.id for c in cells}), skipped, failed)
+
+
+def _worker_main(argv: Sequence[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", required=True)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--label", default="")
+    args = parser.parse_args(argv)
+    out = Path(args.worker)
+    grid = grid_from_dict(json.loads((out / "grid.json").read_text()), where=str(out))
+    work_through(grid, out, args.threads, args.label)
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])
