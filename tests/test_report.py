@@ -1,0 +1,159 @@
+"""Report, scaling-law fits and rank advisor on fixture results (no training)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from adaptune import report, sweep
+from adaptune.safe_io import write_json
+from adaptune.scaling import fit_joint_law, fit_power_law
+
+SIZES = {"m1": 1e6, "m2": 4e6, "m3": 16e6, "m4": 64e6}
+TRAIN = 1000  # examples at fraction 1
+
+
+def _trainable(method: str, rank: int | None) -> int:
+    return {"lora": 1000 * (rank or 0) + 100, "adalora": 1500 * (rank or 0) + 100, "head": 100,
+            "full": 10**6}[method]
+
+
+def _write_fixture(folder, error_of, *, models=("m1", "m2", "m3", "m4"),
+                   methods=("lora", "head"), ranks=(1, 2, 4, 8, 16),
+                   fractions=(0.25, 0.5, 1.0), seeds=(0, 1, 2), noise=0.002) -> sweep.Grid:
+    """A results folder as `adaptune sweep` writes it, with metric = 1 - error_of(...) + noise."""
+    grid = sweep.grid_from_dict({"name": "fixture", "task": "classification", "dataset": "sst2",
+                                 "models": list(models), "methods": list(methods),
+                                 "ranks": list(ranks), "fractions": list(fractions),
+                                 "seeds": list(seeds)})
+    write_json(folder / "grid.json", __import__("dataclasses").asdict(grid))
+    rng = np.random.default_rng(0)
+    for cell in sweep.expand(grid)[0]:
+        n, d = SIZES[cell.model], TRAIN * cell.fraction
+        value = 1 - error_of(cell.method, cell.rank, n, d) + rng.normal(0, noise)
+        write_json(folder / "cells" / f"{cell.id}.json", {
+            "id": cell.id, "status": "ok", "axes": cell.axes(), "metric": "accuracy",
+            "value": value, "dev": {"accuracy": value},
+            "trainable_params": _trainable(cell.method, cell.rank), "non_embedding_params": n,
+            "train_examples": int(d), "tokens_seen": int(d) * 10, "wall_time_s": 1.0,
+            "device": "fixture", "code_version": {"commit": "abc"}})
+    return grid
+
+
+def _law(method, rank, n, d):
+    if method == "head":
+        return 0.3 + 0.2 * (n / 1e6) ** -0.5
+    return 0.1 + 0.4 * (n / 1e6) ** -0.3 * (d / 250) ** -0.2 + 0.02 * rank**-1.0
+
+
+def test_report_on_a_fixture_folder(tmp_path):
+    grid = _write_fixture(tmp_path, _law)
+    cells = sweep.expand(grid)[0]
+    # One cell failed, one never ran, one is left over from an earlier version of the grid.
+    failed, missing = cells[0], cells[1]
+    (tmp_path / "cells" / f"{failed.id}.json").rename(tmp_path / "failed.json")
+    write_json(tmp_path / "failed" / f"{failed.id}.json", {"id": failed.id, "error": "boom"})
+    (tmp_path / "cells" / f"{missing.id}.json").unlink()
+    write_json(tmp_path / "cells" / "m1-lora-r3-f1-s0-deadbeef.json", {"status": "ok"})
+
+    path = report.write_report(tmp_path, n_boot=200)
+    text = open(path).read()
+    assert "214 done, 0 not applicable, 1 failed, 1 not run, 1 stale" in text
+
+    # A row computed by hand from the fixture files.
+    values = [json.loads((tmp_path / "cells" / f"{c.id}.json").read_text())["value"]
+              for c in cells if (c.model, c.method, c.rank, c.fraction) == ("m3", "lora", 8, 1.0)]
+    mean, std = np.mean(values), np.std(values, ddof=1)
+    assert f"| m3 | 16.0M | lora | 8 | 1,000 | 3 | {mean:.4f} ± {std:.4f} | 8,100 | 1 |" in text
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * 6 * 3  # every (model, method, rank, fraction) with a result
+    for name in ("metric_vs_trainable_params", "metric_vs_rank", "metric_vs_model_size",
+                 "size_x_rank_heatmap", "metric_vs_data"):
+        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
+        assert f"plots/{name}.png" in text
+
+    fits = json.loads((tmp_path / "fits.json").read_text())
+    size = fits["size"]["lora r=8"]
+    assert size["verdict"] == "supported"
+    assert size["intervals_95"]["alpha"][0] <= 0.3 <= size["intervals_95"]["alpha"][1]
+    joint = fits["joint"]["lora r=8"]
+    assert joint["verdict"] == "supported"
+    assert joint["params"]["alpha"] == pytest.approx(0.3, abs=0.03)
+    assert joint["params"]["beta"] == pytest.approx(0.2, abs=0.03)
+    rank = fits["rank"]["m4 lora"]
+    assert rank["verdict"] == "supported"
+    assert rank["params"]["alpha"] == pytest.approx(1.0, abs=0.25)
+    # Head-only does not depend on data: its data law must not be claimed.
+    assert fits["data"]["m1 head"]["verdict"] != "supported"
+    assert "## Which axis buys the most" in text and "Per doubling of parameters" in text
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.6, 1.2])
+def test_fit_recovers_known_exponent_from_noisy_data(alpha):
+    rng = np.random.default_rng(int(alpha * 100))
+    x = np.repeat([1, 2, 4, 8, 16, 32, 64], 3)
+    y = 0.08 + 0.3 * x**-alpha + rng.normal(0, 0.003, len(x))
+    fit = fit_power_law(x, y, n_boot=300)
+    assert fit.supported, fit.verdict
+    lo, hi = fit.intervals["alpha"]
+    assert lo <= alpha <= hi and hi - lo < 0.6
+    assert fit.params["alpha"] == pytest.approx(alpha, rel=0.25)
+    assert fit.params["E"] == pytest.approx(0.08, abs=0.02)
+
+
+def test_joint_fit_recovers_both_exponents():
+    rng = np.random.default_rng(3)
+    n, d = np.meshgrid([5e6, 1e7, 2e7, 8e7], [500, 1000, 2000, 4000])
+    n, d = np.repeat(n.ravel(), 2), np.repeat(d.ravel(), 2)
+    y = 0.05 + 2.0 * (n / 5e6) ** -0.3 * (d / 500) ** -0.2 + rng.normal(0, 0.003, len(n))
+    fit = fit_joint_law(n, d, y, n_boot=150)
+    assert fit.supported, fit.verdict
+    for name, truth in (("alpha", 0.3), ("beta", 0.2)):
+        lo, hi = fit.intervals[name]
+        assert lo <= truth <= hi, (name, lo, hi)
+
+
+def test_fits_refuse_what_the_data_do_not_support():
+    rng = np.random.default_rng(5)
+    x = np.repeat([1, 2, 4, 8, 16, 64], 3)
+    flat = fit_power_law(x, 0.2 + rng.normal(0, 0.01, len(x)), n_boot=200)
+    assert not flat.supported and "flat line" in flat.verdict
+    assert flat.describe().startswith("not supported:")
+    two = fit_power_law([1, 2], [0.3, 0.2], n_boot=10)
+    assert "too few points" in two.verdict
+    three = fit_power_law(np.repeat([1, 4, 16], 3), np.repeat([0.4, 0.2, 0.1], 3)
+                          + rng.normal(0, 0.002, 9), n_boot=100)
+    assert three.form == "pure" and three.params["E"] == 0.0  # no floor from 3 points
+    one_seed = fit_power_law([1, 2, 4, 8], [0.4, 0.3, 0.25, 0.22], n_boot=50)
+    assert "one seed per point" in one_seed.verdict
+
+
+def _advisor_fixture(folder, spread: float):
+    means = {("lora", 1): 0.80, ("lora", 2): 0.85, ("lora", 4): 0.872, ("lora", 8): 0.875,
+             ("lora", 16): 0.876, ("head", None): 0.70}
+    return _write_fixture(folder, lambda method, rank, n, d: 1 - means[(method, rank)],
+                          models=("m1",), fractions=(1.0,), ranks=(1, 2, 4, 8, 16),
+                          seeds=(0, 1, 2, 3), noise=spread)
+
+
+def test_advisor_picks_fewest_parameters_within_tolerance(tmp_path):
+    _advisor_fixture(tmp_path, spread=0.0005)
+    advice = report.advise(tmp_path, "m1", within=0.01)
+    # Within one point of the best (r=16, 0.876): r=4, 8, 16; r=4 has the fewest parameters.
+    assert (advice.method, advice.rank) == ("lora", 4)
+    assert advice.best == "lora r=16" and advice.confidence > 0.95
+    assert "use lora r=4 (4,100 trainable parameters)" in str(advice)
+    assert report.advise(tmp_path, "m1", within=0.2).method == "head"
+    assert report.advise(tmp_path, "m1", within=0.0).rank == 16
+    with pytest.raises(Exception, match="no finished cells for model 'm9'"):
+        report.advise(tmp_path, "m9")
+
+
+def test_advisor_is_less_sure_when_seeds_disagree(tmp_path):
+    _advisor_fixture(tmp_path, spread=0.01)
+    noisy = report.advise(tmp_path, "m1", within=0.005)
+    assert noisy.confidence < 0.95

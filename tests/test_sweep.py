@@ -1,0 +1,179 @@
+"""The benchmark runner: grid expansion, stable ids, skip-on-restart, kills mid-cell."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from adaptune import sweep
+from adaptune.errors import ConfigError
+
+
+def _grid_dict(model: str, cls_files, **changes) -> dict:
+    train, dev = cls_files
+    grid = {"name": "tiny", "task": "classification", "models": [model],
+            "methods": ["lora", "head"], "ranks": [2, 4], "seeds": [0],
+            "overrides": {"model": {"max_length": 32},
+                          "data": {"dataset": "custom", "train_path": train, "dev_path": dev},
+                          "train": {"max_steps": 4, "batch_size": 8, "lr": 5e-3,
+                                    "precision": "fp32", "warmup_ratio": 0.0}}}
+    grid.update(changes)
+    return grid
+
+
+def test_expansion_counts_order_and_skipped_axes():
+    grid = sweep.grid_from_dict({"name": "g", "task": "classification", "dataset": "sst2",
+                                 "models": ["minilm-l3", "minilm-l6"],
+                                 "methods": ["lora", "adalora", "bitfit", "full", "head"],
+                                 "ranks": [1, 8, 64], "fractions": [0.5, 1.0], "seeds": [0, 1]})
+    cells, skipped = sweep.expand(grid)
+    # per seed and model: (2 ranked methods x 3 ranks + 3 unranked) x 2 fractions
+    assert len(cells) == 2 * 2 * (2 * 3 + 3) * 2
+    assert len({c.id for c in cells}) == len(cells)
+    assert sorted(s.split(":")[0] for s in skipped) == ["bitfit", "full", "head"]
+    assert all(c.rank is None for c in cells if c.method in ("bitfit", "full", "head"))
+    # Seed-major: every cell of seed 0 comes before any of seed 1.
+    seeds = [c.seed for c in cells]
+    assert seeds == sorted(seeds)
+    first = cells[0]
+    assert (first.model, first.method, first.rank, first.fraction) == ("minilm-l3", "lora", 1, 0.5)
+    assert first.config.method.rank == 1 and first.config.data.train_fraction == 0.5
+    assert first.id.startswith("minilm-l3-lora-r1-f0.5-s0-")
+
+
+def test_ids_are_stable_and_follow_the_config():
+    base = {"name": "g", "task": "classification", "dataset": "sst2", "methods": ["lora"],
+            "ranks": [4], "overrides": {"train": {"lr": 1e-3}}}
+    ids = [c.id for c in sweep.expand(sweep.grid_from_dict(base))[0]]
+    reordered = dict(reversed(list(base.items())))
+    assert ids == [c.id for c in sweep.expand(sweep.grid_from_dict(reordered))[0]]
+    # A hard-coded id: a code change that silently renames cells (and so reruns every finished
+    # cell of every results folder) must show up here.
+    assert ids == ["minilm-l6-lora-r4-f1-s0-" + ids[0].rsplit("-", 1)[1]]
+    changed = {**base, "overrides": {"train": {"lr": 2e-3}}}
+    assert ids != [c.id for c in sweep.expand(sweep.grid_from_dict(changed))[0]]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": "red"}, r"unknown key\(s\) \['colour'\]"),
+    ({"methods": ["lora", "dora"]}, r"methods: 'dora' is not one of"),
+    ({"ranks": [4, 4]}, r"ranks lists a value twice"),
+    ({"fractions": [0.0]}, r"fractions must be in \(0, 1\]"),
+    ({"seeds": "x"}, r"seeds: expected a list of int"),
+    ({"overrides": {"train": {"lr": "fast"}}}, r"train\.lr"),
+    ({"overrides": {"trian": {"lr": 1}}}, r"trian"),
+    ({"overrides": {"model": {"name": "x"}}}, r"overrides\.model\.name is an axis"),
+    ({"method_overrides": {"full": {}}}, r"method_overrides: 'full' is not in methods"),
+])
+def test_bad_grids_name_the_file_and_key(tmp_path, change, message):
+    import yaml
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "task": "classification", "dataset": "sst2",
+                                    "methods": ["lora"], **change}))
+    with pytest.raises(ConfigError, match=message) as info:
+        sweep.load_grid(path)
+    assert str(path) in str(info.value) or "grid 'g'" in str(info.value)
+
+
+def test_runs_every_cell_once_and_skips_finished_cells_on_restart(tiny_encoder, cls_files,
+                                                                   tmp_path, monkeypatch):
+    grid = sweep.grid_from_dict(_grid_dict(tiny_encoder, cls_files))
+    out = tmp_path / "results"
+    summary = sweep.run_grid(grid, out)
+    cells, _ = sweep.expand(grid)
+    assert summary.done == summary.total == 3 and not summary.failed
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    assert set(records) == {c.id for c in cells}
+    lora = next(r for r in records.values() if r["axes"]["rank"] == 4)
+    assert lora["status"] == "ok" and lora["metric"] == "accuracy"
+    for key in ("trainable_params", "non_embedding_params", "tokens_seen", "wall_time_s",
+                "code_version", "libraries", "device", "config"):
+        assert key in lora, key
+    assert lora["libraries"]["peft"] and lora["code_version"]["adaptune"]
+    assert lora["tokens_seen"] > 0 and lora["optimizer_steps"] == 4
+    assert not (out / "work").exists() or not any((out / "work").iterdir())
+
+    ran = []
+    monkeypatch.setattr(sweep, "run_cell", lambda cell, *a, **k: ran.append(cell.id))
+    again = sweep.run_grid(grid, out)
+    assert ran == [] and again.done == 3
+
+
+def test_not_applicable_cells_are_recorded_as_skipped(tiny_decoder, cls_files, tmp_path):
+    grid = sweep.grid_from_dict(_grid_dict(tiny_decoder, cls_files, methods=["bitfit"],
+                                           ranks=[4]))
+    summary = sweep.run_grid(grid, tmp_path / "results")
+    assert summary.done == 1 and not summary.failed
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "results/cells").glob("*.json")]
+    assert record["status"] == "skipped" and "no bias parameters" in record["reason"]
+
+
+def test_a_failing_cell_is_recorded_and_retried(tiny_encoder, cls_files, tmp_path, monkeypatch):
+    grid = sweep.grid_from_dict(_grid_dict(tiny_encoder, cls_files, methods=["head"]))
+    out = tmp_path / "results"
+    real = sweep.run_cell
+    monkeypatch.setattr(sweep, "run_cell", lambda *a, **k: 1 / 0)
+    summary = sweep.run_grid(grid, out)
+    assert summary.done == 0 and len(summary.failed) == 1
+    failed = json.loads((out / "failed" / f"{summary.failed[0]}.json").read_text())
+    assert "ZeroDivisionError" in failed["error"]
+    monkeypatch.setattr(sweep, "run_cell", real)
+    summary = sweep.run_grid(grid, out)
+    assert summary.done == 1 and summary.failed == []
+
+
+@pytest.mark.parametrize("kill_at", ["mid-training", "before-record"])
+def test_killed_sweep_restarts_to_a_complete_set(tiny_encoder, cls_files, tmp_path, kill_at):
+    """SIGKILL the runner inside the second cell (during training, or after the run finished
+    but before its record is written); the restart must end with every cell exactly once."""
+    grid_file = tmp_path / "grid.json"
+    grid_file.write_text(json.dumps(_grid_dict(tiny_encoder, cls_files)))
+    out = tmp_path / "results"
+    script = tmp_path / "victim.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os, signal, torch
+        torch.set_num_threads(1)
+        from adaptune import sweep, safe_io
+        cells = [0]
+        if {kill_at!r} == "mid-training":
+            original, calls = torch.nn.utils.clip_grad_norm_, [0]
+            def clip(*a, **k):
+                calls[0] += 1
+                if calls[0] == 4 + 2:  # cell 1 takes 4 steps; die at step 2 of cell 2
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return original(*a, **k)
+            torch.nn.utils.clip_grad_norm_ = clip
+        else:
+            original_write = sweep.write_json
+            def write(path, data):
+                if path.parent.name == "cells":
+                    cells[0] += 1
+                    if cells[0] == 2:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                return original_write(path, data)
+            sweep.write_json = write
+        grid = sweep.grid_from_dict(json.loads(open({str(grid_file)!r}).read()))
+        sweep.run_grid(grid, {str(out)!r})
+    """))
+    env = {**os.environ, "ADAPTUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert len(list((out / "cells").glob("*.json"))) == 1  # only the first cell counts
+    assert any((out / "work").iterdir())  # the second cell's half-done run is there
+
+    grid = sweep.grid_from_dict(json.loads(grid_file.read_text()))
+    summary = sweep.run_grid(grid, out)
+    ids = sorted(p.stem for p in (out / "cells").glob("*.json"))
+    assert ids == sorted(c.id for c in sweep.expand(grid)[0]) and summary.done == 3
+    for path in (out / "cells").glob("*.json"):
+        assert json.loads(path.read_text())["status"] == "ok"
+    assert not list((out / "cells").glob(".tmp-*"))
+    assert not any((out / "work").iterdir())
