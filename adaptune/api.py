@@ -28,7 +28,7 @@ _SHORTCUTS = {"rank": "method", "alpha": "method", "targets": "method", "epochs"
               "lr": "train", "batch_size": "train", "max_steps": "train", "seed": "train",
               "precision": "train", "max_train_examples": "data", "max_dev_examples": "data",
               "train_path": "data", "dev_path": "data", "train_fraction": "data",
-              "max_length": "model"}
+              "max_length": "model", "dropout": "method", "group_by_length": "train"}
 
 
 def finetune(model: str = "minilm-l6", *, task: str = "classification", dataset: str = "",

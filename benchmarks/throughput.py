@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -50,7 +51,18 @@ CONTENDERS = ("adaptune", "trainer-fp32", "trainer-bf16")
 # One contender, in its own process.
 
 
-def run_adaptune(job: dict[str, Any], out: Path, precision: str = "auto") -> dict[str, Any]:
+# adaptune's default path, and single levers changed from it (to measure what each is worth).
+ADAPTUNE_VARIANTS: dict[str, dict[str, Any]] = {
+    "adaptune": {},
+    "adaptune-fp32": {"precision": "fp32"},
+    "adaptune-bf16": {"precision": "bf16"},
+    "adaptune-random-batches": {"group_by_length": False},  # lever: length-grouped batches
+    "adaptune-dropout": {"dropout": 0.1},  # lever: LoRA dropout 0 (Trainer run uses 0.1)
+}
+
+
+def run_adaptune(job: dict[str, Any], out: Path, variant: dict[str, Any],
+                 seed: int) -> dict[str, Any]:
     from adaptune import finetune
 
     n_train = job["train_examples"]
@@ -58,7 +70,7 @@ def run_adaptune(job: dict[str, Any], out: Path, precision: str = "auto") -> dic
                       rank=8, targets=job["targets"], lr=job["lr"], epochs=1,
                       batch_size=job["batch"], max_length=job["max_length"],
                       max_train_examples=n_train, max_dev_examples=job.get("dev_examples", 0),
-                      precision=precision, output_dir=str(out), overwrite=True)
+                      seed=seed, output_dir=str(out), overwrite=True, **variant)
     m = result.metrics
     steps = m["optimizer_steps"]
     return {"wall_s": m["train_time_s"], "real_tokens": m["train_real_tokens"],
@@ -66,23 +78,30 @@ def run_adaptune(job: dict[str, Any], out: Path, precision: str = "auto") -> dic
             "precision": m["precision"], "steps": steps}
 
 
-def run_trainer(job: dict[str, Any], out: Path, bf16: bool) -> dict[str, Any]:
+def run_trainer(job: dict[str, Any], out: Path, bf16: bool, seed: int) -> dict[str, Any]:
     """The baseline a user would write with transformers + peft."""
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification,
-                              DataCollatorForTokenClassification, DataCollatorWithPadding,
-                              Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        DataCollatorForTokenClassification,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     from adaptune import zoo
     from adaptune.config import RunConfig
-    from adaptune.train import load_tokenizer
     from adaptune.tasks import get_task
+    from adaptune.train import load_tokenizer
 
     path = zoo.resolve(job["model"])
     tokenizer = load_tokenizer(path)
+    # The same seeded draw of training examples as adaptune's run with this seed.
     cfg = RunConfig().replace(data={"task": job["task"], "dataset": job["dataset"],
                                     "max_train_examples": job["train_examples"],
-                                    "max_dev_examples": job.get("dev_examples", 0)})
+                                    "max_dev_examples": job.get("dev_examples", 0)},
+                              train={"seed": seed})
     task = get_task(job["task"])
     train = task.load(cfg.data, "train", cfg.train.seed)
     dev = task.load(cfg.data, "dev", cfg.train.seed)
@@ -114,7 +133,7 @@ def run_trainer(job: dict[str, Any], out: Path, bf16: bool) -> dict[str, Any]:
         per_device_eval_batch_size=128, learning_rate=job["lr"],
         warmup_steps=job["warmup_steps"], num_train_epochs=1, weight_decay=0.01,
         bf16=bf16, use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no",
-        eval_strategy="no", logging_steps=10**6, seed=42, dataloader_num_workers=0,
+        eval_strategy="no", logging_steps=10**6, seed=seed, dataloader_num_workers=0,
         disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=strip(train_f),
                       data_collator=counting_collate)
@@ -139,14 +158,14 @@ def run_trainer(job: dict[str, Any], out: Path, bf16: bool) -> dict[str, Any]:
             "steps": trainer.state.global_step}
 
 
-def _child(job_name: str, contender: str, out: Path) -> None:
+def _child(job_name: str, contender: str, out: Path, seed: int) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     job = JOBS[job_name]
-    if contender.startswith("adaptune"):  # adaptune, or adaptune-fp32 / adaptune-bf16
-        precision = contender.split("-")[1] if "-" in contender else "auto"
-        result = run_adaptune(job, out / f"{job_name}-{contender}", precision)
+    folder = out / f"{job_name}-{contender}-s{seed}"
+    if contender.startswith("adaptune"):
+        result = run_adaptune(job, folder, ADAPTUNE_VARIANTS[contender], seed)
     else:
-        result = run_trainer(job, out / f"{job_name}-{contender}", contender.endswith("bf16"))
+        result = run_trainer(job, folder, contender.endswith("bf16"), seed)
     if torch.cuda.is_available():
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -199,15 +218,23 @@ def main() -> None:
     parser.add_argument("--model", default="", help="replace every job's model (a zoo name, "
                         "Hub id or folder), e.g. where the zoo cannot be installed")
     parser.add_argument("--batch", type=int, default=0, help="replace every job's batch size")
-    parser.add_argument("--child", nargs=2, metavar=("JOB", "CONTENDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--seeds", default="42", help="comma-separated seeds; each contender runs "
+                        "once per seed (same seeded data draw for every contender)")
+    parser.add_argument("--child", nargs=3, metavar=("JOB", "CONTENDER", "SEED"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
     for job in JOBS.values():
         job.update({"model": args.model} if args.model else {})
         job.update({"batch": args.batch} if args.batch else {})
     if args.child:
-        _child(args.child[0], args.child[1], out)
+        _child(args.child[0], args.child[1], out, int(args.child[2]))
         return
+    unknown = [c for c in args.contenders.split(",")
+               if c not in ADAPTUNE_VARIANTS and c not in CONTENDERS]
+    if unknown:
+        parser.error(f"unknown contender(s) {unknown}; choose from "
+                     f"{sorted(set(ADAPTUNE_VARIANTS) | set(CONTENDERS))}")
 
     torch.set_num_threads(os.cpu_count() or 1)
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
@@ -215,45 +242,68 @@ def main() -> None:
         f"CPU, {os.cpu_count()} cores"
     print(f"device: {device}; matrix-product peak (2048^3): fp32 {peaks['fp32'] / 1e9:.0f} "
           f"GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    seeds = [int(s) for s in args.seeds.split(",")]
     for job_name in args.jobs.split(","):
-        results = {}
-        for contender in args.contenders.split(","):
-            proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--model",
-                                   args.model, "--batch", str(args.batch), "--child", job_name,
-                                   contender], capture_output=True, text=True,
-                                  env={**os.environ, "ADAPTUNE_PROGRESS": "0"})
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{job_name}/{contender} failed:\n{proc.stderr[-3000:]}")
-                continue
-            results[contender] = json.loads(line[len("RESULT "):])
-        print_table(job_name, results, peaks, flops_per_token(JOBS[job_name]["model"]))
+        results: dict[str, list[dict]] = {}
+        for seed in seeds:  # alternate contenders within each seed
+            for contender in args.contenders.split(","):
+                proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--model",
+                                       args.model, "--batch", str(args.batch), "--child",
+                                       job_name, contender, str(seed)], capture_output=True,
+                                      text=True, env={**os.environ, "ADAPTUNE_PROGRESS": "0"})
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")),
+                            None)
+                if line is None:
+                    print(f"{job_name}/{contender}/seed {seed} failed:\n{proc.stderr[-3000:]}")
+                    continue
+                results.setdefault(contender, []).append(json.loads(line[len("RESULT "):]))
+        print_table(job_name, results, peaks, flops_per_token(JOBS[job_name]["model"]), seeds)
 
 
-def print_table(job_name: str, results: dict[str, dict], peaks: dict[str, float],
-                flops: float) -> None:
+def print_table(job_name: str, results: dict[str, list[dict]], peaks: dict[str, float],
+                flops: float, seeds: list[int]) -> None:
+    """One row per contender: timings are means over seeds, the dev metric is mean ± sample
+    standard deviation; then each contender against each Trainer run (paired by seed)."""
     job = JOBS[job_name]
     print(f"\n### {job_name}: {job['model']}, {job['task']} on {job['dataset']}, LoRA r=8 on "
-          f"{'/'.join(job['targets'])}, batch {job['batch']}, one epoch\n")
+          f"{'/'.join(job['targets'])}, batch {job['batch']}, one epoch, seeds {seeds}\n")
     print("| contender | precision | steps | wall (s) | real tok/s | padded tok/s | padding | "
-          "peak mem (MB) | dev | model GFLOP/s | of peak |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        real_rate = r["real_tokens"] / r["wall_s"]
-        gflops = real_rate * flops / 1e9
-        print(f"| {name} | {r['precision']} | {r['steps']} | {r['wall_s']:.1f} | "
-              f"{real_rate:,.0f} | {r['padded_tokens'] / r['wall_s']:,.0f} | "
-              f"{1 - r['real_tokens'] / r['padded_tokens']:.0%} | {r['peak_memory_mb']:,.0f} | "
-              f"{r['dev']:.4f} | {gflops:.1f} | {gflops * 1e9 / peaks[r['precision']]:.1%} |")
-    ours = results.get("adaptune")
-    if ours:
+          "peak mem (MB) | dev (mean ± std) | dev per seed | model GFLOP/s | of peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def mean(runs: list[dict], key: str) -> float:
+        return sum(r[key] for r in runs) / len(runs)
+
+    def rate(runs: list[dict]) -> float:
+        return sum(r["real_tokens"] for r in runs) / sum(r["wall_s"] for r in runs)
+
+    for name, runs in results.items():
+        devs = [r["dev"] for r in runs]
+        spread = statistics.stdev(devs) if len(devs) > 1 else 0.0
+        gflops = rate(runs) * flops / 1e9
+        padded = sum(r["padded_tokens"] for r in runs) / sum(r["wall_s"] for r in runs)
+        padding = 1 - sum(r["real_tokens"] for r in runs) / sum(r["padded_tokens"] for r in runs)
+        print(f"| {name} | {runs[0]['precision']} | {runs[0]['steps']} | "
+              f"{mean(runs, 'wall_s'):.1f} | {rate(runs):,.0f} | {padded:,.0f} | {padding:.0%} | "
+              f"{mean(runs, 'peak_memory_mb'):,.0f} | {statistics.mean(devs):.4f} ± {spread:.4f} "
+              f"| {' '.join(f'{d:.4f}' for d in devs)} | {gflops:.1f} | "
+              f"{gflops * 1e9 / peaks[runs[0]['precision']]:.1%} |")
+    for name, ours in results.items():
+        if not name.startswith("adaptune"):
+            continue
         for base in ("trainer-fp32", "trainer-bf16"):
-            if base in results:
-                b = results[base]
-                speed = (ours["real_tokens"] / ours["wall_s"]) / (b["real_tokens"] / b["wall_s"])
-                print(f"\nadaptune vs {base}: {speed:.2f}x real-token throughput, "
-                      f"{b['wall_s'] / ours['wall_s']:.2f}x less wall time, dev "
-                      f"{ours['dev'] - b['dev']:+.4f}")
+            if base not in results or len(results[base]) != len(ours):
+                continue
+            theirs = results[base]
+            diffs = [a["dev"] - b["dev"] for a, b in zip(ours, theirs)]
+            line = (f"\n{name} vs {base}: {rate(ours) / rate(theirs):.2f}x real-token "
+                    f"throughput, {mean(theirs, 'wall_s') / mean(ours, 'wall_s'):.2f}x less wall "
+                    f"time, dev {statistics.mean(diffs):+.4f}")
+            if len(diffs) > 1:
+                half = 2 * statistics.stdev(diffs) / len(diffs) ** 0.5
+                line += (f" (paired over {len(diffs)} seeds, ± {half:.4f} = 2 standard errors;"
+                         f" per seed {' '.join(f'{d:+.4f}' for d in diffs)})")
+            print(line)
 
 
 if __name__ == "__main__":
