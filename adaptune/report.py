@@ -361,8 +361,9 @@ def make_plots(res: Results, folder: Path) -> list[Path]:
         return _mean_std(vals) if vals else None
 
     # 1. metric against trainable parameters, per method (one panel per model).
+    budgets = {(k[1], k[2]) for k in res.groups}
     fig, axes = plt.subplots(1, len(g.models), figsize=(5 * len(g.models), 4), squeeze=False)
-    for ax, model in zip(axes[0], g.models):
+    for ax, model in zip(axes[0], g.models if len(budgets) > 1 else []):
         for method in g.methods:
             ranks = g.ranks if method in RANKED_METHODS else [None]
             pts = [(res.first(k, "trainable_params"), *point(k)) for r in ranks
@@ -372,7 +373,10 @@ def make_plots(res: Results, folder: Path) -> list[Path]:
                 ax.errorbar(x, m, yerr=s, marker="o", capsize=3, label=method)
         ax.set(xscale="log", xlabel="trainable parameters", ylabel=res.metric, title=model)
         ax.legend(fontsize=8)
-    save(fig, "metric_vs_trainable_params")
+    if len(budgets) > 1:
+        save(fig, "metric_vs_trainable_params")
+    else:
+        plt.close(fig)
 
     # 2. metric against rank, one line per base model (a panel per ranked method).
     ranked = [m for m in g.methods if m in RANKED_METHODS]
