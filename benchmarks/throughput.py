@@ -61,8 +61,8 @@ ADAPTUNE_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_adaptune(job: dict[str, Any], out: Path, variant: dict[str, Any],
-                 seed: int) -> dict[str, Any]:
+def run_adaptune(job: dict[str, Any], out: Path, variant: dict[str, Any], seed: int,
+                 threads: int = 0) -> dict[str, Any]:
     from adaptune import finetune
 
     n_train = job["train_examples"]
@@ -70,7 +70,8 @@ def run_adaptune(job: dict[str, Any], out: Path, variant: dict[str, Any],
                       rank=8, targets=job["targets"], lr=job["lr"], epochs=1,
                       batch_size=job["batch"], max_length=job["max_length"],
                       max_train_examples=n_train, max_dev_examples=job.get("dev_examples", 0),
-                      seed=seed, output_dir=str(out), overwrite=True, **variant)
+                      seed=seed, output_dir=str(out), overwrite=True,
+                      train={"num_threads": threads}, **variant)
     m = result.metrics
     steps = m["optimizer_steps"]
     return {"wall_s": m["train_time_s"], "real_tokens": m["train_real_tokens"],
@@ -158,12 +159,12 @@ def run_trainer(job: dict[str, Any], out: Path, bf16: bool, seed: int) -> dict[s
             "steps": trainer.state.global_step}
 
 
-def _child(job_name: str, contender: str, out: Path, seed: int) -> None:
-    torch.set_num_threads(os.cpu_count() or 1)
+def _child(job_name: str, contender: str, out: Path, seed: int, threads: int) -> None:
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     job = JOBS[job_name]
     folder = out / f"{job_name}-{contender}-s{seed}"
     if contender.startswith("adaptune"):
-        result = run_adaptune(job, folder, ADAPTUNE_VARIANTS[contender], seed)
+        result = run_adaptune(job, folder, ADAPTUNE_VARIANTS[contender], seed, threads)
     else:
         result = run_trainer(job, folder, contender.endswith("bf16"), seed)
     if torch.cuda.is_available():
@@ -218,6 +219,9 @@ def main() -> None:
     parser.add_argument("--model", default="", help="replace every job's model (a zoo name, "
                         "Hub id or folder), e.g. where the zoo cannot be installed")
     parser.add_argument("--batch", type=int, default=0, help="replace every job's batch size")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (default: "
+                        "all cores; fewer only for accuracy runs beside other work: the timings "
+                        "are then not the machine's)")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds; each contender runs "
                         "once per seed (same seeded data draw for every contender)")
     parser.add_argument("--child", nargs=3, metavar=("JOB", "CONTENDER", "SEED"),
@@ -228,7 +232,7 @@ def main() -> None:
         job.update({"model": args.model} if args.model else {})
         job.update({"batch": args.batch} if args.batch else {})
     if args.child:
-        _child(args.child[0], args.child[1], out, int(args.child[2]))
+        _child(args.child[0], args.child[1], out, int(args.child[2]), args.threads)
         return
     unknown = [c for c in args.contenders.split(",")
                if c not in ADAPTUNE_VARIANTS and c not in CONTENDERS]
@@ -248,7 +252,8 @@ def main() -> None:
         for seed in seeds:  # alternate contenders within each seed
             for contender in args.contenders.split(","):
                 proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--model",
-                                       args.model, "--batch", str(args.batch), "--child",
+                                       args.model, "--batch", str(args.batch), "--threads",
+                                       str(args.threads), "--child",
                                        job_name, contender, str(seed)], capture_output=True,
                                       text=True, env={**os.environ, "ADAPTUNE_PROGRESS": "0"})
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")),
