@@ -157,3 +157,15 @@ def test_advisor_is_less_sure_when_seeds_disagree(tmp_path):
     _advisor_fixture(tmp_path, spread=0.01)
     noisy = report.advise(tmp_path, "m1", within=0.005)
     assert noisy.confidence < 0.95
+
+
+def test_report_and_advise_commands(tmp_path, capsys):
+    from adaptune.cli import main
+
+    _advisor_fixture(tmp_path, spread=0.0005)
+    assert main(["report", str(tmp_path), "--bootstrap", "50"]) == 0
+    assert (tmp_path / "report.md").exists() and (tmp_path / "results.csv").exists()
+    assert main(["advise", str(tmp_path), "--model", "m1", "--within", "0.01"]) == 0
+    assert "m1: use lora r=4" in capsys.readouterr().out
+    assert main(["advise", str(tmp_path), "--model", "m9"]) == 2
+    assert "no finished cells for model 'm9'" in capsys.readouterr().err
