@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -64,14 +65,22 @@ ADAPTUNE_VARIANTS: dict[str, dict[str, Any]] = {
 def run_adaptune(job: dict[str, Any], out: Path, variant: dict[str, Any], seed: int,
                  threads: int = 0) -> dict[str, Any]:
     from adaptune import finetune
+    from adaptune.config import RunConfig
+    from adaptune.tasks import get_task
 
     n_train = job["train_examples"]
+    # The job's warm-up is a number of steps (as Trainer's warmup_steps); adaptune takes a
+    # ratio of the run's steps, so convert it with the run's real length.
+    data = RunConfig().replace(data={"task": job["task"], "dataset": job["dataset"],
+                                     "max_train_examples": n_train}, train={"seed": seed}).data
+    steps = math.ceil(len(get_task(job["task"]).load(data, "train", seed)) / job["batch"])
+    warmup_ratio = (job["warmup_steps"] + 0.5) / steps
     result = finetune(job["model"], task=job["task"], dataset=job["dataset"], method="lora",
                       rank=8, targets=job["targets"], lr=job["lr"], epochs=1,
                       batch_size=job["batch"], max_length=job["max_length"],
                       max_train_examples=n_train, max_dev_examples=job.get("dev_examples", 0),
                       seed=seed, output_dir=str(out), overwrite=True,
-                      train={"num_threads": threads}, **variant)
+                      train={"num_threads": threads, "warmup_ratio": warmup_ratio}, **variant)
     m = result.metrics
     steps = m["optimizer_steps"]
     return {"wall_s": m["train_time_s"], "real_tokens": m["train_real_tokens"],
