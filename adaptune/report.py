@@ -360,17 +360,20 @@ def make_plots(res: Results, folder: Path) -> list[Path]:
         vals = res.values(key)
         return _mean_std(vals) if vals else None
 
+    def line(ax, pts: list[tuple[float, float, float]], label: str) -> None:
+        """(x, mean, std) points as one line with error bars, in x order."""
+        if pts:
+            x, mean, std = zip(*sorted(pts))
+            ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=label)
+
     # 1. metric against trainable parameters, per method (one panel per model).
     budgets = {(k[1], k[2]) for k in res.groups}
     fig, axes = plt.subplots(1, len(g.models), figsize=(5 * len(g.models), 4), squeeze=False)
     for ax, model in zip(axes[0], g.models if len(budgets) > 1 else []):
         for method in g.methods:
             ranks = g.ranks if method in RANKED_METHODS else [None]
-            pts = [(res.first(k, "trainable_params"), *point(k)) for r in ranks
-                   if point(k := (model, method, r, frac))]
-            if pts:
-                x, m, s = zip(*sorted(pts))
-                ax.errorbar(x, m, yerr=s, marker="o", capsize=3, label=method)
+            line(ax, [(res.first(k, "trainable_params"), *point(k)) for r in ranks
+                      if point(k := (model, method, r, frac))], method)
         ax.set(xscale="log", xlabel="trainable parameters", ylabel=res.metric, title=model)
         ax.legend(fontsize=8)
     if len(budgets) > 1:
@@ -384,11 +387,8 @@ def make_plots(res: Results, folder: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(ranked), figsize=(5 * len(ranked), 4), squeeze=False)
         for ax, method in zip(axes[0], ranked):
             for model in g.models:
-                pts = [(r, *point(k)) for r in sorted(g.ranks)
-                       if point(k := (model, method, r, frac))]
-                if pts:
-                    x, m, s = zip(*pts)
-                    ax.errorbar(x, m, yerr=s, marker="o", capsize=3, label=model)
+                line(ax, [(r, *point(k)) for r in g.ranks
+                          if point(k := (model, method, r, frac))], model)
             ax.set(xscale="log", xlabel="rank", ylabel=res.metric, title=method)
             ax.set_xticks(sorted(g.ranks), [str(r) for r in sorted(g.ranks)])
             ax.legend(fontsize=8)
@@ -399,11 +399,8 @@ def make_plots(res: Results, folder: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in g.methods:
             rank = ref if method in RANKED_METHODS else None
-            pts = [(res.first(k, "non_embedding_params"), *point(k)) for m in g.models
-                   if point(k := (m, method, rank, frac))]
-            if pts:
-                x, m, s = zip(*sorted(pts))
-                ax.errorbar(x, m, yerr=s, marker="o", capsize=3, label=_label(method, rank))
+            line(ax, [(res.first(k, "non_embedding_params"), *point(k)) for m in g.models
+                      if point(k := (m, method, rank, frac))], _label(method, rank))
         ax.set(xscale="log", xlabel="base model non-embedding parameters", ylabel=res.metric)
         ax.legend(fontsize=8)
         save(fig, "metric_vs_model_size")
@@ -434,12 +431,9 @@ def make_plots(res: Results, folder: Path) -> list[Path]:
         for model in g.models:
             for method in g.methods:
                 rank = ref if method in RANKED_METHODS else None
-                pts = [(res.first(k, "train_examples"), *point(k)) for f in g.fractions
-                       if point(k := (model, method, rank, f))]
-                if pts:
-                    x, m, s = zip(*sorted(pts))
-                    ax.errorbar(x, m, yerr=s, marker="o", capsize=3,
-                                label=f"{model} {_label(method, rank)}")
+                line(ax, [(res.first(k, "train_examples"), *point(k)) for f in g.fractions
+                          if point(k := (model, method, rank, f))],
+                     f"{model} {_label(method, rank)}")
         ax.set(xscale="log", xlabel="training examples", ylabel=res.metric)
         ax.legend(fontsize=8)
         save(fig, "metric_vs_data")

@@ -126,6 +126,13 @@ def _group(keys: Sequence, values: Sequence[float]) -> dict:
     return groups
 
 
+def _bootstrap(groups: dict, keys: list, fit, n_boot: int, seed: int) -> list[dict[str, float]]:
+    """Refit on resampled means: for every point, its seeds drawn with replacement."""
+    rng = np.random.default_rng(seed)
+    return [fit(np.array([np.mean(rng.choice(groups[k], size=len(groups[k]))) for k in keys]))
+            for _ in range(n_boot)]
+
+
 def fit_power_law(x: Sequence[float], error: Sequence[float], *, n_boot: int = 1000,
                   seed: int = 0) -> Fit:
     """Fit error = E + A * (x/x0)^-alpha to per-seed observations (x repeats across seeds)."""
@@ -139,11 +146,7 @@ def fit_power_law(x: Sequence[float], error: Sequence[float], *, n_boot: int = 1
     form = "saturating" if n_points >= 4 else "pure"
     with_floor = form == "saturating"
     point = _fit_single(xs, means, with_floor)
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        resampled = np.array([np.mean(rng.choice(groups[v], size=len(groups[v]))) for v in xs])
-        boots.append(_fit_single(xs, resampled, with_floor))
+    boots = _bootstrap(groups, list(xs), lambda y: _fit_single(xs, y, with_floor), n_boot, seed)
     rmse = _rmse(means, point, xs, None, form)
     return _finish(form, point, boots, (float(xs.min()),), n_points, rmse,
                    _flat_line_p(groups, list(xs), means, rmse, extra=len(point) - 1 -
@@ -165,11 +168,7 @@ def fit_joint_law(n: Sequence[float], d: Sequence[float], error: Sequence[float]
                    f"too few points ({len(keys)} cells over {distinct_n} sizes and {distinct_d} "
                    "data sizes; at least 5 cells over 2 of each needed)")
     point = _fit_joint(ns, ds, means)
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        resampled = np.array([np.mean(rng.choice(groups[k], size=len(groups[k]))) for k in keys])
-        boots.append(_fit_joint(ns, ds, resampled))
+    boots = _bootstrap(groups, keys, lambda y: _fit_joint(ns, ds, y), n_boot, seed)
     rmse = _rmse(means, point, ns, ds, "joint")
     return _finish("joint", point, boots, x0, len(keys), rmse,
                    _flat_line_p(groups, keys, means, rmse, extra=3))
