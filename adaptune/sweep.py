@@ -44,7 +44,8 @@ RANKED_METHODS = ("lora", "adalora")  # methods the rank axis applies to
 @dataclass(frozen=True)
 class Grid:
     """The axes of a sweep and what is fixed. Every cell's config is `overrides`, then the
-    method's `method_overrides`, then the cell's own axis values."""
+    model's `model_overrides`, then the method's `method_overrides`, then the cell's own axis
+    values."""
 
     name: str
     task: str
@@ -56,6 +57,9 @@ class Grid:
     seeds: tuple[int, ...] = (0,)
     # RunConfig sections, e.g. {"train": {"epochs": 1}, "data": {"max_train_examples": 2000}}.
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    # Per base model, e.g. {"mpnet-base": {"method": {"targets": ["q", "k", "v", "o"]}}}: layer
+    # names differ between architectures.
+    model_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # Per method, e.g. {"full": {"train": {"lr": 5e-5}}}: full fine-tuning wants a lower lr.
     method_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -70,6 +74,10 @@ class Grid:
         for m in self.methods:
             if m not in METHODS:
                 raise ConfigError(f"{where}: methods: {m!r} is not one of {', '.join(METHODS)}")
+        for m in self.model_overrides:
+            if m not in self.models:
+                raise ConfigError(f"{where}: model_overrides: {m!r} is not in models "
+                                  f"{list(self.models)}")
         for m in self.method_overrides:
             if m not in self.methods:
                 raise ConfigError(f"{where}: method_overrides: {m!r} is not in methods "
@@ -120,7 +128,7 @@ def grid_from_dict(data: Mapping[str, Any], where: str = "grid") -> Grid:
             except (TypeError, ValueError):
                 raise ConfigError(f"{where}: {key}: expected a list of {kind.__name__}, got "
                                   f"{data[key]!r}") from None
-        elif key in ("overrides", "method_overrides"):
+        elif key in ("overrides", "model_overrides", "method_overrides"):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
         elif not isinstance(value, str):
@@ -128,11 +136,12 @@ def grid_from_dict(data: Mapping[str, Any], where: str = "grid") -> Grid:
         kwargs[key] = value
     grid = Grid(**kwargs)
     # Check the overrides now (strictly, as any config), not at the first cell an hour later.
-    for method in grid.methods:
+    for model, method in itertools.product(grid.models, grid.methods):
         try:
-            _cell_config(grid, grid.models[0], method, grid.ranks[0], 1.0, grid.seeds[0])
+            _cell_config(grid, model, method, grid.ranks[0], 1.0, grid.seeds[0])
         except ConfigError as exc:
-            raise ConfigError(f"{where}: overrides for method {method!r}: {exc}") from None
+            raise ConfigError(f"{where}: overrides for model {model!r}, method {method!r}: "
+                              f"{exc}") from None
     return grid
 
 
@@ -171,7 +180,8 @@ class Cell:
 
 def _cell_config(grid: Grid, model: str, method: str, rank: int | None, fraction: float,
                  seed: int) -> RunConfig:
-    base = _merge(dict(grid.overrides), grid.method_overrides.get(method, {}))
+    base = _merge(_merge(dict(grid.overrides), grid.model_overrides.get(model, {})),
+                  grid.method_overrides.get(method, {}))
     axes = {"model": {"name": model}, "method": {"name": method},
             "data": {"task": grid.task, "train_fraction": fraction},
             "train": {"seed": seed}}
@@ -360,6 +370,10 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1) -> SweepSummary:
     # Claims left by a killed runner are void: this runner owns the folder now.
     shutil.rmtree(out / "locks", ignore_errors=True)
     cells, skipped = expand(grid)
+    # Failures of cells that an edited grid no longer has would only confuse the report.
+    for path in (out / "failed").glob("*.json") if (out / "failed").is_dir() else []:
+        if path.stem not in {c.id for c in cells}:
+            path.unlink()
     todo = len([c for c in cells if c.id not in done_ids(out)])
     print(f"grid {grid.name}: {len(cells)} cells, {len(cells) - todo} already done, {todo} to run"
           f", {workers} worker(s)", flush=True)

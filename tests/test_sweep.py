@@ -60,6 +60,20 @@ def test_ids_are_stable_and_follow_the_config():
     assert ids != [c.id for c in sweep.expand(sweep.grid_from_dict(changed))[0]]
 
 
+def test_model_overrides_change_only_that_models_cells():
+    base = {"name": "g", "task": "classification", "dataset": "sst2", "methods": ["lora"],
+            "models": ["minilm-l6", "mpnet-base"], "method_overrides": {"lora": {"train": {
+                "lr": 1e-3}}}}
+    plain = sweep.expand(sweep.grid_from_dict(base))[0]
+    per_model = sweep.expand(sweep.grid_from_dict({**base, "model_overrides": {"mpnet-base": {
+        "method": {"targets": ["q", "v"]}, "train": {"lr": 5e-4}}}}))[0]
+    assert plain[0].id == per_model[0].id  # minilm-l6: untouched
+    assert plain[1].id != per_model[1].id
+    # The method's override wins over the model's (it is applied later).
+    assert per_model[1].config.method.targets == ("q", "v")
+    assert per_model[1].config.train.lr == 1e-3
+
+
 @pytest.mark.parametrize("change, message", [
     ({"colour": "red"}, r"unknown key\(s\) \['colour'\]"),
     ({"methods": ["lora", "dora"]}, r"methods: 'dora' is not one of"),
@@ -70,6 +84,9 @@ def test_ids_are_stable_and_follow_the_config():
     ({"overrides": {"trian": {"lr": 1}}}, r"trian"),
     ({"overrides": {"model": {"name": "x"}}}, r"overrides\.model\.name is an axis"),
     ({"method_overrides": {"full": {}}}, r"method_overrides: 'full' is not in methods"),
+    ({"model_overrides": {"gpt2": {}}}, r"model_overrides: 'gpt2' is not in models"),
+    ({"model_overrides": {"minilm-l6": {"train": {"lr": -1}}}},
+     r"model 'minilm-l6', method 'lora': train\.lr"),
 ])
 def test_bad_grids_name_the_file_and_key(tmp_path, change, message):
     import yaml
