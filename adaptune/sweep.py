@@ -9,6 +9,7 @@ finished cell as one JSON file, written atomically:
     <out>/failed/<id>.json      a cell that raised; retried on the next start
     <out>/work/<id>/            a cell in progress (its run folder; resumable checkpoints)
     <out>/locks/<id>            claimed by a worker right now
+    <out>/stale/<id>.json       finished cells that an edited grid no longer has
 
 A cell counts as done only when its `cells/<id>.json` exists, and that file appears in one rename
 after the run has finished. So the runner can be killed at any moment: on restart it skips the
@@ -370,10 +371,16 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1) -> SweepSummary:
     # Claims left by a killed runner are void: this runner owns the folder now.
     shutil.rmtree(out / "locks", ignore_errors=True)
     cells, skipped = expand(grid)
-    # Failures of cells that an edited grid no longer has would only confuse the report.
+    # An edited grid may no longer have some cells: their failures would only confuse the
+    # report, and their finished records move aside to stale/ (kept, in case of a revert).
+    ids = {c.id for c in cells}
     for path in (out / "failed").glob("*.json") if (out / "failed").is_dir() else []:
-        if path.stem not in {c.id for c in cells}:
+        if path.stem not in ids:
             path.unlink()
+    for path in (out / "cells").glob("*.json") if (out / "cells").is_dir() else []:
+        if path.stem not in ids:
+            (out / "stale").mkdir(exist_ok=True)
+            os.replace(path, out / "stale" / path.name)
     todo = len([c for c in cells if c.id not in done_ids(out)])
     print(f"grid {grid.name}: {len(cells)} cells, {len(cells) - todo} already done, {todo} to run"
           f", {workers} worker(s)", flush=True)

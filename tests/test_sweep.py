@@ -122,6 +122,12 @@ def test_runs_every_cell_once_and_skips_finished_cells_on_restart(tiny_encoder, 
     again = sweep.run_grid(grid, out)
     assert ran == [] and again.done == 3
 
+    # Editing the grid (one rank fewer) moves the dropped cell's record aside, not away.
+    smaller = sweep.grid_from_dict(_grid_dict(tiny_encoder, cls_files, ranks=[4]))
+    assert sweep.run_grid(smaller, out).done == 2 and ran == []
+    assert [p.stem for p in (out / "stale").glob("*.json")] == \
+        [c.id for c in cells if c.rank == 2]
+
 
 def test_not_applicable_cells_are_recorded_as_skipped(tiny_decoder, cls_files, tmp_path):
     grid = sweep.grid_from_dict(_grid_dict(tiny_decoder, cls_files, methods=["bitfit"],
