@@ -288,6 +288,10 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
         raise ConfigError(f"method.name={p.method.name} leaves nothing to train for the "
                           f"{p.task.name} task (its head has no parameters); use lora or full")
 
+    # Derived once: labelled positions (tokens for NER and language modelling, one per example
+    # for classification) in an average full batch; see the loss weighting in the loop.
+    labelled_per_batch = t.batch_size * sum(map(_labelled, p.train_features)) / max(
+        1, len(p.train_features))
     optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(plan))
     sampler = LengthGroupedBatches([len(f["input_ids"]) for f in p.train_features],
@@ -319,7 +323,11 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
             with accelerator.accumulate(model):
                 state.real_tokens += int(batch["attention_mask"].sum())
                 state.padded_tokens += batch["attention_mask"].numel()
-                loss = model(**batch).loss
+                # The loss is a mean over the batch's labelled positions. Length-grouped batches
+                # hold very different numbers of them (short sentences together, long ones
+                # together), so scale by this batch's share: every labelled token then weighs
+                # the same, as in random batches, instead of short sentences weighing more.
+                loss = model(**batch).loss * (_labelled_in(batch) / labelled_per_batch)
                 if not torch.isfinite(loss.detach()):
                     raise TrainingDiverged(
                         f"loss is {loss.item()} at optimizer step {state.step + 1}; last good "
@@ -487,6 +495,18 @@ def _write_adapter(model: nn.Module, p: Prepared, folder: Path) -> None:
             "max_length": p.config.model.max_length, "config": to_dict(p.config),
             "sha256": weights,
         })
+
+
+def _labelled(feature: dict[str, Any]) -> int:
+    labels = feature.get("labels")
+    return sum(label != -100 for label in labels) if isinstance(labels, list) else 1
+
+
+def _labelled_in(batch: dict[str, torch.Tensor]) -> float:
+    labels = batch.get("labels")
+    if labels is not None and labels.dim() > 1:
+        return float((labels != -100).sum())
+    return float(batch["input_ids"].size(0))
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 import torch
 
 from adaptune.batching import LengthGroupedBatches, eval_batches
@@ -51,3 +53,16 @@ def test_default_precision(monkeypatch):
     assert resolve_precision("auto", "cuda", small) == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
     assert resolve_precision("auto", "cuda", big) == "fp32"
+
+
+def test_loss_weights_count_labelled_positions():
+    """Each batch's mean loss is scaled by its labelled positions over the average batch's, so
+    that length-grouped batches weigh every labelled token the same (as random batches do)."""
+    from adaptune.train import _labelled, _labelled_in
+
+    assert _labelled({"labels": [-100, 3, -100, 1, 0]}) == 3
+    assert _labelled({"labels": 1}) == 1  # one label per example (classification)
+    assert _labelled({"start_positions": 4}) == 1  # QA: one answer span per window
+    tokens = torch.tensor([[-100, 2, 2, -100], [-100, 1, -100, -100]])
+    assert _labelled_in({"labels": tokens, "input_ids": torch.zeros(2, 4)}) == 3.0
+    assert _labelled_in({"labels": torch.tensor([0, 1, 1]), "input_ids": torch.zeros(3, 5)}) == 3
