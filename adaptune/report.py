@@ -148,10 +148,9 @@ def fit_all(res: Results, n_boot: int = 1000) -> dict[str, dict[str, Fit]]:
                         n, d, y, n_boot=max(100, n_boot // 2))
         if method in RANKED_METHODS and len(g.ranks) > 1:
             for model in g.models:
-                keys = [(model, method, r, full_fraction) for r in g.ranks]
-                x, y = gather(keys, lambda r: r["axes"]["rank"])
-                if x:
-                    fits["rank"][f"{model} {method}"] = fit_power_law(x, y, n_boot=n_boot)
+                fit = fit_rank(res, model, method, full_fraction, n_boot)
+                if fit is not None:
+                    fits["rank"][f"{model} {method}"] = fit
     return fits
 
 
@@ -495,7 +494,7 @@ def advise(results: str | Path, model: str, within: float = 0.01, fraction: floa
         hits += sign * (top - resampled[chosen]) <= within + 1e-12
     note = ""
     if chosen[1] in RANKED_METHODS and len(res.grid.ranks) > 1:
-        fit = fit_all_rank(res, model, chosen[1], fraction)
+        fit = fit_rank(res, model, chosen[1], fraction, n_boot=500)
         note = (f"Rank law for {model} {chosen[1]}: {fit.describe()}."
                 if fit is not None else "")
     if len(options[chosen]) < 2:
@@ -505,10 +504,12 @@ def advise(results: str | Path, model: str, within: float = 0.01, fraction: floa
                   note)
 
 
-def fit_all_rank(res: Results, model: str, method: str, fraction: float) -> Fit | None:
+def fit_rank(res: Results, model: str, method: str, fraction: float,
+             n_boot: int = 1000) -> Fit | None:
+    """The rank law of one model and ranked method at one data fraction (None: no cells)."""
     x, y = [], []
     for r in res.grid.ranks:
         for rec in res.groups.get((model, method, r, fraction), []):
             x.append(r)
             y.append(res.error(rec["value"]))
-    return fit_power_law(x, y, n_boot=500) if x else None
+    return fit_power_law(x, y, n_boot=n_boot) if x else None
