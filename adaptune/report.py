@@ -264,7 +264,8 @@ def render_markdown(res: Results, rows: list[dict[str, Any]], fits: dict[str, di
              f"- cells: {len(res.records)} done, {len(res.skipped)} not applicable, "
              f"{len(res.failed)} failed, {len(res.missing)} not run"
              + (f", {len(res.stale)} stale (from an edited grid, ignored)" if res.stale else ""),
-             f"- device(s): {', '.join(devices) or '-'}; code: {', '.join(c[:10] for c in commits)}",
+             f"- device(s): {', '.join(devices) or '-'}; "
+             f"code: {', '.join(c[:10] for c in commits)}",
              f"- metric: dev {res.metric} (mean ± sample std over seeds); fits are on error = "
              f"{'1 - ' if res.higher_is_better else ''}{res.metric}",
              f"- fixed settings: `{json.dumps(dict(g.overrides), sort_keys=True)}`"

@@ -74,9 +74,11 @@ class Fit:
 # Point fits.
 
 
-def _solve_linear(features: np.ndarray, y: np.ndarray, with_floor: bool) -> tuple[np.ndarray, float]:
+def _solve_linear(features: np.ndarray, y: np.ndarray,
+                  with_floor: bool) -> tuple[np.ndarray, float]:
     """Non-negative least squares for [E, A] (or [A] alone); returns (coefficients, sse)."""
-    design = np.column_stack([np.ones_like(features), features]) if with_floor else features[:, None]
+    design = (np.column_stack([np.ones_like(features), features]) if with_floor
+              else features[:, None])
     coef, residual_norm = nnls(design, y)
     return coef, float(residual_norm**2)
 

@@ -63,7 +63,8 @@ def main() -> None:
             scores = {"general": [], "adapted": []}
             for seed in range(1, args.seeds + 1):
                 for kind, model in (("general", args.model), ("adapted", adapted_model)):
-                    m = task_run(model, task, dataset, seed, out / name / f"{dataset}-{kind}-s{seed}")
+                    folder = out / name / f"{dataset}-{kind}-s{seed}"
+                    m = task_run(model, task, dataset, seed, folder)
                     scores[kind].append(m["dev"][metric])
             rows.append({"task": task, "dataset": dataset, "metric": metric, **scores})
         summary[name] = {"domain": report, "tasks": rows}

@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)  # two threads on tiny models stall badly on 2-core machines
 
-DATA = Path(os.environ.get("ADAPTUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(os.environ.get("ADAPTUNE_DATA",
+                          Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def _write_tokenizer(folder: Path, *, decoder: bool) -> None:

@@ -56,7 +56,7 @@ def test_masking_follows_the_15_80_10_10_rule(tiny_encoder):
         ids = [tok.cls_token_id] + [rng.randrange(5, len(tok)) for _ in range(100)] + \
             [tok.sep_token_id]
         inputs, labels = lm.mask_tokens(ids, tok, random.Random(rng.random()))
-        picked = [i for i, l in enumerate(labels) if l != -100]
+        picked = [i for i, label in enumerate(labels) if label != -100]
         assert len(picked) == 15 and not {0, 101} & set(picked)  # exactly 15%, no specials
         total += 100
         chosen += len(picked)

@@ -22,8 +22,8 @@ def _launch(processes: int, batch: int, model: str, train: str, dev: str, out: P
     cmd += [str(ROOT / "recipes" / "cls_lora.py"), f"model.name={model}", "model.max_length=32",
             "data.dataset=custom", f"data.train_path={train}", f"data.dev_path={dev}",
             "train.max_steps=24", f"train.batch_size={batch}", "train.lr=2e-2",
-            "train.eval_every=12", "method.name=full", "train.precision=fp32", "train.num_threads=1",
-            "method.dropout=0", f"output_dir={out}"]
+            "train.eval_every=12", "method.name=full", "train.precision=fp32",
+            "train.num_threads=1", "method.dropout=0", f"output_dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("step 12:") == 1 and proc.stdout.count("step 24:") == 1

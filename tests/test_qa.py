@@ -33,8 +33,10 @@ def test_official_normalisation_and_scores():
 
 def test_answer_start_mismatch_names_the_question(tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"data": [{"paragraphs": [{"context": "Paris is in France.", "qas": [
-        {"id": "q7", "question": "Where?", "answers": [{"text": "France", "answer_start": 3}]}]}]}]}))
+    question = {"id": "q7", "question": "Where?",
+                "answers": [{"text": "France", "answer_start": 3}]}
+    bad.write_text(json.dumps({"data": [{"paragraphs": [
+        {"context": "Paris is in France.", "qas": [question]}]}]}))
     with pytest.raises(DataError, match=r"bad\.json: question id q7: answer 'France' is not at "
                                         r"answer_start 3"):
         qa.read_squad(bad)

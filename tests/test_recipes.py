@@ -23,8 +23,8 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not prese
 def _tiny_overrides(model: str, out: Path) -> list[str]:
     return [f"model.name={model}", "model.max_length=32", f"data.data_dir={DATA}",
             "data.max_train_examples=48", "data.max_dev_examples=16", "train.max_steps=3",
-            "train.batch_size=8", "train.precision=fp32", "method.init_rank=6", "train.num_threads=1",
-            f"output_dir={out}"]
+            "train.batch_size=8", "train.precision=fp32", "method.init_rank=6",
+            "train.num_threads=1", f"output_dir={out}"]
 
 
 @needs_data
@@ -93,12 +93,13 @@ def test_cli_zoo_list_and_predict(tiny_encoder, cls_files, tmp_path, capsys):
     assert cli.main(["zoo", "list"]) == 0
     assert "minilm-l6" in capsys.readouterr().out
     train, dev = cls_files
-    assert cli.main(["train", f"model.name={tiny_encoder}", "data.dataset=custom", "train.num_threads=1",
-                     f"data.train_path={train}", f"data.dev_path={dev}", "train.max_steps=2",
-                     "train.precision=fp32", f"output_dir={tmp_path / 'run'}"]) == 0
+    assert cli.main(["train", f"model.name={tiny_encoder}", "data.dataset=custom",
+                     "train.num_threads=1", f"data.train_path={train}", f"data.dev_path={dev}",
+                     "train.max_steps=2", "train.precision=fp32",
+                     f"output_dir={tmp_path / 'run'}"]) == 0
     capsys.readouterr()
     assert cli.main(["predict", str(tmp_path / "run" / "adapter"), "good fun", "a bore"]) == 0
-    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
-    assert [l["input"] for l in lines] == ["good fun", "a bore"]
-    assert all(l["prediction"] in ("0", "1") for l in lines)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["input"] for row in rows] == ["good fun", "a bore"]
+    assert all(row["prediction"] in ("0", "1") for row in rows)
     assert cli.main(["train", "train.lr=-1"]) == 2

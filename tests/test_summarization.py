@@ -53,7 +53,7 @@ def test_loss_counts_only_summary_tokens(tiny_decoder):
 
     cfg = RunConfig().replace(generation={"prompt": "{document} tl;dr:", "max_new_tokens": 8})
     feat = summ.encode(ex, tok, [], 96, "train", cfg)[0]
-    scored = [t for t, l in zip(feat["input_ids"], feat["labels"]) if l != -100]
+    scored = [t for t, label in zip(feat["input_ids"], feat["labels"]) if label != -100]
     assert tok.decode(scored[:-1]).replace(" ", "") == "cats"
     assert scored[-1] == tok.eos_token_id
     dev = summ.encode(ex, tok, [], 96, "dev", cfg)[0]

@@ -73,7 +73,7 @@ def _read_tsv(path: Path, cfg: DataConfig, encoding: str, header: bool = True,
                         "(set data.text_field / data.label_field)", path, 1)
     index = {n: i for i, n in enumerate(names)}
     out = []
-    rows = csv.reader(io.StringIO("\n".join(l for _, l in lines)), delimiter=delimiter,
+    rows = csv.reader(io.StringIO("\n".join(text for _, text in lines)), delimiter=delimiter,
                       quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
     for (number, _), row in zip(lines, rows):
         if not row:
