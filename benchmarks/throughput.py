@@ -10,6 +10,10 @@ per second, peak memory and the final dev metric, then the ratios against both T
 model FLOP/s over real tokens and that as a fraction of the matrix-product peak measured on this
 machine in the same run.
 
+Each finished run is kept under `--out` and reused by a later invocation with the same job,
+contender, seed and `--threads`: a stopped benchmark resumes, and seeds run in separate
+invocations are gathered into one table by a last one that names them all.
+
 The Trainer baseline is what a user would otherwise write: `AutoModelFor*` + `get_peft_model`
 with the same LoRA config + `Trainer` with default (random) batching and the same batch size,
 learning rate, warm-up and epochs; `bf16=True` for the second Trainer run.
@@ -42,8 +46,8 @@ JOBS: dict[str, dict[str, Any]] = {
             "warmup_steps": 50, "train_examples": 20000},
     "decoder": {"model": "smollm2-135m", "task": "classification", "dataset": "sst2",
                 "max_length": 64, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                "batch": 16, "lr": 5e-4, "warmup_steps": 10, "train_examples": 800,
-                "dev_examples": 300},
+                "batch": 16, "lr": 5e-4, "warmup_steps": 10, "train_examples": 2000,
+                "dev_examples": 0},
 }
 CONTENDERS = ("adaptune", "trainer-fp32", "trainer-bf16")
 
@@ -118,7 +122,9 @@ def run_trainer(job: dict[str, Any], out: Path, bf16: bool, seed: int) -> dict[s
     labels = task.label_space(train, dev)
     train_f = task.encode(train, tokenizer, labels, job["max_length"], "train", cfg)
     dev_f = task.encode(dev, tokenizer, labels, job["max_length"], "dev", cfg)
-    strip = lambda feats: [{k: v for k, v in f.items() if not k.startswith("_")} for f in feats]
+    def strip(feats: list[dict]) -> list[dict]:  # adaptune's bookkeeping keys are not inputs
+        return [{k: v for k, v in f.items() if not k.startswith("_")} for f in feats]
+
     if job["task"] == "ner":
         model = AutoModelForTokenClassification.from_pretrained(path, num_labels=len(labels))
         collate = DataCollatorForTokenClassification(tokenizer)
@@ -180,7 +186,63 @@ def _child(job_name: str, contender: str, out: Path, seed: int, threads: int) ->
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
         result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.update(threads=threads, job=job)
+    # Kept for reuse by a restarted (or wider) invocation; the thread setting is part of the
+    # name because timings taken with one thread beside other work are not the machine's.
+    (folder / f"result-t{threads}.json").write_text(json.dumps(result))
     print("RESULT " + json.dumps(result))
+
+
+# ----------------------------------------------------------------------------------------------
+# Where adaptune's training time goes (--profile): what bounds the speed that is left.
+
+
+def op_category(name: str) -> str:
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+        return "matrix products"
+    if "scaled_dot_product" in name or "flash_attention" in name:
+        return "attention kernel"
+    if name.startswith("aten::_foreach") or name.startswith("Optimizer."):
+        return "optimizer (AdamW)"
+    if name in ("aten::copy_", "aten::cat", "aten::index", "aten::index_select", "aten::clone",
+                "aten::contiguous", "aten::embedding_dense_backward", "aten::fill_",
+                "aten::zero_", "aten::empty", "aten::empty_strided", "aten::to", "aten::_to_copy"):
+        return "copies, indexing, allocation"
+    if not name.startswith("aten::"):  # autograd nodes, record_function ranges: bookkeeping
+        return "autograd and profiler ranges"
+    return "element-wise, norms, softmax, loss"
+
+
+def profile_adaptune(job_name: str, out: Path, steps: int, threads: int) -> None:
+    """Profile adaptune's job twice, for 10 and 10 + `steps` optimizer steps, and print the
+    difference by kind of operator: model loading, tokenization and evaluation cost the same in
+    both and cancel, leaving `steps` training steps. Time outside any operator is Python and
+    framework work (the training loop, peft's and accelerate's wrappers, collation)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    job = JOBS[job_name]
+    totals = []
+    for n in (10, 10 + steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            run_adaptune({**job, "dev_examples": 32}, out / f"profile-{job_name}-{n}",
+                         {"max_steps": n}, seed=42, threads=threads)
+            wall = time.perf_counter() - start
+        by_kind: dict[str, float] = {}
+        for event in prof.key_averages():
+            kind = op_category(event.key)
+            by_kind[kind] = by_kind.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+        by_kind["outside operators (Python, framework)"] = wall - sum(by_kind.values())
+        totals.append((wall, by_kind))
+    wall = totals[1][0] - totals[0][0]
+    print(f"\n### profile: adaptune on {job_name}, {steps} training steps "
+          f"({wall / steps:.3f} s per step under the profiler)\n")
+    print("| where the time goes | seconds | share |")
+    print("|---|---|---|")
+    kinds = sorted(totals[1][1], key=lambda k: -(totals[1][1][k] - totals[0][1].get(k, 0.0)))
+    for kind in kinds:
+        seconds = totals[1][1][kind] - totals[0][1].get(kind, 0.0)
+        print(f"| {kind} | {seconds:.2f} | {seconds / wall:.0%} |")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +295,9 @@ def main() -> None:
                         "are then not the machine's)")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds; each contender runs "
                         "once per seed (same seeded data draw for every contender)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="instead of the comparison, profile adaptune's path on each job for "
+                        "STEPS training steps and print where the time goes")
     parser.add_argument("--child", nargs=3, metavar=("JOB", "CONTENDER", "SEED"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -242,6 +307,11 @@ def main() -> None:
         job.update({"batch": args.batch} if args.batch else {})
     if args.child:
         _child(args.child[0], args.child[1], out, int(args.child[2]), args.threads)
+        return
+    if args.profile:
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        for job_name in args.jobs.split(","):
+            profile_adaptune(job_name, out, args.profile, args.threads)
         return
     unknown = [c for c in args.contenders.split(",")
                if c not in ADAPTUNE_VARIANTS and c not in CONTENDERS]
@@ -258,8 +328,15 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     for job_name in args.jobs.split(","):
         results: dict[str, list[dict]] = {}
+        reused = []
         for seed in seeds:  # alternate contenders within each seed
             for contender in args.contenders.split(","):
+                kept = out / f"{job_name}-{contender}-s{seed}" / f"result-t{args.threads}.json"
+                earlier = json.loads(kept.read_text()) if kept.exists() else {}
+                if earlier.get("job") == JOBS[job_name]:  # same job, threads, contender, seed
+                    results.setdefault(contender, []).append(earlier)
+                    reused.append(f"{contender}/seed {seed}")
+                    continue
                 proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--model",
                                        args.model, "--batch", str(args.batch), "--threads",
                                        str(args.threads), "--child",
@@ -272,6 +349,8 @@ def main() -> None:
                     continue
                 results.setdefault(contender, []).append(json.loads(line[len("RESULT "):]))
         print_table(job_name, results, peaks, flops_per_token(JOBS[job_name]["model"]), seeds)
+        if reused:  # say so: those runs did not alternate with the others in this invocation
+            print(f"\n(runs kept from an earlier invocation of this command: {', '.join(reused)})")
 
 
 def print_table(job_name: str, results: dict[str, list[dict]], peaks: dict[str, float],
