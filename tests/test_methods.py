@@ -119,3 +119,17 @@ def test_decoder_classification_with_lora(tiny_decoder, cls_files, tmp_path):
                              method={"name": "lora", "rank": 2}))
     # q_proj (32 -> 32) and v_proj (32 -> 16, 2 KV heads of 8): A r x in + B out x r
     assert result.metrics["trainable_params"] == L * 2 * ((32 + 32) + (32 + 16)) + (32 * 2 + 2)
+
+
+def test_classification_head_dropout_only_on_encoders():
+    """Encoders' mean-pooled states get dropout 0.1; a decoder's last-token state gets none (a few
+    of its features are huge, and dropping one swings the logits): in train mode the decoder
+    head is deterministic and the encoder head is not."""
+    from adaptune.tasks.classification import build_head
+
+    torch.manual_seed(0)
+    hidden, mask = torch.randn(4, 5, 64), torch.ones(4, 5, dtype=torch.long)
+    for family, deterministic in (("decoder", True), ("encoder", False)):
+        head = build_head(64, ["neg", "pos"], family).train()
+        same = torch.equal(head(hidden, mask).logits, head(hidden, mask).logits)
+        assert same is deterministic, family
