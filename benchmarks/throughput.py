@@ -12,7 +12,9 @@ machine in the same run.
 
 Each finished run is kept under `--out` and reused by a later invocation with the same job,
 contender, seed and `--threads`: a stopped benchmark resumes, and seeds run in separate
-invocations are gathered into one table by a last one that names them all.
+invocations are gathered into one table by a last one that names them all (the table says
+which runs it reused). Kept runs are not tied to a code version: after changing adaptune, use a
+fresh `--out` to measure it.
 
 The Trainer baseline is what a user would otherwise write: `AutoModelFor*` + `get_peft_model`
 with the same LoRA config + `Trainer` with default (random) batching and the same batch size,

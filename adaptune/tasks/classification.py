@@ -225,8 +225,8 @@ def build_head(hidden_size: int, labels: list[str], family: str,
     # No dropout on a decoder's last-token state (as in transformers' *ForSequenceClassification
     # heads for GPT-style models): a few of its features carry very large values (smollm2-135m:
     # the largest is 30-40x the median feature and holds 22-35% of the squared norm), so
-    # dropping one swings the logits. Measured effect on SST-2 dev accuracy: small, +0.2 points
-    # over 6 seeds (benchmarks/results/throughput_cpu_decoder_seeds.md).
+    # dropping one swings the logits. Measured effect on SST-2 dev accuracy: +0.1 points over 6
+    # seeds, within noise (benchmarks/results/throughput_cpu_decoder_seeds.md).
     return ClassificationHead(hidden_size, len(labels), "last", dropout=0.0)
 
 
