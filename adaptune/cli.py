@@ -63,9 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(describe_methods())
         elif args.command == "train":
-            from adaptune.recipe import run_from_args
+            from adaptune.recipe import release_process_group, run_from_args
 
-            run_from_args({}, ([f"--config={args.config}"] if args.config else []) + args.overrides)
+            try:
+                run_from_args({}, ([f"--config={args.config}"] if args.config else [])
+                              + args.overrides)
+            finally:
+                release_process_group()
         elif args.command == "sweep":
             from adaptune.sweep import load_grid, run_grid
 

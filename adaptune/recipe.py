@@ -42,13 +42,15 @@ def main(preset: Mapping[str, Any], argv: Sequence[str] | None = None,
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
-        _release_process_group()
+        release_process_group()
 
 
-def _release_process_group() -> None:
-    """Under `accelerate launch`, tear the process group down before the interpreter exits:
-    left to exit-time cleanup, a rank whose peer has already gone can wait forever (seen in CI
-    with two CPU processes, after the run had finished and written its metrics)."""
+def release_process_group() -> None:
+    """Under `accelerate launch`, tear the process group down before the interpreter exits: left
+    to exit-time cleanup, a rank whose peer has already gone can wait forever (seen in CI with
+    two CPU processes, after the run had finished and written its metrics). Called where a
+    process's training ends (recipes, `adaptune train`), not inside `run`, which one script may
+    call twice (as domain adaptation does)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
