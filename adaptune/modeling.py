@@ -41,11 +41,18 @@ def load_backbone(path: str, family: str, *, lm_head: bool = False,
     if quantization != "none":
         kwargs.update(quantization_kwargs(quantization))
     if family == "decoder" and lm_head:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    try:
-        return AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
-    except TypeError:  # architectures without a pooler do not take the argument
-        return AutoModel.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    else:
+        try:
+            model = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
+        except TypeError:  # architectures without a pooler do not take the argument
+            model = AutoModel.from_pretrained(path, **kwargs)
+    # Training and scoring never reuse past keys and values, yet a decoder with `use_cache` on
+    # fills a KV cache in every forward pass (which also makes torch.compile recompile each
+    # block). Generation is unaffected: `generate` follows its own generation config.
+    if getattr(model.config, "use_cache", False):
+        model.config.use_cache = False
+    return model
 
 
 def quantization_kwargs(quantization: str) -> dict[str, Any]:
