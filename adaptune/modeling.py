@@ -89,6 +89,30 @@ def family_of(config: Any) -> str:
     return "decoder" if getattr(config, "model_type", "") in decoder_types else "encoder"
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """Regional compilation: `torch.compile` each repeated transformer block in place, rather
+    than the whole model. The blocks share one compiled graph, so compiling costs about one
+    block instead of all of them, and the Python around the blocks (masks, heads, peft's wrapper)
+    stays eager. Blocks are the classes a Hugging Face model names in `_no_split_modules` that
+    occur more than once, or else the members of its longest `nn.ModuleList` of one class.
+    Shapes are marked dynamic (batches differ in length). Returns the number of blocks."""
+    named: set[str] = set()
+    for module in model.modules():
+        named.update(getattr(module, "_no_split_modules", None) or ())
+    by_class: dict[str, list[nn.Module]] = {}
+    for module in model.modules():
+        if type(module).__name__ in named:
+            by_class.setdefault(type(module).__name__, []).append(module)
+    blocks = [m for group in by_class.values() if len(group) > 1 for m in group]
+    if not blocks:
+        lists = [list(m) for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+                 and len({type(x) for x in m}) == 1]
+        blocks = max(lists, key=len, default=[])
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
 def count_backbone_params(backbone: nn.Module) -> tuple[int, int]:
     """(total, non-embedding) parameters; tied weights counted once."""
     total = sum(p.numel() for p in backbone.parameters())

@@ -35,7 +35,8 @@ from adaptune.batching import LengthGroupedBatches, eval_batches
 from adaptune.config import RunConfig, to_dict
 from adaptune.errors import ConfigError, OutputDirError, TrainingDiverged
 from adaptune.methods import Method, count_params, get_method, save_trained
-from adaptune.modeling import TaskModel, count_backbone_params, family_of, load_backbone
+from adaptune.modeling import (TaskModel, compile_blocks, count_backbone_params, family_of,
+                               load_backbone)
 from adaptune.safe_io import atomic_dir, sha256_of, write_json
 from adaptune.tasks import Task, get_task
 
@@ -236,7 +237,7 @@ def _check_writable(out: Path) -> None:
 
 def _same_run(a: dict, b: dict) -> bool:
     # Resuming may change when to evaluate/log/checkpoint, never what is trained.
-    ignore = {"overwrite", "log_every", "checkpoint_every", "num_threads"}
+    ignore = {"overwrite", "log_every", "checkpoint_every", "num_threads", "compile"}
 
     def strip(d: dict) -> dict:
         return {k: (strip(v) if isinstance(v, dict) else v) for k, v in d.items()
@@ -284,6 +285,9 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
     targets = default_targets(config.model.name, model)
     model = p.method.apply(model, config.method, targets, plan.total_steps)
     trainable, total = count_params(model)
+    if t.compile and not compile_blocks(model):
+        warnings.warn(f"train.compile: {config.model.name} names no repeated blocks "
+                      "(_no_split_modules); training without torch.compile", stacklevel=2)
     if trainable == 0:
         raise ConfigError(f"method.name={p.method.name} leaves nothing to train for the "
                           f"{p.task.name} task (its head has no parameters); use lora or full")

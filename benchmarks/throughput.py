@@ -65,6 +65,7 @@ ADAPTUNE_VARIANTS: dict[str, dict[str, Any]] = {
     "adaptune-bf16": {"precision": "bf16"},
     "adaptune-random-batches": {"group_by_length": False},  # lever: length-grouped batches
     "adaptune-dropout": {"dropout": 0.1},  # lever: LoRA dropout 0 (Trainer run uses 0.1)
+    "adaptune-compile": {"train": {"compile": True}},  # lever: torch.compile of the blocks
 }
 
 
@@ -86,7 +87,8 @@ def run_adaptune(job: dict[str, Any], out: Path, variant: dict[str, Any], seed: 
                       batch_size=job["batch"], max_length=job["max_length"],
                       max_train_examples=n_train, max_dev_examples=job.get("dev_examples", 0),
                       seed=seed, output_dir=str(out), overwrite=True,
-                      train={"num_threads": threads, "warmup_ratio": warmup_ratio}, **variant)
+                      **{**variant, "train": {"num_threads": threads, "warmup_ratio": warmup_ratio,
+                                              **variant.get("train", {})}})
     m = result.metrics
     steps = m["optimizer_steps"]
     return {"wall_s": m["train_time_s"], "real_tokens": m["train_real_tokens"],
