@@ -285,12 +285,12 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
     targets = default_targets(config.model.name, model)
     model = p.method.apply(model, config.method, targets, plan.total_steps)
     trainable, total = count_params(model)
-    if t.compile and not compile_blocks(model):
-        warnings.warn(f"train.compile: {config.model.name} names no repeated blocks "
-                      "(_no_split_modules); training without torch.compile", stacklevel=2)
     if trainable == 0:
         raise ConfigError(f"method.name={p.method.name} leaves nothing to train for the "
                           f"{p.task.name} task (its head has no parameters); use lora or full")
+    if t.compile and not compile_blocks(model):
+        warnings.warn(f"train.compile: found no repeated blocks in {config.model.name} to "
+                      "compile; training without torch.compile", stacklevel=2)
 
     # Derived once: labelled positions (tokens for NER and language modelling, one per example
     # for classification) in an average full batch; see the loss weighting in the loop.
