@@ -71,11 +71,15 @@ def test_short_run_trains_and_generates(tiny_decoder, tmp_path):
                       generation={"max_new_tokens": 8, "num_beams": 2,
                                   "prompt": "{document} tl;dr:"},
                       method={"name": "lora", "rank": 4, "targets": ["all-linear"]},
-                      train={"max_steps": 30,
-                                                                 "eval_every": 15, "lr": 5e-2})
+                      train={"max_steps": 30, "eval_every": 15, "lr": 2e-2})
     m = run(cfg).metrics
     first, last = m["evaluations"]
-    assert last["train_loss"] < first["train_loss"]
+    # Every summary is "red fox": a run that learns generates it (ROUGE-L 100 at seeds 42, 1
+    # and 2; the untrained model scores 0) and its windowed train loss falls by about 0.18
+    # (4.86-4.89 -> 4.68-4.69). At lr 5e-2 it did not learn at all (5.10 -> 5.02, ROUGE 0), and
+    # a bare `last < first` on those two noisy losses failed on a fresh machine.
+    assert last["train_loss"] < first["train_loss"] - 0.05
+    assert m["dev"]["rougeL"] >= 50.0
     assert set(m["dev"]) == {"rouge1", "rouge2", "rougeL"}
     # LoRA only, rank 4 on q, k, v, o, gate, up, down (in + out: 64, 48, 48, 64, 96, 96, 96)
     # in 2 layers; the decoder's lm_head must not be caught by the task head's
