@@ -5,12 +5,14 @@ One training flow (`run`) behind recipes, this Python API and the benchmark runn
 
 from adaptune.api import Predictor, build_base, finetune, load
 from adaptune.config import (DataConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig,
-                             load_config)
+                             compose, load_config)
 from adaptune.errors import AdaptuneError, ConfigError, DataError, ModelError
+from adaptune.spec import ModelSpec, ResolvedRun, resolve
 from adaptune.train import RunResult, run
 
 __version__ = "0.1.0"
 
 __all__ = ["run", "finetune", "load", "build_base", "Predictor", "RunResult", "RunConfig",
            "ModelConfig", "MethodConfig", "DataConfig", "TrainConfig", "load_config",
+           "compose", "resolve", "ResolvedRun", "ModelSpec",
            "AdaptuneError", "ConfigError", "DataError", "ModelError", "__version__"]

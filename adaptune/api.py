@@ -10,18 +10,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from adaptune.config import RunConfig, from_dict, to_dict
-from adaptune.errors import ModelError
-from adaptune.methods import get_method, load_trained, merged
-from adaptune.safe_io import verify_checksums
-from adaptune.tasks import get_task
-from adaptune.train import META_FILE, RunResult, build_task_model, load_tokenizer, run
+from adaptune.artifact import AdapterMeta, build_base, load_adapter
+from adaptune.config import RunConfig, compose
+from adaptune.inference import predict_features
+from adaptune.tasks import Task, build_task, task_class
+from adaptune.train import RunResult, run
+
+__all__ = ["finetune", "load", "build_base", "Predictor"]
 
 # Shortcuts accepted by `finetune`, mapped to their config section.
 _SHORTCUTS = {"rank": "method", "alpha": "method", "targets": "method", "epochs": "train",
@@ -36,14 +36,14 @@ def finetune(model: str = "minilm-l6", *, task: str = "classification", dataset:
              **overrides: Any) -> RunResult:
     """Fine-tune `model` on `task`/`dataset` with `method`. Keyword overrides are config fields,
     either as shortcuts (`rank=16`, `lr=1e-3`, `epochs=2`) or whole sections
-    (`train={"lr": 1e-3}`)."""
-    base = to_dict(config or RunConfig())
+    (`train={"lr": 1e-3}`); `config` is a starting RunConfig (e.g. one with a method's own
+    options: `compose({"method": {"name": "adalora", "adalora": {"tinit": 0.2}}})`)."""
     changes: dict[str, Any] = {"model": {"name": model}, "method": {"name": method},
                                "data": {"task": task}}
     if dataset:
         changes["data"]["dataset"] = dataset
     elif not config:
-        changes["data"]["dataset"] = get_task(task).default_dataset
+        changes["data"]["dataset"] = task_class(task).default_dataset
     if output_dir:
         changes["output_dir"] = output_dir
     for key, value in overrides.items():
@@ -53,65 +53,33 @@ def finetune(model: str = "minilm-l6", *, task: str = "classification", dataset:
             changes[key] = {**changes.get(key, {}), **value}
         else:
             changes[key] = value
-    for section, values in changes.items():
-        if isinstance(values, dict) and isinstance(base.get(section), dict):
-            base[section] = {**base[section], **values}
-        else:
-            base[section] = values
-    return run(from_dict(base))
+    return run(compose(config, changes))
 
 
 class Predictor:
     """A trained model ready for prediction on new text."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, meta: dict[str, Any]) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, meta: AdapterMeta,
+                 task: Task | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.meta = meta
-        self.task = get_task(meta["task"])
-        self.labels: list[str] = meta["labels"]
-        self.config = from_dict(meta["config"])
+        self.task = task or build_task(meta.config)
+        self.labels: list[str] = meta.labels
 
     def predict(self, inputs: Sequence[Any], batch_size: int = 64) -> list[Any]:
-        """Predictions for raw inputs (texts for classification, token lists for NER, ...)."""
-        examples = self.task.make_examples(inputs) if hasattr(self.task, "make_examples") \
-            else inputs
+        """Predictions for raw inputs (texts for classification, token lists for NER,
+        (question, context) pairs for QA, documents for summarization)."""
+        examples = self.task.make_examples(inputs)
         features = self.task.encode(list(examples), self.tokenizer, self.labels,
-                                    self.meta["max_length"], "predict", self.config)
-        preds: list[Any] = []
-        device = next(self.model.parameters()).device  # a quantized base lives on the GPU
-        with torch.no_grad():
-            for i in range(0, len(features), batch_size):
-                batch = self.task.collate(features[i:i + batch_size], self.tokenizer.pad_token_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                preds += self.task.predict(self.model, batch, self.config, self.tokenizer)
-        return self.task.decode(examples, features, preds, self.labels)
+                                    self.meta.max_length, "predict")
+        predictions = predict_features(self.model, self.task, features, self.tokenizer,
+                                       batch_size)
+        return self.task.decode(examples, features, predictions, self.labels)
 
 
 def load(adapter_dir: str | Path, *, merge: bool = False) -> Predictor:
     """Rebuild the base model named in the adapter's `adaptune.json`, put the trained state
     (head included) back on it, optionally merge LoRA into the weights."""
-    folder = Path(adapter_dir)
-    meta_path = folder / META_FILE
-    if not meta_path.is_file():
-        raise ModelError(f"{folder}: not an adaptune adapter folder (no {META_FILE})")
-    meta = json.loads(meta_path.read_text())
-    verify_checksums(folder, meta.get("sha256", {}))
-    model = load_trained(build_base(meta), get_method(meta["method"]), folder)
-    if merge:
-        model = merged(model, get_method(meta["method"]))
-    return Predictor(model, load_tokenizer(meta["model_path"]), meta)
-
-
-def build_base(meta_or_folder: dict[str, Any] | str | Path) -> torch.nn.Module:
-    """The un-adapted task model (pretrained backbone + freshly initialised head) that an adapter
-    folder was trained on: hand it to `peft.PeftModel.from_pretrained(base, folder)`."""
-    meta = meta_or_folder if isinstance(meta_or_folder, dict) else \
-        json.loads((Path(meta_or_folder) / META_FILE).read_text())
-    from adaptune import zoo
-
-    path = zoo.resolve(meta["model"]) if meta["model"] in zoo.ZOO else meta["model_path"]
-    tokenizer = load_tokenizer(path)
-    return build_task_model(path, meta["family"], get_task(meta["task"]), meta["labels"],
-                            tokenizer.pad_token_id,
-                            meta.get("config", {}).get("model", {}).get("quantization", "none"))
+    model, tokenizer, meta, resolved = load_adapter(Path(adapter_dir), merge=merge)
+    return Predictor(model, tokenizer, meta, resolved.task)

@@ -5,7 +5,7 @@ into place when complete, with a `COMPLETE` marker written last), holding:
 
   weights.safetensors    the trainable parameters
   optimizer.safetensors  AdamW moments (tensors) + optimizer.json (param groups, structure)
-  extra.safetensors      method state (AdaLoRA's importance scores) + extra.json
+  extra.safetensors      the method's own state (AdaLoRA's importance scores) + extra.json
   rng.safetensors        torch CPU/CUDA generator states
   state.json             step, epoch, position in the epoch, running sums, best metric, scheduler
 
@@ -20,11 +20,14 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from adaptune.safe_io import atomic_dir, load_safetensors, write_json
+
+if TYPE_CHECKING:
+    from adaptune.methods import Method
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -46,6 +49,18 @@ class TrainState:
     elapsed: float = 0.0
     overhead: float = 0.0  # seconds spent evaluating and checkpointing, not training
 
+    def add_loss(self, loss: float) -> None:
+        self.loss_sum += loss
+        self.loss_count += 1
+        self.window_loss_sum += loss
+        self.window_loss_count += 1
+
+    def take_window_loss(self) -> float:
+        """Mean loss since the last call (the last evaluation), and start a new window."""
+        mean = self.window_loss_sum / max(1, self.window_loss_count)
+        self.window_loss_sum, self.window_loss_count = 0.0, 0
+        return mean
+
 
 def _dir(out: Path) -> Path:
     return Path(out) / CHECKPOINTS
@@ -61,7 +76,7 @@ def latest(out: Path) -> Path | None:
 
 
 def save(out: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-         state: TrainState) -> Path | None:
+         state: TrainState, method: "Method") -> Path | None:
     from safetensors.torch import save_file
 
     accelerator.wait_for_everyone()
@@ -74,7 +89,7 @@ def save(out: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, sc
             tensors, structure = _flatten_optimizer(optimizer.state_dict())
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             write_json(tmp / "optimizer.json", structure)
-            extra_tensors, extra_meta = _adalora_state(unwrapped)
+            extra_tensors, extra_meta = method.checkpoint_state(unwrapped)
             save_file(extra_tensors, str(tmp / "extra.safetensors"))
             write_json(tmp / "extra.json", extra_meta)
             rng = {"cpu": torch.get_rng_state()}
@@ -93,7 +108,7 @@ def save(out: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, sc
 
 
 def restore_latest(out: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any,
-                   scheduler: Any, state: TrainState) -> str | None:
+                   scheduler: Any, state: TrainState, method: "Method") -> str | None:
     path = latest(out)
     if path is None:
         return None
@@ -106,8 +121,8 @@ def restore_latest(out: Path, accelerator: Any, model: torch.nn.Module, optimize
     structure = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_unflatten_optimizer(
         load_safetensors(path / "optimizer.safetensors"), structure))
-    _load_adalora_state(unwrapped, load_safetensors(path / "extra.safetensors"),
-                        json.loads((path / "extra.json").read_text()))
+    method.restore_checkpoint_state(unwrapped, load_safetensors(path / "extra.safetensors"),
+                                    json.loads((path / "extra.json").read_text()))
     saved = json.loads((path / "state.json").read_text())
     scheduler.load_state_dict(saved.pop("scheduler"))
     random.setstate(_to_tuple(saved.pop("python_random")))
@@ -126,7 +141,7 @@ def remove_all(out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers: optimizer state <-> flat tensors, AdaLoRA allocator state, RNG.
+# Helpers: optimizer state <-> flat tensors, RNG.
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -149,32 +164,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict) -> d
     for idx, values in structure.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(values)
     return {"state": state, "param_groups": structure["param_groups"]}
-
-
-def _adalora_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    allocator = getattr(getattr(model, "base_model", None), "rankallocator", None)
-    if allocator is None:
-        return {}, {}
-    tensors = {f"{kind}/{name}": t.detach().contiguous().cpu()
-               for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc")
-               for name, t in getattr(allocator, kind).items()}
-    config = model.peft_config[model.base_model.trainable_adapter_name]
-    pattern = {k: (v.tolist() if torch.is_tensor(v) else v)
-               for k, v in (config.rank_pattern or {}).items()}
-    return tensors, {"rank_pattern": pattern}
-
-
-def _load_adalora_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
-                        meta: dict) -> None:
-    allocator = getattr(getattr(model, "base_model", None), "rankallocator", None)
-    if allocator is None:
-        return
-    for key, tensor in tensors.items():
-        kind, name = key.split("/", 1)
-        getattr(allocator, kind)[name] = tensor.to(next(model.parameters()).device)
-    if meta.get("rank_pattern"):
-        config = model.peft_config[model.base_model.trainable_adapter_name]
-        config.rank_pattern = meta["rank_pattern"]
 
 
 def _py_random_state() -> list:

@@ -22,7 +22,6 @@ from typing import Any, Mapping, Sequence
 
 from adaptune.errors import ConfigError
 
-METHODS = ("lora", "adalora", "bitfit", "full", "head")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -43,9 +42,33 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class AdaLoraOptions:
+    """AdaLoRA's own options (`method.adalora.*`). The budget schedule is given as fractions of
+    the total number of optimizer steps: the flow computes peft's `total_step` itself, which is
+    what peft users most often get wrong."""
+
+    init_rank: int = 0  # 0 means ceil(1.5 * method.rank), the AdaLoRA paper's setting
+    tinit: float = 0.1
+    tfinal: float = 0.2
+    delta_t: int = 10
+    orth_reg_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.init_rank >= 0, "method.adalora.init_rank", "an integer >= 0",
+               self.init_rank)
+        _check(0 <= self.tinit < 1 and 0 <= self.tfinal < 1 and self.tinit + self.tfinal < 1,
+               "method.adalora.tinit/tfinal", "fractions in [0, 1) that sum to less than 1",
+               (self.tinit, self.tfinal))
+        _check(self.delta_t >= 1, "method.adalora.delta_t", "a positive integer", self.delta_t)
+        _check(self.orth_reg_weight >= 0, "method.adalora.orth_reg_weight", "a number >= 0",
+               self.orth_reg_weight)
+
+
+@dataclass(frozen=True)
 class MethodConfig:
-    """How the frozen model is adapted. One spec for every method; fields that a method does not
-    use are ignored by it (rank means nothing to bitfit)."""
+    """How the frozen model is adapted. The budget fields (rank, alpha, dropout, targets) are
+    shared by the LoRA family; options that belong to one method live in that method's own
+    section (`method.adalora.tinit=0.1`), and setting them for another method is an error."""
 
     name: str = "lora"
     rank: int = 8  # LoRA rank; AdaLoRA's *target* average rank
@@ -56,32 +79,30 @@ class MethodConfig:
     # Module names to adapt (suffix match, as in peft). Empty: the model's default (query/value
     # style). "all-linear": every linear layer of the backbone.
     targets: tuple[str, ...] = ()
-    # AdaLoRA budget schedule, as fractions of the total number of optimizer steps (the flow
-    # computes total_step itself, which is what peft users most often get wrong).
-    init_rank: int = 0  # 0 means ceil(1.5 * rank), the AdaLoRA paper's setting
-    tinit: float = 0.1
-    tfinal: float = 0.2
-    delta_t: int = 10
-    orth_reg_weight: float = 0.1
+    adalora: AdaLoraOptions = field(default_factory=AdaLoraOptions)
 
     def __post_init__(self) -> None:
+        from adaptune.methods import METHODS  # the one registry (imported late: it imports us)
+
         _check(self.name in METHODS, "method.name", f"one of {', '.join(METHODS)}", self.name)
         _check(self.rank >= 1, "method.rank", "a positive integer", self.rank)
         _check(self.alpha >= 0, "method.alpha", "a number >= 0 (0 means 2 * rank)", self.alpha)
         _check(0 <= self.dropout < 1, "method.dropout", "a number in [0, 1)", self.dropout)
-        _check(self.init_rank >= 0, "method.init_rank", "an integer >= 0", self.init_rank)
-        _check(0 <= self.tinit < 1 and 0 <= self.tfinal < 1 and self.tinit + self.tfinal < 1,
-               "method.tinit/tfinal", "fractions in [0, 1) that sum to less than 1",
-               (self.tinit, self.tfinal))
-        _check(self.delta_t >= 1, "method.delta_t", "a positive integer", self.delta_t)
+        for section in METHOD_SECTIONS:
+            options, default = getattr(self, section), type(getattr(self, section))()
+            if section != self.name and options != default:
+                changed = [f.name for f in fields(options)
+                           if getattr(options, f.name) != getattr(default, f.name)]
+                raise ConfigError(f"method.{section}.{changed[0]} is an option of the {section} "
+                                  f"method, but method.name is {self.name!r}")
 
     @property
     def lora_alpha(self) -> float:
         return self.alpha or 2.0 * self.rank
 
-    @property
-    def adalora_init_rank(self) -> int:
-        return self.init_rank or math.ceil(1.5 * self.rank)
+
+# Methods with a section of their own in MethodConfig.
+METHOD_SECTIONS = ("adalora",)
 
 
 @dataclass(frozen=True)
@@ -162,6 +183,9 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0",
                self.checkpoint_every)
         _check(self.num_threads >= 0, "train.num_threads", "an integer >= 0", self.num_threads)
+        _check(math.isfinite(self.epochs), "train.epochs", "a finite number", self.epochs)
+        _check(self.log_every >= 1, "train.log_every", "a positive integer", self.log_every)
+        _check(0 <= self.seed < 2**32, "train.seed", "an integer in [0, 2**32)", self.seed)
 
 
 @dataclass(frozen=True)
@@ -201,7 +225,7 @@ class RunConfig:
 
     def replace(self, **sections: Mapping[str, Any] | Any) -> "RunConfig":
         """A copy with some fields changed: `cfg.replace(train={"lr": 1e-3}, output_dir="x")`."""
-        return from_dict({**to_dict(self), **_merge(to_dict(self), sections)})
+        return compose(self, sections)
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), indent=2, sort_keys=True)
@@ -225,8 +249,10 @@ def from_dict(data: Mapping[str, Any], cls: type = RunConfig, where: str = "") -
     unknown = sorted(set(data) - known)
     if unknown:
         prefix = f"{where}." if where else ""
+        moved = [f" ({prefix}{k} is now {MOVED[prefix + k]})" for k in unknown
+                 if prefix + k in MOVED]
         raise ConfigError(
-            f"unknown config key {', '.join(prefix + k for k in unknown)}; "
+            f"unknown config key {', '.join(prefix + k for k in unknown)}{''.join(moved)}; "
             f"known keys{' of ' + where if where else ''}: {', '.join(sorted(known))}"
         )
     kwargs = {}
@@ -277,16 +303,96 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     return value
 
 
-def _merge(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+# Fields that moved into a method's own section, and where they live now. A stored config of an
+# older version (an adapter's adaptune.json, a run's config.json, a sweep record) is upgraded
+# with `upgrade_stored`; in a user's YAML or override the old name is an error that says the new.
+MOVED = {f"method.{k}": f"method.adalora.{k}"
+         for k in ("init_rank", "tinit", "tfinal", "delta_t", "orth_reg_weight")}
+
+
+def upgrade_stored(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config (plain data) of an older adaptune in today's layout."""
+    out = json.loads(json.dumps(data))
+    method = out.get("method")
+    if isinstance(method, dict):
+        for old, new in MOVED.items():
+            key = old.split(".", 1)[1]
+            if key in method:
+                method.setdefault("adalora", {})[new.rsplit(".", 1)[1]] = method.pop(key)
+    return out
+
+
+def merge_dicts(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested plain data with `changes` applied: sections merge field by field, other values
+    are replaced."""
     out = dict(base)
     for key, value in changes.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_dicts(out[key], value)
         elif dataclasses.is_dataclass(value):
             out[key] = to_dict(value)
         else:
             out[key] = value
     return out
+
+
+def compose(*layers: Mapping[str, Any] | RunConfig | None, yaml_path: str | Path | None = None,
+            overrides: Sequence[str] = ()) -> RunConfig:
+    """The one way a run's config is put together, used by recipes, the API, the sweep and the
+    domain stages: defaults < each layer in order (a preset, a grid's settings, an API call's
+    changes: nested dicts or whole RunConfigs) < a YAML file < `section.field=value` overrides.
+    Every layer only replaces fields; an unknown key or a bad value is an error naming it."""
+    data = to_dict(RunConfig())
+    for layer in layers:
+        if layer is not None:
+            data = merge_dicts(data, to_dict(layer) if isinstance(layer, RunConfig) else layer)
+    if layers:
+        from_dict(data)  # a bad preset or layer is reported before the YAML is read
+    if yaml_path:
+        data = merge_dicts(data, _read_yaml(Path(yaml_path), data))
+    return from_dict(merge_dicts(data, parse_overrides(overrides)))
+
+
+def _read_yaml(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    import yaml
+
+    try:
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}, {exc}") from None
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        from_dict(merge_dicts(data, loaded))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return loaded
+
+
+def _unique_key_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last
+    silently, dropping a whole earlier section)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given "
+                                  f"twice in one section (first on line {seen[key]})")
+            seen[key] = key_node.start_mark.line + 1
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return Loader
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -308,32 +414,10 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return nested
 
 
-def load_config(
-    yaml_path: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    base: RunConfig | None = None,
-) -> RunConfig:
+def load_config(yaml_path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: RunConfig | None = None) -> RunConfig:
     """Defaults (or `base`), then a YAML file, then `section.field=value` overrides."""
-    data = to_dict(base or RunConfig())
-    if yaml_path:
-        import yaml
-
-        path = Path(yaml_path)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        try:
-            data = _merge(data, loaded)
-            from_dict(data)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-    data = _merge(data, parse_overrides(overrides))
-    return from_dict(data)
+    return compose(base, yaml_path=yaml_path, overrides=overrides)
 
 
 def _check(ok: bool, field_name: str, expected: str, got: Any) -> None:

@@ -79,6 +79,23 @@ def read_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]
         yield number, line
 
 
+def read_jsonl_rows(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSON-lines file; a line that is not
+    a JSON object is a DataError naming the file and line."""
+    import json
+
+    for number, line in read_lines(path, encoding):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"not valid JSON: {exc.msg}", path, number) from None
+        if not isinstance(row, dict):
+            raise DataError(f"expected a JSON object, got {type(row).__name__}", path, number)
+        yield number, row
+
+
 def take_subset(items: Sequence[T], cfg: DataConfig, seed: int, split: str) -> list[T]:
     """Train: a seeded shuffle, then `train_fraction`, then `max_train_examples`. Dev: the first
     `max_dev_examples` in file order (so every run is scored on the same examples)."""

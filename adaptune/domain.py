@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adaptune.config import RunConfig, _merge, from_dict, to_dict
+from adaptune.config import compose, merge_dicts
+from adaptune.presets import DOMAIN_STAGE, DOMAIN_TASK
 from adaptune.safe_io import atomic_dir, write_json
+from adaptune.spec import Family, resolve_model
 from adaptune.train import RunResult, evaluate_untrained, run
 
 DOMAIN_MODEL_DIR = "domain-model"
@@ -39,32 +41,26 @@ class DomainResult:
         return {"domain": self.domain, "task": self.task}
 
 
-def _config(base: dict[str, Any], changes: dict[str, Any]) -> RunConfig:
-    return from_dict(_merge(base, changes))
-
-
-def domain_stage(model: str, corpus: str, output_dir: Path, *, method: str = "lora",
-                 rank: int = 8, targets: tuple[str, ...] = ("query", "key", "value", "dense"),
+def domain_stage(model: str, corpus: str, output_dir: Path, *,
                  overrides: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
-    """Stage 1. Returns the merged model folder and the stage's report."""
+    """Stage 1 (preset `adaptune.presets.DOMAIN_STAGE`, then `overrides`). Returns the merged
+    model folder and the stage's report."""
     from adaptune import api
     from adaptune.tasks.lm import load_corpus
 
-    base = to_dict(RunConfig())
-    lm = {"model": {"name": model, "max_length": 128},
-          "data": {"task": "lm", "dataset": corpus if not Path(corpus).exists() else "",
-                   "train_path": corpus if Path(corpus).exists() else ""},
-          "method": {"name": method, "rank": rank, "targets": list(targets)},
-          "train": {"epochs": 1, "batch_size": 32, "lr": 1e-3}}
-    lm = _merge(lm, overrides or {})
-    adapted_cfg = _config(base, {**lm, "output_dir": str(output_dir / "domain-adapter")})
+    given_files = Path(corpus).exists()
+    lm = merge_dicts(merge_dicts(DOMAIN_STAGE, {
+        "model": {"name": model},
+        "data": {"task": "lm", "dataset": "" if given_files else corpus,
+                 "train_path": corpus if given_files else ""}}), overrides or {})
+    adapted_cfg = compose(lm, {"output_dir": str(output_dir / "domain-adapter")})
     _, stats, where = load_corpus(adapted_cfg.data)  # fails early on an empty corpus
-    family = _family(adapted_cfg)
-    if family == "encoder":
+    family = resolve_model(adapted_cfg.model.name).family
+    if family is Family.ENCODER:
         print("domain stage: the encoder ships no masked-LM head; adaptune creates one tied to "
               "the word embeddings. 'Before' = that head fitted alone on the domain text.")
-        before_run = run(_config(base, {**lm, "method": {"name": "head"},
-                                        "output_dir": str(output_dir / "domain-head-only")}))
+        before_run = run(compose(lm, {"method": {"name": "head", "targets": []},
+                                      "output_dir": str(output_dir / "domain-head-only")}))
         before = before_run.metrics["dev"]
     else:
         before = evaluate_untrained(adapted_cfg)
@@ -81,21 +77,13 @@ def domain_stage(model: str, corpus: str, output_dir: Path, *, method: str = "lo
         "heldout_documents": adapted.metrics["dev_examples"],
         "perplexity_before": before["perplexity"], "perplexity_after":
             adapted.metrics["dev"]["perplexity"], "heldout_tokens": before.get("tokens"),
-        "before_is": "fitted MLM head, frozen encoder" if family == "encoder"
+        "before_is": "fitted MLM head, frozen encoder" if family is Family.ENCODER
         else "pretrained model, untouched",
         "steps": adapted.metrics["optimizer_steps"], "wall_time_s": adapted.metrics["wall_time_s"],
         "trainable_params": adapted.metrics["trainable_params"],
         "merged_model": str(folder),
     }
     return folder, report
-
-
-def _family(cfg: RunConfig) -> str:
-    from adaptune import zoo
-    from adaptune.train import model_family
-
-    path = zoo.resolve(cfg.model.name)
-    return model_family(path, cfg.model.name)
 
 
 def adapt_and_finetune(model: str, corpus: str, task: str, dataset: str, *,
@@ -112,9 +100,9 @@ def adapt_and_finetune(model: str, corpus: str, task: str, dataset: str, *,
         report = json.loads((folder.parent / "domain.json").read_text())
     if domain_model is None:
         write_json(out / "domain.json", report)
-    task_cfg = _config(to_dict(RunConfig()), _merge(
-        {"model": {"name": str(folder)}, "data": {"task": task, "dataset": dataset},
-         "output_dir": str(out / "task")}, task_overrides or {}))
+    task_cfg = compose(DOMAIN_TASK, {"model": {"name": str(folder)},
+                                     "data": {"task": task, "dataset": dataset},
+                                     "output_dir": str(out / "task")}, task_overrides)
     task_result: RunResult = run(task_cfg)
     result = DomainResult(out, report, task_result.metrics)
     write_json(out / "result.json", result.to_json())

@@ -9,10 +9,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from adaptune.spec import ModelSpec
+    from adaptune.tasks import Task
 
 
 @dataclass
@@ -22,6 +26,30 @@ class TaskOutput:
 
     loss: torch.Tensor | None
     logits: Any
+
+
+def load_tokenizer(model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+    if tokenizer.pad_token_id is None:  # decoders: pad with eos, as their configs expect
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_task_model(spec: "ModelSpec", task: "Task", labels: list[str],
+                     pad_token_id: int | None, quantization: str = "none") -> "TaskModel":
+    """The pretrained backbone with the task's freshly initialised head: what training starts
+    from and what a saved adapter is loaded onto."""
+    backbone = load_backbone(spec.path, spec.family, lm_head=task.lm_head,
+                             quantization=quantization)
+    if pad_token_id is not None and getattr(backbone.config, "pad_token_id", None) is None:
+        backbone.config.pad_token_id = pad_token_id
+    head = task.build_head(backbone.config.hidden_size, labels, spec, backbone.config)
+    if quantization != "none":  # the head trains in fp32 next to the quantized base
+        head.to(next(backbone.parameters()).device)
+    return TaskModel(backbone, head)
 
 
 def load_backbone(path: str, family: str, *, lm_head: bool = False,
@@ -37,7 +65,8 @@ def load_backbone(path: str, family: str, *, lm_head: bool = False,
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    # Never run code shipped with a checkpoint (and never prompt for it in a terminal).
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False}
     if quantization != "none":
         kwargs.update(quantization_kwargs(quantization))
     if family == "decoder" and lm_head:
@@ -77,16 +106,6 @@ def quantization_kwargs(quantization: str) -> dict[str, Any]:
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
     return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
-
-
-def family_of(config: Any) -> str:
-    """"decoder" for causal LMs (GPT-style), else "encoder" (BERT-style)."""
-    archs = " ".join(getattr(config, "architectures", None) or [])
-    if getattr(config, "is_decoder", False) or "CausalLM" in archs or "LMHead" in archs:
-        return "decoder"
-    decoder_types = {"gpt2", "llama", "gemma", "gemma2", "gemma3_text", "mistral", "qwen2",
-                     "qwen3", "phi", "phi3", "gpt_neox", "opt", "smollm3", "olmo", "falcon"}
-    return "decoder" if getattr(config, "model_type", "") in decoder_types else "encoder"
 
 
 def compile_blocks(model: nn.Module) -> int:

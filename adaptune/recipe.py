@@ -1,5 +1,5 @@
-"""What every recipe script runs: defaults, then the recipe's preset, then a YAML file, then
-command-line overrides, then the one training flow.
+"""What every recipe script runs: defaults, then the recipe's preset (`adaptune.presets`), then a
+YAML file, then command-line overrides, then the one training flow.
 
     python recipes/ner_lora.py train.lr=1e-3 method.rank=16
     accelerate launch recipes/ner_lora.py --config my.yaml output_dir=runs/x
@@ -11,29 +11,28 @@ import argparse
 import sys
 from typing import Any, Mapping, Sequence
 
-from adaptune.config import RunConfig, _merge, from_dict, load_config, to_dict
+from adaptune.config import compose
 from adaptune.errors import AdaptuneError
+from adaptune.presets import PRESETS
 from adaptune.train import RunResult, run
 
 
-def preset_config(preset: Mapping[str, Any]) -> RunConfig:
-    return from_dict(_merge(to_dict(RunConfig()), preset))
-
-
-def run_from_args(preset: Mapping[str, Any], argv: Sequence[str] | None = None,
+def run_from_args(preset: Mapping[str, Any] | str, argv: Sequence[str] | None = None,
                   description: str = "") -> RunResult:
-    """Parse `--config` and overrides over `preset`, run, print the report."""
+    """Parse `--config` and overrides over `preset` (a preset name or partial config), run,
+    print the report."""
     parser = argparse.ArgumentParser(description=description or None)
     parser.add_argument("--config", help="YAML file of config overrides")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="config overrides, e.g. train.lr=1e-3 method.rank=16")
     args = parser.parse_args(argv)
-    result = run(load_config(args.config, args.overrides, base=preset_config(preset)))
+    layer = PRESETS[preset] if isinstance(preset, str) else preset
+    result = run(compose(layer, yaml_path=args.config, overrides=args.overrides))
     report(result)
     return result
 
 
-def main(preset: Mapping[str, Any], argv: Sequence[str] | None = None,
+def main(preset: Mapping[str, Any] | str, argv: Sequence[str] | None = None,
          description: str = "") -> RunResult:
     """A recipe's entry point: user errors become one line on stderr and exit status 2."""
     try:
@@ -46,11 +45,11 @@ def main(preset: Mapping[str, Any], argv: Sequence[str] | None = None,
 
 
 def release_process_group() -> None:
-    """Under `accelerate launch`, tear the process group down before the interpreter exits: left
-    to exit-time cleanup, a rank whose peer has already gone can wait forever (seen in CI with
-    two CPU processes, after the run had finished and written its metrics). Called where a
-    process's training ends (recipes, `adaptune train`), not inside `run`, which one script may
-    call twice (as domain adaptation does)."""
+    """Under `accelerate launch`, tear the process group down once, before the interpreter
+    exits: left to exit-time cleanup, a rank whose peer has already gone can wait forever (seen
+    in CI with two CPU processes, after the run had finished and written its metrics). Called
+    where a process's training ends (recipes, `adaptune train`), never inside `run`, which one
+    script may call several times (as domain adaptation does)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -22,7 +22,8 @@ import numpy as np
 from adaptune.errors import ConfigError
 from adaptune.safe_io import write_json
 from adaptune.scaling import Fit, fit_joint_law, fit_power_law
-from adaptune.sweep import RANKED_METHODS, expand, grid_from_dict
+from adaptune.methods import RANKED_METHODS
+from adaptune.sweep import expand, grid_from_dict
 
 Key = tuple[str, str, Any, float]  # (model, method, rank, fraction)
 
@@ -60,7 +61,7 @@ class Results:
 
 
 def load_results(folder: str | Path) -> Results:
-    from adaptune.tasks import get_task
+    from adaptune.tasks import task_class
 
     folder = Path(folder)
     grid_file = folder / "grid.json"
@@ -82,7 +83,7 @@ def load_results(folder: str | Path) -> Results:
     done = {r["id"] for r in records + skipped}
     failed = sorted(p.stem for p in (folder / "failed").glob("*.json") if p.stem in ids)
     missing = sorted(ids - done - set(failed))
-    return Results(grid, get_task(grid.task).higher_is_better, records, skipped, missing,
+    return Results(grid, task_class(grid.task).higher_is_better, records, skipped, missing,
                    failed, stale)
 
 

@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from adaptune.config import METHODS, RunConfig, _merge, from_dict, to_dict
+from adaptune.config import RunConfig, compose, to_dict
 from adaptune.errors import ConfigError, NotApplicable
+from adaptune.methods import METHODS, RANKED_METHODS  # the one method registry
 from adaptune.safe_io import write_json
-
-RANKED_METHODS = ("lora", "adalora")  # methods the rank axis applies to
 
 
 @dataclass(frozen=True)
@@ -181,8 +180,6 @@ class Cell:
 
 def _cell_config(grid: Grid, model: str, method: str, rank: int | None, fraction: float,
                  seed: int) -> RunConfig:
-    base = _merge(_merge(dict(grid.overrides), grid.model_overrides.get(model, {})),
-                  grid.method_overrides.get(method, {}))
     axes = {"model": {"name": model}, "method": {"name": method},
             "data": {"task": grid.task, "train_fraction": fraction},
             "train": {"seed": seed}}
@@ -191,7 +188,8 @@ def _cell_config(grid: Grid, model: str, method: str, rank: int | None, fraction
     if grid.dataset:
         axes["data"]["dataset"] = grid.dataset
     # Runner-only settings never enter a cell's identity.
-    cfg = from_dict(_merge(base, axes))
+    cfg = compose(grid.overrides, grid.model_overrides.get(model, {}),
+                  grid.method_overrides.get(method, {}), axes)
     return cfg.replace(output_dir="", overwrite=False, train={"num_threads": 0})
 
 

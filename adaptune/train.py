@@ -1,17 +1,21 @@
 """The one training flow: `run(config)`.
 
-Recipes, the Python API and the benchmark runners all call this function. Helpers come first;
-`run` itself reads top to bottom:
+Recipes, the Python API, domain adaptation and the benchmark runners all call this function.
+`run` reads top to bottom, one concern per step:
 
-  1. check everything that can be checked before any training (config, model, data, targets)
-  2. build the task model and let the adapter method make it trainable
-  3. train with accelerate: AdamW, warm-up then linear decay, clipping, accumulation, bf16
-     autocast when chosen (see `resolve_precision`), length-grouped batches, periodic
-     evaluation, resumable checkpoints
-  4. keep the best adapter, write config.json, metrics.json and adapter/ into the output folder
+  1. `check_output_dir`, `prepare`: everything that can be checked before training (output
+     folder, config, model, data, targets), the data read and tokenized
+  2. `_setup`: the task model, its precision, the accelerator, the method's adapter, AdamW with
+     warm-up then linear decay, length-grouped batches
+  3. `ckpt.restore_latest`: resume from the newest complete checkpoint, if any
+  4. `_train`: the loop (clipping, accumulation, bf16 autocast when chosen, the method's
+     per-step hook, periodic evaluation that keeps the best adapter, checkpoints)
+  5. `_final_metrics`: metrics.json beside config.json and adapter/ in the output folder
 
-Method- and task-specific behaviour sits behind the `Method` and `Task` interfaces; the loop
-below has no branch on either.
+The run is resolved once (`adaptune.spec.resolve`: model facts, task and method instances);
+method- and task-specific behaviour sits behind the `Method` and `Task` interfaces, and the loop
+below has no branch on either. The adapter folder is written by `adaptune.artifact`, the dev set
+scored by `adaptune.inference`, both shared with prediction.
 """
 
 from __future__ import annotations
@@ -30,18 +34,17 @@ import torch
 from torch import nn
 
 from adaptune import checkpoint as ckpt
-from adaptune import zoo
-from adaptune.batching import LengthGroupedBatches, eval_batches
-from adaptune.config import RunConfig, to_dict
+from adaptune.artifact import ADAPTER_DIR, write_adapter
+from adaptune.batching import LengthGroupedBatches
+from adaptune.config import RunConfig, to_dict, upgrade_stored
 from adaptune.errors import ConfigError, OutputDirError, TrainingDiverged
-from adaptune.methods import Method, count_params, get_method, save_trained
-from adaptune.modeling import (TaskModel, compile_blocks, count_backbone_params, family_of,
-                               load_backbone)
-from adaptune.safe_io import atomic_dir, sha256_of, write_json
-from adaptune.tasks import Task, get_task
-
-ADAPTER_DIR = "adapter"
-META_FILE = "adaptune.json"
+from adaptune.inference import evaluate
+from adaptune.methods import count_params
+from adaptune.modeling import (TaskModel, build_task_model, compile_blocks,
+                               count_backbone_params, load_tokenizer)
+from adaptune.safe_io import write_json
+from adaptune.spec import ResolvedRun, resolve
+from adaptune.tasks import Task
 
 
 @dataclass
@@ -69,13 +72,10 @@ class Plan:
 
 @dataclass
 class Prepared:
-    """Everything `run` builds before training: what the API's predictor reuses too."""
+    """A resolved run with its data read and tokenized: everything `run` builds before the
+    model."""
 
-    config: RunConfig
-    task: Task
-    method: Method
-    model_path: str
-    family: str
+    run: ResolvedRun
     tokenizer: Any
     labels: list[str]
     train_examples: list = field(default_factory=list)
@@ -83,46 +83,33 @@ class Prepared:
     train_features: list = field(default_factory=list)
     dev_features: list = field(default_factory=list)
 
+    @property
+    def task(self) -> Task:
+        return self.run.task
 
-# ----------------------------------------------------------------------------------------------
-# Building blocks shared with loading for prediction.
+    def build_model(self) -> TaskModel:
+        return build_task_model(self.run.model, self.task, self.labels,
+                                self.tokenizer.pad_token_id,
+                                self.run.config.model.quantization)
 
-
-def load_tokenizer(model_path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:  # decoders: pad with eos, as their configs expect
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
-def model_family(model_path: str, name: str) -> str:
-    if name in zoo.ZOO:
-        return zoo.ZOO[name].family
-    from transformers import AutoConfig
-
-    return family_of(AutoConfig.from_pretrained(model_path))
+    def evaluate(self, model: nn.Module, device: torch.device | str | None = None
+                 ) -> dict[str, float]:
+        return evaluate(model, self.task, self.dev_examples, self.dev_features, self.labels,
+                        self.tokenizer, self.run.config.train.eval_batch_size, device)
 
 
-def build_task_model(model_path: str, family: str, task: Task, labels: list[str],
-                     pad_token_id: int | None, quantization: str = "none") -> TaskModel:
-    backbone = load_backbone(model_path, family, lm_head=task.lm_head, quantization=quantization)
-    if pad_token_id is not None and getattr(backbone.config, "pad_token_id", None) is None:
-        backbone.config.pad_token_id = pad_token_id
-    head = task.build_head(backbone.config.hidden_size, labels, family, backbone.config)
-    if quantization != "none":  # the head trains in fp32 next to the quantized base
-        head.to(next(backbone.parameters()).device)
-    return TaskModel(backbone, head)
-
-
-def default_targets(name: str, model: nn.Module) -> tuple[str, ...]:
-    if name in zoo.ZOO:
-        return zoo.ZOO[name].lora_targets
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAP
-
-    return tuple(MAP.get(getattr(model.config, "model_type", ""), ()))
+def prepare(config: RunConfig) -> Prepared:
+    """Resolve the run, read and check the data, tokenize: everything that can fail on bad
+    input fails here, before anything is written."""
+    run = resolve(config)
+    task, max_len, seed = run.task, config.model.max_length, config.train.seed
+    tokenizer = load_tokenizer(run.model.path)
+    train = task.load(config.data, "train", seed)
+    dev = task.load(config.data, "dev", seed)
+    labels = task.label_space(train, dev)
+    return Prepared(run, tokenizer, labels, train, dev,
+                    task.encode(train, tokenizer, labels, max_len, "train"),
+                    task.encode(dev, tokenizer, labels, max_len, "dev"))
 
 
 BF16_MIN_PARAMS = 50_000_000  # non-embedding parameters from which bf16 autocast pays
@@ -153,45 +140,6 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
         return False
-
-
-def prepare(config: RunConfig) -> Prepared:
-    """Resolve the model, read and check the data, tokenize: everything that can fail on bad
-    input fails here, before anything is written."""
-    task = get_task(config.data.task)
-    method = get_method(config.method.name)
-    model_path = zoo.resolve(config.model.name) if config.model.name in zoo.ZOO else \
-        _check_model_name(config.model.name)
-    family = model_family(model_path, config.model.name)
-    task.check(config, family)
-    tokenizer = load_tokenizer(model_path)
-    seed = config.train.seed
-    train = task.load(config.data, "train", seed)
-    dev = task.load(config.data, "dev", seed)
-    labels = task.label_space(train, dev)
-    max_len = config.model.max_length
-    return Prepared(config, task, method, model_path, family, tokenizer, labels, train, dev,
-                    task.encode(train, tokenizer, labels, max_len, "train", config),
-                    task.encode(dev, tokenizer, labels, max_len, "dev", config))
-
-
-def _check_model_name(name: str) -> str:
-    """A name outside the zoo must be a local folder or look like a Hub id (owner/name or a
-    bare name); otherwise say what the zoo has."""
-    from adaptune.errors import ModelError
-
-    if Path(name).exists() or ("/" in name and not name.startswith((".", "/"))) or \
-            os.environ.get("HF_HUB_OFFLINE") != "1":
-        try:
-            from transformers import AutoConfig
-
-            AutoConfig.from_pretrained(name)
-            return name
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model.name: cannot load {name!r} ({str(exc).splitlines()[0]}); "
-                             f"zoo models: {', '.join(zoo.ZOO)}") from None
-    raise ModelError(f"model.name: {name!r} is neither a zoo model, a local folder nor a "
-                     f"reachable Hub id; zoo models: {', '.join(zoo.ZOO)}")
 
 
 def make_plan(config: RunConfig, n_train: int, num_processes: int) -> Plan:
@@ -243,26 +191,61 @@ def _same_run(a: dict, b: dict) -> bool:
         return {k: (strip(v) if isinstance(v, dict) else v) for k, v in d.items()
                 if k not in ignore}
 
-    return strip(a) == strip(b)
+    return strip(upgrade_stored(a)) == strip(upgrade_stored(b))
 
 
 # ----------------------------------------------------------------------------------------------
 # The flow.
 
 
+@dataclass
+class Trainer:
+    """The objects one run trains with, built by `_setup`."""
+
+    accelerator: Any
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    sampler: LengthGroupedBatches
+    plan: Plan
+    labelled_per_batch: float  # labelled positions in an average full batch (loss weighting)
+    precision: str
+    params: dict[str, int]  # trainable, total, backbone, backbone non-embedding
+
+
 def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
+    """Train one run and write its output folder; resumes from the newest checkpoint there."""
+    out = check_output_dir(config)
+    p = prepared or prepare(config)
+    tr = _setup(p)
+    out.mkdir(parents=True, exist_ok=True)
+    if tr.accelerator.is_main_process:
+        write_json(out / "config.json", to_dict(config))
+    state = ckpt.TrainState()
+    resumed_from = ckpt.restore_latest(out, tr.accelerator, tr.model, tr.optimizer,
+                                       tr.scheduler, state, p.run.method)
+    wall = _train(p, tr, out, state)
+    metrics = _final_metrics(p, tr, state, wall, resumed_from)
+    if tr.accelerator.is_main_process:
+        write_json(out / "metrics.json", metrics)
+        ckpt.remove_all(out)  # the run is complete: resumable checkpoints are no longer needed
+    tr.accelerator.wait_for_everyone()
+    # Not accelerator.end_training(): it destroys the process group (accelerate >= 0.34), and a
+    # launched script may call run() again (domain adaptation does). The entry points tear the
+    # group down once, at exit (recipe.release_process_group).
+    return RunResult(out, metrics, config)
+
+
+def _setup(p: Prepared) -> Trainer:
+    """Model, precision, accelerator, the method's adapter, optimizer, schedule and batches."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    out = check_output_dir(config)
-    p = prepared or prepare(config)
-    t = config.train
+    t = p.run.config.train
     set_seed(t.seed)
-
-    # Model: backbone + head; its size decides the default precision.
-    model = build_task_model(p.model_path, p.family, p.task, p.labels, p.tokenizer.pad_token_id,
-                             config.model.quantization)
+    model = p.build_model()
     backbone_total, backbone_non_embedding = count_backbone_params(model.backbone)
     precision = resolve_precision(t.precision, "cuda" if torch.cuda.is_available() else "cpu",
                                   backbone_non_embedding)
@@ -279,23 +262,18 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
     # every core, several processes share them.
     torch.set_num_threads(t.num_threads or max(
         1, (os.cpu_count() or 1) // accelerator.state.num_processes))
-    plan = make_plan(config, len(p.train_features), accelerator.num_processes)
+    plan = make_plan(p.run.config, len(p.train_features), accelerator.num_processes)
 
     # The method makes the model trainable (and checks targets, rank, biases).
-    targets = default_targets(config.model.name, model)
-    model = p.method.apply(model, config.method, targets, plan.total_steps)
+    model = p.run.method.apply(model, p.run.model, plan.total_steps)
     trainable, total = count_params(model)
     if trainable == 0:
-        raise ConfigError(f"method.name={p.method.name} leaves nothing to train for the "
+        raise ConfigError(f"method.name={p.run.method.name} leaves nothing to train for the "
                           f"{p.task.name} task (its head has no parameters); use lora or full")
     if t.compile and not compile_blocks(model):
-        warnings.warn(f"train.compile: found no repeated blocks in {config.model.name} to "
-                      "compile; training without torch.compile", stacklevel=2)
+        warnings.warn(f"train.compile: found no repeated blocks in {p.run.model.name} to "
+                      "compile; training without torch.compile", stacklevel=3)
 
-    # Derived once: labelled positions (tokens for NER and language modelling, one per example
-    # for classification) in an average full batch; see the loss weighting in the loop.
-    labelled_per_batch = t.batch_size * sum(map(_labelled, p.train_features)) / max(
-        1, len(p.train_features))
     optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(plan))
     sampler = LengthGroupedBatches([len(f["input_ids"]) for f in p.train_features],
@@ -306,22 +284,26 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
         # Its own generator: starting an iterator must not draw from the global RNG that drives
         # dropout, or a resumed run would see different dropout masks.
         generator=torch.Generator().manual_seed(t.seed))
+    p.run.method.before_train(model, loader)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    labelled_per_batch = t.batch_size * sum(map(_labelled, p.train_features)) / max(
+        1, len(p.train_features))
+    return Trainer(accelerator, model, optimizer, scheduler, loader, sampler, plan,
+                   labelled_per_batch, precision,
+                   {"trainable": trainable, "total": total, "backbone": backbone_total,
+                    "backbone_non_embedding": backbone_non_embedding})
 
-    out.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        write_json(out / "config.json", to_dict(config))
-    state = ckpt.TrainState()
-    resumed_from = ckpt.restore_latest(out, accelerator, model, optimizer, scheduler, state)
 
+def _train(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState") -> float:
+    """The loop: from `state` (fresh or resumed) to the last step. Returns the wall time."""
+    t, plan, accelerator, model = p.run.config.train, tr.plan, tr.accelerator, tr.model
     progress = _progress(plan.total_steps, accelerator, initial=state.step)
     started = time.perf_counter() - state.elapsed
-    evals: list[dict[str, Any]] = list(state.evals)
     model.train()
     while state.step < plan.total_steps:
-        sampler.use_epoch(state.epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) \
-            if state.batch_in_epoch else loader
+        tr.sampler.use_epoch(state.epoch)
+        epoch_loader = accelerator.skip_first_batches(tr.loader, state.batch_in_epoch) \
+            if state.batch_in_epoch else tr.loader
         for batch in epoch_loader:
             state.batch_in_epoch += 1
             with accelerator.accumulate(model):
@@ -331,7 +313,7 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
                 # hold very different numbers of them (short sentences together, long ones
                 # together), so scale by this batch's share: every labelled token then weighs
                 # the same, as in random batches, instead of short sentences weighing more.
-                loss = model(**batch).loss * (_labelled_in(batch) / labelled_per_batch)
+                loss = model(**batch).loss * (_labelled_in(batch) / tr.labelled_per_batch)
                 if not torch.isfinite(loss.detach()):
                     raise TrainingDiverged(
                         f"loss is {loss.item()} at optimizer step {state.step + 1}; last good "
@@ -340,36 +322,32 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
+                tr.optimizer.step()
                 if accelerator.sync_gradients:
                     # Method hook (AdaLoRA's budget) between step() and zero_grad().
-                    p.method.after_step(accelerator.unwrap_model(model), state.step + 1)
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                    p.run.method.after_step(accelerator.unwrap_model(model), state.step + 1)
+                tr.scheduler.step()
+                tr.optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
-            state.loss_sum += loss.item()
-            state.loss_count += 1
-            state.window_loss_sum += loss.item()
-            state.window_loss_count += 1
+            state.add_loss(loss.item())
             progress.update(1)
             if state.step % t.log_every == 0:
                 progress.set_postfix(loss=f"{state.loss_sum / state.loss_count:.4f}",
-                                     lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                                     lr=f"{tr.scheduler.get_last_lr()[0]:.2e}")
             if state.step % plan.eval_every == 0 or state.step == plan.total_steps:
                 paused = time.perf_counter()
-                metrics = _evaluate_and_keep_best(accelerator, model, p, out, state)
+                metrics = _evaluate_and_keep_best(p, tr, out, state)
                 state.overhead += time.perf_counter() - paused
-                train_loss = state.window_loss_sum / max(1, state.window_loss_count)
-                state.window_loss_sum, state.window_loss_count = 0.0, 0
-                evals.append({"step": state.step, "train_loss": train_loss, **metrics})
-                state.evals = evals
+                state.evals = [*state.evals, {"step": state.step,
+                                              "train_loss": state.take_window_loss(), **metrics}]
                 model.train()
             if t.checkpoint_every and state.step % t.checkpoint_every == 0:
                 paused = time.perf_counter()
                 state.elapsed = paused - started
-                ckpt.save(out, accelerator, model, optimizer, scheduler, state)
+                ckpt.save(out, accelerator, model, tr.optimizer, tr.scheduler, state,
+                          p.run.method)
                 state.overhead += time.perf_counter() - paused
             if state.step >= plan.total_steps:
                 break
@@ -377,42 +355,39 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
             state.epoch += 1
             state.batch_in_epoch = 0
     progress.close()
-    wall = time.perf_counter() - started
+    return time.perf_counter() - started
 
+
+def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: float,
+                   resumed_from: str | None) -> dict[str, Any]:
     sign = 1 if p.task.higher_is_better else -1
-    best = max(evals, key=lambda e: sign * e[p.task.main_metric])
-    metrics = {
+    best = max(state.evals, key=lambda e: sign * e[p.task.main_metric])
+    processes = tr.accelerator.num_processes
+    return {
         "dev": {k: v for k, v in best.items() if k not in ("step", "train_loss")},
         "best_step": best["step"],
-        "evaluations": evals,
+        "evaluations": state.evals,
         "main_metric": p.task.main_metric,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": 100.0 * trainable / total,
-        "backbone_params": backbone_total,
-        "backbone_non_embedding_params": backbone_non_embedding,
+        "trainable_params": tr.params["trainable"],
+        "total_params": tr.params["total"],
+        "trainable_percent": 100.0 * tr.params["trainable"] / tr.params["total"],
+        "backbone_params": tr.params["backbone"],
+        "backbone_non_embedding_params": tr.params["backbone_non_embedding"],
         "train_examples": len(p.train_examples),
         "dev_examples": len(p.dev_examples),
         "optimizer_steps": state.step,
-        "epochs": plan.epochs,
+        "epochs": tr.plan.epochs,
         "wall_time_s": wall,  # training, evaluations and checkpoints
         "train_time_s": wall - state.overhead,  # training steps only
-        "train_real_tokens": state.real_tokens * accelerator.num_processes,
-        "train_padded_tokens": state.padded_tokens * accelerator.num_processes,
-        "real_tokens_per_s": state.real_tokens * accelerator.num_processes
-        / max(1e-9, wall - state.overhead),
+        "train_real_tokens": state.real_tokens * processes,
+        "train_padded_tokens": state.padded_tokens * processes,
+        "real_tokens_per_s": state.real_tokens * processes / max(1e-9, wall - state.overhead),
         "peak_memory_mb": peak_memory_mb(),
-        "precision": precision,
-        "num_processes": accelerator.num_processes,
+        "precision": tr.precision,
+        "num_processes": processes,
         "resumed_from": resumed_from,
         "final_train_loss": state.loss_sum / max(1, state.loss_count),
     }
-    if accelerator.is_main_process:
-        write_json(out / "metrics.json", metrics)
-        ckpt.remove_all(out)  # the run is complete: resumable checkpoints are no longer needed
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return RunResult(out, metrics, config)
 
 
 def evaluate_untrained(config: RunConfig) -> dict[str, float]:
@@ -422,31 +397,29 @@ def evaluate_untrained(config: RunConfig) -> dict[str, float]:
 
     p = prepare(config)
     set_seed(config.train.seed)
-    model = build_task_model(p.model_path, p.family, p.task, p.labels, p.tokenizer.pad_token_id,
-                             config.model.quantization)
+    model = p.build_model()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     precision = resolve_precision(config.train.precision, device,
                                   count_backbone_params(model.backbone)[1])
     with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        return evaluate(model, p.task, p.dev_examples, p.dev_features, p.labels, p.tokenizer,
-                        config, device)
+        return p.evaluate(model, device)
 
 
-def _evaluate_and_keep_best(accelerator: Any, model: nn.Module, p: Prepared, out: Path,
+def _evaluate_and_keep_best(p: Prepared, tr: Trainer, out: Path,
                             state: "ckpt.TrainState") -> dict[str, float]:
     """Score the dev set on the main process only (once, not once per process), save the
     adapter when the main metric improves, and share the scores with every process."""
     from accelerate.utils import broadcast_object_list
 
+    accelerator = tr.accelerator
     metrics: dict[str, float] = {}
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = accelerator.unwrap_model(tr.model)
         with accelerator.autocast():
-            metrics = evaluate(unwrapped, p.task, p.dev_examples, p.dev_features, p.labels,
-                               p.tokenizer, p.config, accelerator.device)
+            metrics = p.evaluate(unwrapped, accelerator.device)
         if _improves(p.task, metrics[p.task.main_metric], state.best):
-            save_adapter(unwrapped, p, out / ADAPTER_DIR)
+            write_adapter(unwrapped, p.run, p.labels, out / ADAPTER_DIR)
         accelerator.print(f"step {state.step}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     if accelerator.num_processes > 1:
@@ -460,45 +433,6 @@ def _evaluate_and_keep_best(accelerator: Any, model: nn.Module, p: Prepared, out
 
 def _improves(task: Task, value: float, best: float | None) -> bool:
     return best is None or (value > best if task.higher_is_better else value < best)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, task: Task, examples: list, features: list, labels: list[str],
-             tokenizer: Any, config: RunConfig, device: torch.device | str = "cpu"
-             ) -> dict[str, float]:
-    model.eval()
-    predictions: list[Any] = [None] * len(features)
-    lengths = [len(f["input_ids"]) for f in features]
-    for indices in eval_batches(lengths, config.train.eval_batch_size):
-        batch = task.collate([features[i] for i in indices], tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        for i, pred in zip(indices, task.predict(model, batch, config, tokenizer)):
-            predictions[i] = pred
-    return task.score(examples, features, predictions, labels)
-
-
-def save_adapter(model: nn.Module, p: Prepared, folder: Path) -> None:
-    """The trained state plus `adaptune.json`, which says how to rebuild the model around it."""
-    try:
-        _write_adapter(model, p, folder)
-    except OSError as exc:
-        raise OutputDirError(f"could not write the adapter to {folder}: {exc.strerror or exc}; "
-                             "the previously saved adapter, if any, is unchanged") from None
-
-
-def _write_adapter(model: nn.Module, p: Prepared, folder: Path) -> None:
-    with atomic_dir(folder) as tmp:
-        save_trained(model, p.method, tmp)
-        weights = {f.name: sha256_of(f) for f in sorted(tmp.glob("*.safetensors"))}
-        if not weights or any((tmp / name).stat().st_size < 64 for name in weights):
-            # peft under DeepSpeed ZeRO-3 is known to write empty adapters (peft #286, #2892).
-            raise RuntimeError(f"saving the adapter produced no weights in {folder}")
-        write_json(tmp / META_FILE, {
-            "model": p.config.model.name, "model_path": p.model_path, "family": p.family,
-            "task": p.task.name, "labels": p.labels, "method": p.method.name,
-            "max_length": p.config.model.max_length, "config": to_dict(p.config),
-            "sha256": weights,
-        })
 
 
 def _labelled(feature: dict[str, Any]) -> int:

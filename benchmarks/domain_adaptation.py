@@ -14,8 +14,9 @@ import json
 import statistics
 from pathlib import Path
 
-from adaptune.config import RunConfig, _merge, from_dict, to_dict
+from adaptune.config import compose
 from adaptune.domain import domain_stage
+from adaptune.presets import DOMAIN_TASK
 from adaptune.train import run
 
 DOMAINS = {
@@ -23,18 +24,14 @@ DOMAINS = {
     "finance": {"corpus": "finance",
                 "tasks": [("classification", "financial_phrasebank", "accuracy")]},
 }
-TASK = {"model": {"max_length": 128},
-        "method": {"name": "lora", "rank": 8, "targets": ["query", "key", "value", "dense"]},
-        "train": {"epochs": 1, "batch_size": 32, "lr": 1e-3}}
-DOMAIN = {"train": {"epochs": 1, "batch_size": 32, "lr": 1e-3}}
 
 
 def task_run(model: str, task: str, dataset: str, seed: int, out: Path) -> dict:
     if (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text())
-    cfg = from_dict(_merge(to_dict(RunConfig()), _merge(TASK, {
+    cfg = compose(DOMAIN_TASK, {
         "model": {"name": model}, "data": {"task": task, "dataset": dataset},
-        "train": {"seed": seed}, "output_dir": str(out), "overwrite": True})))
+        "train": {"seed": seed}, "output_dir": str(out), "overwrite": True})
     return run(cfg).metrics
 
 
@@ -54,8 +51,7 @@ def main() -> None:
             report = json.loads(report_file.read_text())
             adapted_model = report["merged_model"]
         else:
-            folder, report = domain_stage(args.model, spec["corpus"], out / name,
-                                          overrides=DOMAIN)
+            folder, report = domain_stage(args.model, spec["corpus"], out / name)
             adapted_model = str(folder)
             report_file.write_text(json.dumps(report, indent=2))
         rows = []

@@ -7,16 +7,10 @@ fine-tuning, on the same dev examples, prompt and decoding.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-
-from summarize_lora import PRESET  # noqa: E402  (the recipe's settings, unchanged)
-
-from adaptune.config import load_config  # noqa: E402
-from adaptune.recipe import preset_config  # noqa: E402
-from adaptune.train import evaluate_untrained, run  # noqa: E402
+from adaptune.config import compose
+from adaptune.presets import PRESETS
+from adaptune.train import evaluate_untrained, run
 
 
 def main() -> None:
@@ -26,10 +20,10 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-summarization")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    cfg = load_config(overrides=[f"data.max_train_examples={args.train}",
-                                 f"data.max_dev_examples={args.dev}", f"output_dir={args.out}",
-                                 "overwrite=true", *args.overrides],
-                      base=preset_config(PRESET))
+    cfg = compose(PRESETS["summarize_lora"],  # the recipe's settings, unchanged
+                  overrides=[f"data.max_train_examples={args.train}",
+                             f"data.max_dev_examples={args.dev}", f"output_dir={args.out}",
+                             "overwrite=true", *args.overrides])
     before = evaluate_untrained(cfg)
     result = run(cfg)
     after = result.metrics["dev"]

@@ -73,14 +73,14 @@ def run_adaptune(job: dict[str, Any], out: Path, variant: dict[str, Any], seed: 
                  threads: int = 0) -> dict[str, Any]:
     from adaptune import finetune
     from adaptune.config import RunConfig
-    from adaptune.tasks import get_task
+    from adaptune.tasks import task_class
 
     n_train = job["train_examples"]
     # The job's warm-up is a number of steps (as Trainer's warmup_steps); adaptune takes a
     # ratio of the run's steps, so convert it with the run's real length.
     data = RunConfig().replace(data={"task": job["task"], "dataset": job["dataset"],
                                      "max_train_examples": n_train}, train={"seed": seed}).data
-    steps = math.ceil(len(get_task(job["task"]).load(data, "train", seed)) / job["batch"])
+    steps = math.ceil(len(task_class(job["task"])().load(data, "train", seed)) / job["batch"])
     warmup_ratio = (job["warmup_steps"] + 0.5) / steps
     result = finetune(job["model"], task=job["task"], dataset=job["dataset"], method="lora",
                       rank=8, targets=job["targets"], lr=job["lr"], epochs=1,
@@ -108,24 +108,19 @@ def run_trainer(job: dict[str, Any], out: Path, bf16: bool, seed: int) -> dict[s
         TrainingArguments,
     )
 
-    from adaptune import zoo
     from adaptune.config import RunConfig
-    from adaptune.tasks import get_task
-    from adaptune.train import load_tokenizer
+    from adaptune.train import prepare
 
-    path = zoo.resolve(job["model"])
-    tokenizer = load_tokenizer(path)
-    # The same seeded draw of training examples as adaptune's run with this seed.
-    cfg = RunConfig().replace(data={"task": job["task"], "dataset": job["dataset"],
-                                    "max_train_examples": job["train_examples"],
-                                    "max_dev_examples": job.get("dev_examples", 0)},
-                              train={"seed": seed})
-    task = get_task(job["task"])
-    train = task.load(cfg.data, "train", cfg.train.seed)
-    dev = task.load(cfg.data, "dev", cfg.train.seed)
-    labels = task.label_space(train, dev)
-    train_f = task.encode(train, tokenizer, labels, job["max_length"], "train", cfg)
-    dev_f = task.encode(dev, tokenizer, labels, job["max_length"], "dev", cfg)
+    # The same resolved model, seeded draw of training examples and tokenization as adaptune's
+    # run with this seed.
+    p = prepare(RunConfig().replace(
+        model={"name": job["model"], "max_length": job["max_length"]},
+        data={"task": job["task"], "dataset": job["dataset"],
+              "max_train_examples": job["train_examples"],
+              "max_dev_examples": job.get("dev_examples", 0)},
+        train={"seed": seed}))
+    path, tokenizer, labels = p.run.model.path, p.tokenizer, p.labels
+    task, dev, train_f, dev_f = p.task, p.dev_examples, p.train_features, p.dev_features
     def strip(feats: list[dict]) -> list[dict]:  # adaptune's bookkeeping keys are not inputs
         return [{k: v for k, v in f.items() if not k.startswith("_")} for f in feats]
 
@@ -275,14 +270,13 @@ def flops_per_token(model: str) -> float:
     activations 2N (no weight gradients for frozen weights), N = non-embedding parameters;
     LoRA's own FLOPs are under 2% of that and left out."""
     from adaptune import zoo
-    from adaptune.modeling import count_backbone_params, family_of, load_backbone
+    from adaptune.modeling import count_backbone_params, load_backbone
+    from adaptune.spec import resolve_model
 
     if model in zoo.ZOO:
         return 4.0 * zoo.ZOO[model].non_embedding_params
-    from transformers import AutoConfig
-
-    backbone = load_backbone(model, family_of(AutoConfig.from_pretrained(model)))
-    return 4.0 * count_backbone_params(backbone)[1]
+    spec = resolve_model(model)
+    return 4.0 * count_backbone_params(load_backbone(spec.path, spec.family))[1]
 
 
 def main() -> None:

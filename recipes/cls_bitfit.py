@@ -4,10 +4,6 @@
 """
 
 from adaptune.recipe import main
-from cls_lora import PRESET as CLS_LORA  # the script folder is on sys.path
-
-PRESET = {**CLS_LORA, "method": {"name": "bitfit"}, "train": {**CLS_LORA["train"], "lr": 2e-3},
-          "output_dir": "runs/cls_bitfit"}
 
 if __name__ == "__main__":
-    main(PRESET, description=__doc__)
+    main("cls_bitfit", description=__doc__)  # the preset: adaptune/presets.py

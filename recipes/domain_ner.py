@@ -7,13 +7,12 @@ BC5CDR NER is fine-tuned with LoRA on the adapted model.
 
 import argparse
 
-from adaptune.config import parse_overrides
+from adaptune.config import merge_dicts, parse_overrides
 from adaptune.domain import adapt_and_finetune
+from adaptune.recipe import release_process_group
 
-TASK = {"model": {"max_length": 128},
-        "method": {"name": "lora", "rank": 8, "targets": ["query", "key", "value", "dense"]},
-        "train": {"epochs": 2, "batch_size": 32, "lr": 1e-3}}
-DOMAIN = {"train": {"epochs": 1, "batch_size": 32, "lr": 1e-3}}
+# Over adaptune.presets.DOMAIN_STAGE / DOMAIN_TASK: the task stage trains two epochs.
+TASK = {"train": {"epochs": 2}}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
@@ -24,11 +23,13 @@ if __name__ == "__main__":
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="overrides for the task stage")
     args = parser.parse_args()
-    from adaptune.config import _merge
-
-    result = adapt_and_finetune(args.model, args.corpus, task="ner", dataset=args.dataset,
-                                output_dir=args.output_dir, domain_overrides=DOMAIN,
-                                task_overrides=_merge(TASK, parse_overrides(args.overrides)))
+    try:
+        result = adapt_and_finetune(args.model, args.corpus, task="ner", dataset=args.dataset,
+                                    output_dir=args.output_dir,
+                                    task_overrides=merge_dicts(TASK,
+                                                               parse_overrides(args.overrides)))
+    finally:
+        release_process_group()
     d = result.domain
     print(f"domain: {d['documents_kept']} documents ({d['duplicates']} duplicates removed); "
           f"held-out perplexity {d['perplexity_before']:.2f} -> {d['perplexity_after']:.2f}")

@@ -5,13 +5,6 @@
 """
 
 from adaptune.recipe import main
-from ner_lora import PRESET as NER_LORA  # the script folder is on sys.path
-
-PRESET = {
-    **NER_LORA,
-    "method": {"name": "adalora", "rank": 8, "init_rank": 12, "targets": ["all-linear"]},
-    "output_dir": "runs/ner_adalora",
-}
 
 if __name__ == "__main__":
-    main(PRESET, description=__doc__)
+    main("ner_adalora", description=__doc__)  # the preset: adaptune/presets.py

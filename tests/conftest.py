@@ -1,9 +1,19 @@
-"""Shared fixtures: tiny models built from config (offline, seconds), single-threaded torch."""
+"""Shared fixtures and helpers: tiny models built from config (offline, seconds), single-threaded
+torch, the test tiers, the shared-data guard and the SIGKILL victim scripts.
+
+Tiers (markers): `unit` (tiny models in-process; every test not marked otherwise),
+`integration` (subprocesses, `accelerate launch`, real kills, torch.compile) and `slow` (real zoo
+checkpoints on real data). `python -m pytest -m unit` runs the first tier alone.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import string
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,6 +26,40 @@ torch.set_num_threads(1)  # two threads on tiny models stall badly on 2-core mac
 
 DATA = Path(os.environ.get("ADAPTUNE_DATA",
                           Path(__file__).resolve().parents[2] / "shared" / "data"))
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not present")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that is not integration or slow is a unit test."""
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in ("integration", "slow")):
+            item.add_marker(pytest.mark.unit)
+
+
+def run_victim(tmp_path: Path, body: str, *, kill_at_clip: int | None = None) -> None:
+    """Run `body` (Python source) in a fresh single-threaded interpreter that SIGKILLs itself
+    (no cleanup of any kind runs) at the `kill_at_clip`-th optimizer step, i.e. the nth call of
+    clip_grad_norm_, or wherever `body` calls `die()`; assert that it was killed."""
+    script = tmp_path / "victim.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os, signal, sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        torch.set_num_threads(1)
+        def die():
+            os.kill(os.getpid(), signal.SIGKILL)
+        if {kill_at_clip!r} is not None:
+            original_clip, clip_calls = torch.nn.utils.clip_grad_norm_, [0]
+            def clip(*a, **k):
+                clip_calls[0] += 1
+                if clip_calls[0] == {kill_at_clip!r}:
+                    die()
+                return original_clip(*a, **k)
+            torch.nn.utils.clip_grad_norm_ = clip
+    """) + textwrap.dedent(body))
+    env = {**os.environ, "ADAPTUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
 
 def _write_tokenizer(folder: Path, *, decoder: bool) -> None:
@@ -74,7 +118,7 @@ def cls_files(tmp_path) -> tuple[str, str]:
 
 def tiny_config(model_path: str, train_file: str, dev_file: str, out: Path, **sections):
     """A RunConfig for a few-second run on a tiny model."""
-    from adaptune.config import RunConfig, _merge, from_dict, to_dict
+    from adaptune.config import compose
 
     base = {"model": {"name": model_path, "max_length": 32},
             "data": {"task": "classification", "dataset": "custom", "train_path": train_file,
@@ -82,4 +126,12 @@ def tiny_config(model_path: str, train_file: str, dev_file: str, out: Path, **se
             "train": {"max_steps": 6, "batch_size": 8, "lr": 5e-3, "eval_batch_size": 16,
                       "precision": "fp32", "warmup_ratio": 0.0, "num_threads": 1},
             "output_dir": str(out)}
-    return from_dict(_merge(_merge(to_dict(RunConfig()), base), sections))
+    return compose(base, sections)
+
+
+def dev_accuracy_of_predictions(predictor, dev_file: str) -> float:
+    """Accuracy of `predictor.predict` on a TSV dev file: what the run reports as dev accuracy
+    when prediction and evaluation agree."""
+    rows = [line.split("\t") for line in Path(dev_file).read_text().splitlines()[1:] if line]
+    predictions = predictor.predict([text for text, _ in rows])
+    return sum(p == label for p, (_, label) in zip(predictions, rows)) / len(rows)

@@ -198,9 +198,53 @@ def test_disk_full_while_saving_keeps_no_half_adapter(tiny_encoder, cls_files, t
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(methods, "save_trained", full)
-    monkeypatch.setattr("adaptune.train.save_trained", full)
+    monkeypatch.setattr(methods.PeftMethod, "save", full)
     with pytest.raises(OutputDirError, match="could not write the adapter to .*No space left"):
         run(tiny_config(tiny_encoder, *cls_files, tmp_path / "out"))
     assert not (tmp_path / "out" / "adapter").exists()
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_max_length_beyond_the_models_positions(tiny_encoder, cls_files, tmp_path):
+    cfg = tiny_config(tiny_encoder, *cls_files, tmp_path / "out", model={"max_length": 512})
+    with pytest.raises(ConfigError, match="model.max_length: 512 is more than .* has positions "
+                                          r"for \(256\)"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_squad_records_name_the_field(tmp_path):
+    import json
+
+    from adaptune.tasks.qa import read_squad
+
+    def squad(qa):
+        path = tmp_path / "s.json"
+        path.write_text(json.dumps({"data": [{"paragraphs": [{"context": "Paris is big.",
+                                                               "qas": [qa]}]}]}))
+        return path
+
+    cases = [({"id": "q1", "answers": []}, "question id q1: field 'question': expected str"),
+             ({"id": "q2", "question": "?", "answers": [{"text": "Paris",
+                                                        "answer_start": "x"}]},
+              "field 'answer_start': expected int, got 'x'"),
+             ({"id": "q3", "question": "?", "answers": [{"text": "Paris",
+                                                        "answer_start": -1}]},
+              "expected a non-empty text at a start >= 0"),
+             ({"id": "q4", "question": "?", "answers": [{"text": "", "answer_start": 0}]},
+              "expected a non-empty text")]
+    for qa, message in cases:
+        with pytest.raises(DataError, match=message):
+            read_squad(squad(qa))
+
+
+def test_null_json_field_is_an_error_not_the_text_none(tiny_encoder, tmp_path):
+    import json
+
+    train = tmp_path / "t.jsonl"
+    train.write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in
+                               [("good", "1"), ("bad", None)]) + "\n")
+    cfg = tiny_config(tiny_encoder, str(train), str(train), tmp_path / "out")
+    with pytest.raises(DataError, match=r"t\.jsonl, line 2: field 'label' is None, expected "
+                                        "text"):
+        run(cfg)

@@ -62,3 +62,60 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b=1", "a.c=x", "d=2"]) == {"a": {"b": "1", "c": "x"}, "d": "2"}
+
+
+def test_compose_layers_in_order_and_presets_state_only_what_differs(tmp_path):
+    from adaptune.config import compose
+    from adaptune.presets import PRESETS, config
+
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("train:\n  lr: 3.0e-3\n")
+    cfg = compose(PRESETS["ner_lora"], {"train": {"lr": 2e-3, "epochs": 3}},
+                  yaml_path=yaml_file, overrides=["train.epochs=4"])
+    assert cfg.train.lr == 3e-3 and cfg.train.epochs == 4  # YAML over layers, CLI over YAML
+    assert cfg.data.task == "ner" and cfg.train.batch_size == 32  # the preset, then defaults
+    adalora = config("ner_adalora")
+    assert adalora.method.name == "adalora" and adalora.method.adalora.init_rank == 12
+    assert adalora.data == config("ner_lora").data  # inherited, not restated
+
+
+def test_each_method_owns_its_options():
+    cfg = load_config(overrides=["method.name=adalora", "method.adalora.tinit=0.2"])
+    assert cfg.method.adalora.tinit == 0.2
+    with pytest.raises(ConfigError, match=r"method\.adalora\.tinit is an option of the adalora "
+                                          r"method, but method\.name is 'lora'"):
+        load_config(overrides=["method.adalora.tinit=0.2"])
+    with pytest.raises(ConfigError, match=r"unknown config key method\.tinit \(method\.tinit is "
+                                          r"now method\.adalora\.tinit\)"):
+        load_config(overrides=["method.name=adalora", "method.tinit=0.2"])
+    with pytest.raises(ConfigError, match="method.adalora.tinit/tfinal"):
+        load_config(overrides=["method.name=adalora", "method.adalora.tinit=0.9"])
+
+
+def test_stored_configs_of_older_versions_are_upgraded():
+    from adaptune.config import upgrade_stored
+
+    old = to_dict(RunConfig())
+    method = old["method"]
+    method.update(method.pop("adalora"))  # the flat layout before method sections
+    method["name"], method["tinit"] = "adalora", 0.3
+    upgraded = from_dict(upgrade_stored(old))
+    assert upgraded.method.adalora.tinit == 0.3 and upgraded.method.name == "adalora"
+
+
+def test_duplicate_yaml_keys_are_an_error(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  lr: 1.0e-3\nmethod:\n  rank: 4\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml, line 5: key 'train' is given twice in "
+                                          r"one section \(first on line 1\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.log_every=0", "train.log_every: expected a positive integer"),
+    ("train.seed=-1", r"train.seed: expected an integer in \[0, 2\*\*32\)"),
+    ("train.epochs=inf", "train.epochs: expected a finite number"),
+])
+def test_values_that_would_crash_mid_run_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])

@@ -8,14 +8,13 @@ import random
 import pytest
 import torch
 
-from adaptune.config import DataConfig, RunConfig
+from adaptune.config import DataConfig
 from adaptune.domain import adapt_and_finetune
 from adaptune.errors import ConfigError, DataError
 from adaptune.tasks import lm
 from adaptune.train import load_tokenizer, run
-from conftest import DATA, tiny_config
+from conftest import DATA, needs_data, tiny_config
 
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not present")
 
 
 def test_cleaning_and_exact_duplicates():
@@ -32,8 +31,9 @@ def test_named_corpora_from_real_files():
     docs, stats, _ = lm.load_corpus(DataConfig(task="lm", dataset="bc5cdr_text",
                                                data_dir=str(DATA)))
     assert stats.documents_read == 4560 and stats.too_short == 13  # e.g. "( ABSTRACT TRUNCATED )"
-    train = lm.load(DataConfig(task="lm", dataset="pubmed", data_dir=str(DATA)), "train", 0)
-    dev = lm.load(DataConfig(task="lm", dataset="pubmed", data_dir=str(DATA)), "dev", 7)
+    pubmed = DataConfig(task="lm", dataset="pubmed", data_dir=str(DATA))
+    train = lm.LanguageModelTask().load(pubmed, "train", 0)
+    dev = lm.LanguageModelTask().load(pubmed, "dev", 7)
     assert len(dev) == int(0.05 * (len(train) + len(dev)))
     assert not {ex.text for ex in train} & {ex.text for ex in dev}
 
@@ -95,7 +95,11 @@ def test_two_stage_run_records_both_stages(tiny_encoder, cls_files, tmp_path):
                         "train": {"max_steps": 4, "precision": "fp32", "num_threads": 1}})
     d = result.domain
     assert d["documents_kept"] == 60 and d["heldout_documents"] == 3
-    assert d["perplexity_after"] < d["perplexity_before"]
+    # Both stages ran and are recorded. The corpus draws words independently, so there is no
+    # context for the adapted encoder to learn beyond what the head-only fit ("before") already
+    # captures: after/before measured 0.9982-0.9998 over seeds 42, 1, 2. Assert it is not
+    # worse beyond 1%, not a knife-edge "better".
+    assert d["perplexity_after"] <= 1.01 * d["perplexity_before"]
     assert result.task["optimizer_steps"] == 4 and "accuracy" in result.task["dev"]
     assert (tmp_path / "run" / "domain-model" / "config.json").exists()
     assert (tmp_path / "run" / "result.json").exists()
@@ -103,7 +107,7 @@ def test_two_stage_run_records_both_stages(tiny_encoder, cls_files, tmp_path):
 
 def test_domain_adapter_reloaded_and_merged_gives_the_same_perplexity(tiny_encoder, tmp_path):
     from adaptune import api
-    from adaptune.train import evaluate, prepare
+    from adaptune.train import prepare
 
     cfg = tiny_config(tiny_encoder, _corpus(tmp_path), "", tmp_path / "lm",
                       model={"max_length": 64},
@@ -113,8 +117,7 @@ def test_domain_adapter_reloaded_and_merged_gives_the_same_perplexity(tiny_encod
     p = prepare(cfg)
 
     def ppl(model):
-        return evaluate(model, p.task, p.dev_examples, p.dev_features, p.labels, p.tokenizer,
-                        cfg)["perplexity"]
+        return p.evaluate(model)["perplexity"]
 
     reloaded, merged = api.load(result.adapter_dir), api.load(result.adapter_dir, merge=True)
     assert ppl(reloaded.model) == pytest.approx(result.metrics["dev"]["perplexity"], rel=1e-6)
@@ -150,10 +153,12 @@ def test_bad_corpora(tiny_encoder, tiny_decoder, tmp_path):
 def test_decoder_causal_lm_perplexity(tiny_decoder, tmp_path):
     cfg = tiny_config(tiny_decoder, _corpus(tmp_path), "", tmp_path / "clm",
                       model={"max_length": 64}, data={"task": "lm", "dev_path": ""},
-                      method={"rank": 4}, train={"max_steps": 8, "lr": 1e-2})
+                      method={"rank": 4}, train={"max_steps": 24, "lr": 1e-2})
     from adaptune.train import evaluate_untrained
 
     before = evaluate_untrained(cfg)["perplexity"]
     after = run(cfg).metrics["dev"]["perplexity"]
-    assert after < before
-    assert isinstance(RunConfig(), RunConfig) and torch.isfinite(torch.tensor(after))
+    # The decoder learns the corpus's 10-word vocabulary: after/before 0.87-0.91 at seeds 42
+    # and 1 (0.95 at 8 steps, too close to call on another machine's rounding).
+    assert after < 0.95 * before
+    assert torch.isfinite(torch.tensor(after))

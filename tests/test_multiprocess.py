@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,3 +48,33 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_encoder, cls_fi
     assert abs(one["dev"]["accuracy"] - two["dev"]["accuracy"]) <= 2 / 12 + 1e-9
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
         ["adapter", "config.json", "metrics.json"]
+
+
+def test_two_runs_in_one_launched_process(tiny_encoder, cls_files, tmp_path):
+    """A script that calls run() twice under `accelerate launch` with 2 processes (as domain
+    adaptation does): the process group must survive the first run (accelerate's
+    end_training() would destroy it) and be released once, at exit."""
+    train, dev = cls_files
+    script = tmp_path / "two_runs.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import tiny_config
+from adaptune.recipe import release_process_group
+from adaptune.train import run
+try:
+    for name in ("first", "second"):
+        run(tiny_config({tiny_encoder!r}, {train!r}, {dev!r}, {str(tmp_path)!r} + "/" + name,
+                        train={{"max_steps": 2}}))
+finally:
+    release_process_group()
+""")
+    env = {**os.environ, "ADAPTUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "2",
+           "--multi_gpu", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("first", "second"):
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["num_processes"] == 2 and metrics["optimizer_steps"] == 2

@@ -8,9 +8,10 @@ from adaptune.config import DataConfig
 from adaptune.errors import DataError
 from adaptune.tasks import ner
 from adaptune.train import load_tokenizer, run
-from conftest import DATA, tiny_config
+from conftest import DATA, needs_data, tiny_config
 
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not present")
+NER = ner.NerTask()
+
 
 
 @needs_data
@@ -22,7 +23,7 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not prese
     ("sec_filings", "train", None, {"O", "I-PER", "I-ORG", "I-LOC", "I-MISC"}),
 ])
 def test_readers_on_real_files(name, split, sentences, tags):
-    examples = ner.load(DataConfig(task="ner", dataset=name, data_dir=str(DATA)), split, 0)
+    examples = NER.load(DataConfig(task="ner", dataset=name, data_dir=str(DATA)), split, 0)
     if sentences:
         assert len(examples) == sentences
     seen = {t for ex in examples for t in ex.tags}
@@ -47,17 +48,17 @@ def test_alignment_round_trip_and_truncated_words(tiny_encoder):
                             ("B-PER", "I-PER", "O", "B-LOC"))]
     labels = ["O", "B-LOC", "B-PER", "I-PER"]
     # Each character is a sub-token here: "Peter" has 5; the label sits on the first only.
-    feats = ner.encode(examples, tok, labels, max_length=64, split="dev")
+    feats = NER.encode(examples, tok, labels, max_length=64, split="dev")
     gold_ids = feats[0]["labels"]
     assert sum(1 for x in gold_ids if x != -100) == 4
     as_predictions = [[max(x, 0) for x in gold_ids]]
-    assert ner.decode(examples, feats, as_predictions, labels) == [list(examples[0].tags)]
+    assert NER.decode(examples, feats, as_predictions, labels) == [list(examples[0].tags)]
     # Truncated: [CLS] + 14 sub-tokens + [SEP] keeps "Peter" and "Blackburn" (5 + 9).
-    feats = ner.encode(examples, tok, labels, max_length=16, split="dev")
-    decoded = ner.decode(examples, feats, [[max(x, 0) for x in feats[0]["labels"]]], labels)
+    feats = NER.encode(examples, tok, labels, max_length=16, split="dev")
+    decoded = NER.decode(examples, feats, [[max(x, 0) for x in feats[0]["labels"]]], labels)
     assert decoded == [["B-PER", "I-PER", "O", "O"]]
     # ...and the cut-off LOC entity still counts, as a miss.
-    assert ner.score(examples, feats, [[max(x, 0) for x in feats[0]["labels"]]],
+    assert NER.score(examples, feats, [[max(x, 0) for x in feats[0]["labels"]]],
                      labels)["recall"] == 0.5
 
 

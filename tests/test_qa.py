@@ -10,9 +10,8 @@ from adaptune.config import DataConfig
 from adaptune.errors import DataError
 from adaptune.tasks import qa
 from adaptune.train import load_tokenizer, run
-from conftest import DATA, tiny_config
+from conftest import DATA, needs_data, tiny_config
 
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not present")
 
 
 def test_official_normalisation_and_scores():
@@ -45,12 +44,12 @@ def test_answer_start_mismatch_names_the_question(tmp_path):
 @needs_data
 def test_squad_split_by_article_and_windows(tiny_encoder):
     cfg = DataConfig(task="qa", dataset="squad_v2_dev_part", data_dir=str(DATA))
-    train, dev = qa.load(cfg, "train", 0), qa.load(cfg, "dev", 0)
+    train, dev = qa.QaTask().load(cfg, "train", 0), qa.QaTask().load(cfg, "dev", 0)
     assert len(train) + len(dev) == 6078
     assert {ex.article for ex in train}.isdisjoint({ex.article for ex in dev})
     assert max(ex.article for ex in train) == 11
     tok = load_tokenizer(tiny_encoder)
-    feats = qa.encode(dev[:20], tok, [], max_length=128, split="dev")
+    feats = qa.QaTask().encode(dev[:20], tok, [], max_length=128, split="dev")
     assert len(feats) > 20  # character-level tokens: every context needs several windows
     # Gold positions decode back to the gold text where the answer lies inside the window.
     for f in feats:

@@ -3,11 +3,6 @@ the same adapter weights and metrics as the run that was never interrupted."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -15,7 +10,7 @@ import torch
 from adaptune import checkpoint as ckpt
 from adaptune import train
 from adaptune.safe_io import load_safetensors
-from conftest import tiny_config
+from conftest import run_victim, tiny_config
 
 STEPS = 15
 
@@ -26,7 +21,9 @@ class Killed(BaseException):
 
 def _config(tiny_encoder, cls_files, out, method="lora"):
     return tiny_config(tiny_encoder, *cls_files, out,
-                       method={"name": method, "rank": 4, "init_rank": 6, "delta_t": 1},
+                       method={"name": method, "rank": 4,
+                               **({"adalora": {"init_rank": 6, "delta_t": 1}}
+                                  if method == "adalora" else {})},
                        train={"max_steps": STEPS, "checkpoint_every": 2, "eval_every": 5,
                               "batch_size": 8})
 
@@ -81,7 +78,7 @@ def test_killed_run_resumes_exactly(where, method, tiny_encoder, cls_files, tmp_
         elif where == "evaluation":
             _kill_in(patch, train, "evaluate", 2)  # the evaluation at step 10
         else:  # inside the checkpoint write at step 12, after its weights are on disk
-            def half_write(out, accelerator, model, optimizer, scheduler, state):
+            def half_write(out, *rest):
                 (ckpt._dir(out) / ".tmp-step-12-x").mkdir(parents=True)
                 (ckpt._dir(out) / ".tmp-step-12-x" / "weights.safetensors").write_bytes(b"x")
             _kill_in(patch, ckpt, "save", 6, after=half_write)
@@ -99,30 +96,16 @@ def test_killed_run_resumes_exactly(where, method, tiny_encoder, cls_files, tmp_
     assert not (tmp_path / "run" / ckpt.CHECKPOINTS).exists()  # cleaned up when complete
 
 
+@pytest.mark.integration
 def test_sigkill_in_a_real_process_then_resume(tiny_encoder, cls_files, tmp_path):
     """A real SIGKILL (no cleanup runs at all) in the middle of training."""
     cfg = _config(tiny_encoder, cls_files, tmp_path / "run")
     (tmp_path / "cfg.json").write_text(cfg.to_json())
-    script = tmp_path / "victim.py"
-    script.write_text(textwrap.dedent(f"""
-        import json, os, signal, sys, torch
-        sys.path.insert(0, {str(os.path.dirname(__file__))!r})
-        torch.set_num_threads(1)
+    run_victim(tmp_path, f"""
         from adaptune.config import from_dict
         from adaptune import train
-        original, calls = torch.nn.utils.clip_grad_norm_, [0]
-        def clip(*a, **k):
-            calls[0] += 1
-            if calls[0] == 11:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original(*a, **k)
-        torch.nn.utils.clip_grad_norm_ = clip
         train.run(from_dict(json.loads(open({str(tmp_path / 'cfg.json')!r}).read())))
-    """))
-    env = {**os.environ, "ADAPTUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    """, kill_at_clip=11)
     assert ckpt.latest(tmp_path / "run").name == "step-10"
     resumed = train.run(cfg)
     expected = train.run(_config(tiny_encoder, cls_files, tmp_path / "ref"))

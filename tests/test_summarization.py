@@ -10,9 +10,8 @@ from adaptune.config import DataConfig
 from adaptune.errors import ConfigError, DataError
 from adaptune.tasks import summarization as summ
 from adaptune.train import load_tokenizer, run
-from conftest import DATA, tiny_config
+from conftest import DATA, needs_data, tiny_config
 
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not present")
 
 
 def test_rouge_hand_cases():
@@ -32,8 +31,8 @@ def test_rouge_hand_cases():
 ])
 @pytest.mark.filterwarnings("ignore:.*empty document")
 def test_readers_on_real_files(name, split, count, refs):
-    examples = summ.load(DataConfig(task="summarization", dataset=name, data_dir=str(DATA)),
-                         split, 0)
+    examples = summ.SummarizationTask().load(
+        DataConfig(task="summarization", dataset=name, data_dir=str(DATA)), split, 0)
     assert len(examples) == count
     assert min(len(ex.references) for ex in examples) >= refs
 
@@ -49,14 +48,14 @@ def test_empty_summary_target_names_file_and_id(tmp_path):
 def test_loss_counts_only_summary_tokens(tiny_decoder):
     tok = load_tokenizer(tiny_decoder)
     ex = [summ.Example("1", "a long document about cats", ("cats",))]
-    from adaptune.config import RunConfig
+    from adaptune.config import GenerationConfig
 
-    cfg = RunConfig().replace(generation={"prompt": "{document} tl;dr:", "max_new_tokens": 8})
-    feat = summ.encode(ex, tok, [], 96, "train", cfg)[0]
+    task = summ.SummarizationTask(GenerationConfig(prompt="{document} tl;dr:", max_new_tokens=8))
+    feat = task.encode(ex, tok, [], 96, "train")[0]
     scored = [t for t, label in zip(feat["input_ids"], feat["labels"]) if label != -100]
     assert tok.decode(scored[:-1]).replace(" ", "") == "cats"
     assert scored[-1] == tok.eos_token_id
-    dev = summ.encode(ex, tok, [], 96, "dev", cfg)[0]
+    dev = task.encode(ex, tok, [], 96, "dev")[0]
     assert "labels" not in dev and dev["input_ids"] == feat["input_ids"][:len(dev["input_ids"])]
 
 

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
 from adaptune import sweep
 from adaptune.errors import ConfigError
+from conftest import run_victim
 
 
 def _grid_dict(model: str, cls_files, **changes) -> dict:
@@ -152,6 +148,7 @@ def test_a_failing_cell_is_recorded_and_retried(tiny_encoder, cls_files, tmp_pat
     assert summary.done == 1 and summary.failed == []
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kill_at", ["mid-training", "before-record"])
 def test_killed_sweep_restarts_to_a_complete_set(tiny_encoder, cls_files, tmp_path, kill_at):
     """SIGKILL the runner inside the second cell (during training, or after the run finished
@@ -159,36 +156,21 @@ def test_killed_sweep_restarts_to_a_complete_set(tiny_encoder, cls_files, tmp_pa
     grid_file = tmp_path / "grid.json"
     grid_file.write_text(json.dumps(_grid_dict(tiny_encoder, cls_files)))
     out = tmp_path / "results"
-    script = tmp_path / "victim.py"
-    script.write_text(textwrap.dedent(f"""
-        import json, os, signal, torch
-        torch.set_num_threads(1)
-        from adaptune import sweep, safe_io
+    run_victim(tmp_path, f"""
+        from adaptune import sweep
         cells = [0]
-        if {kill_at!r} == "mid-training":
-            original, calls = torch.nn.utils.clip_grad_norm_, [0]
-            def clip(*a, **k):
-                calls[0] += 1
-                if calls[0] == 4 + 2:  # cell 1 takes 4 steps; die at step 2 of cell 2
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return original(*a, **k)
-            torch.nn.utils.clip_grad_norm_ = clip
-        else:
+        if {kill_at!r} == "before-record":
             original_write = sweep.write_json
             def write(path, data):
                 if path.parent.name == "cells":
                     cells[0] += 1
                     if cells[0] == 2:
-                        os.kill(os.getpid(), signal.SIGKILL)
+                        die()
                 return original_write(path, data)
             sweep.write_json = write
         grid = sweep.grid_from_dict(json.loads(open({str(grid_file)!r}).read()))
         sweep.run_grid(grid, {str(out)!r})
-    """))
-    env = {**os.environ, "ADAPTUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    """, kill_at_clip=4 + 2 if kill_at == "mid-training" else None)  # cell 1 takes 4 steps
     assert len(list((out / "cells").glob("*.json"))) == 1  # only the first cell counts
     assert any((out / "work").iterdir())  # the second cell's half-done run is there
 

@@ -1,66 +1,152 @@
-"""Task registry. Every task module has the same shape and exports one `TASK`:
+"""Tasks: one module per task, each a subclass of `Task` that states only what differs.
 
-    load(data_cfg, split, seed)            -> examples (train or dev), validated
-    label_space(train, dev, path)          -> label names (empty for label-free tasks)
-    encode(examples, tokenizer, labels, max_length, split, config) -> features (plain dicts)
-    collate(features, pad_id)              -> a batch of tensors
-    build_head(hidden_size, labels, family, backbone_config) -> the head ("task_head.*" parameters)
-    predict(model, batch, config, tokenizer) -> one prediction per feature
+`Task` supplies the shared skeleton -- loading a split (named data set or the user's files, the
+fixed 80/10/10 split of single-file sets, the seeded subset), the model inputs of a tokenizer's
+output, argmax prediction, decoding predictions back to examples -- and a task fills in:
+
+    read(path, cfg, spec)                      -> examples of one file, validated
+    label_space(train, dev)                    -> label names (empty for label-free tasks)
+    encode(examples, tokenizer, labels, max_length, split) -> features (plain dicts)
+    build_head(hidden_size, labels, model, backbone_config) -> the head ("task_head.*")
+    predict(model, batch, tokenizer)           -> one prediction per feature
     score(examples, features, predictions, labels) -> metrics
-    decode(examples, features, predictions, labels) -> one output per example (for users)
-    make_examples(raw inputs)              -> examples without gold labels (for prediction)
-    check(config, family)                  -> raises if the task cannot use this model
+    make_examples(raw inputs)                  -> examples without gold labels (prediction)
+    check(model)                               -> raises if the task cannot use this model
 
-so the training flow treats all of them alike.
+A task instance holds its own options (summarization its generation settings, language
+modelling its objective and seed): `build_task(config)` is the one place they are read from a
+RunConfig, so tasks never see the whole config.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
+from adaptune.config import DataConfig, RunConfig
+from adaptune.data import (DatasetSpec, pad_collate, require_nonempty, split_paths,
+                           split_single_file, take_subset)
 from adaptune.errors import ConfigError
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-@dataclass(frozen=True)
+    from adaptune.spec import ModelSpec
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
 class Task:
-    name: str
-    main_metric: str  # higher is better
-    load: Callable[..., list]
-    label_space: Callable[..., list[str]]
-    encode: Callable[..., list[dict]]
-    collate: Callable[..., dict[str, Any]]
-    build_head: Callable[..., Any]
-    predict: Callable[..., list]
-    score: Callable[..., dict[str, float]]
-    decode: Callable[..., list]
-    make_examples: Callable[..., list]
-    datasets: dict[str, Any] = field(default_factory=dict)
-    lm_head: bool = False  # the backbone keeps its LM output layer (generation tasks)
-    higher_is_better: bool = True  # of main_metric (perplexity: lower is better)
-    # (run config, model family) -> None; raises ConfigError for a model the task cannot use
-    check: Callable[..., None] = lambda config, family: None
-    default_dataset: str = ""
+    name: ClassVar[str]
+    main_metric: ClassVar[str]
+    higher_is_better: ClassVar[bool] = True  # of main_metric (perplexity: lower is better)
+    lm_head: ClassVar[bool] = False  # the backbone keeps its LM output layer (generation)
+    datasets: ClassVar[dict[str, DatasetSpec]] = {}
+    default_dataset: ClassVar[str] = ""
+    target_keys: ClassVar[tuple[str, ...]] = ("labels",)  # batch fields that are gold targets
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> "Task":
+        """The task with its options taken from a run config (none, by default)."""
+        return cls()
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def load(self, cfg: DataConfig, split: str, seed: int) -> list:
+        """The examples of one split ("train" or "dev"): the user's file if given, else the
+        named data set's; split if the set has one file; subset as configured."""
+        named = self.datasets.get(cfg.dataset)
+        path = split_paths(cfg, named)[split]
+        explicit = cfg.train_path if split == "train" else cfg.dev_path
+        spec = None if explicit else named
+        examples = self.split(self.read(path, cfg, spec), split, spec)
+        examples = take_subset(examples, cfg, seed, split)
+        require_nonempty(examples, path, split)
+        return examples
+
+    def read(self, path: Path, cfg: DataConfig, spec: DatasetSpec | None) -> list:
+        """Every example of one file (`spec` is the named set's entry, None for a user file)."""
+        raise NotImplementedError
+
+    def split(self, examples: list, split: str, spec: DatasetSpec | None) -> list:
+        """A named set that ships one file is split 80/10/10 with a fixed seed."""
+        if spec is not None and not spec.dev:
+            return split_single_file(examples, split)
+        return examples
+
+    def label_space(self, train: list, dev: list) -> list[str]:
+        return []
+
+    def check(self, model: "ModelSpec") -> None:
+        """Raise ConfigError if the task cannot use this model."""
+
+    # -- features -------------------------------------------------------------------------------
+
+    def encode(self, examples: list, tokenizer: Any, labels: list[str], max_length: int,
+               split: str) -> list[dict]:
+        raise NotImplementedError
+
+    def collate(self, features: Sequence[dict], pad_id: int) -> dict[str, Any]:
+        return pad_collate(features, pad_id)
+
+    # -- model ----------------------------------------------------------------------------------
+
+    def build_head(self, hidden_size: int, labels: list[str], model: "ModelSpec",
+                   backbone_config: Any) -> "nn.Module":
+        raise NotImplementedError
+
+    def predict(self, model: "nn.Module", batch: dict[str, "torch.Tensor"],
+                tokenizer: Any) -> list:
+        """Default: the argmax of the head's logits (per example or per token)."""
+        inputs = {k: v for k, v in batch.items() if k not in self.target_keys}
+        return model(**inputs).logits.argmax(-1).tolist()
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def score(self, examples: list, features: list[dict], predictions: list,
+              labels: list[str]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def decode(self, examples: list, features: list[dict], predictions: list,
+               labels: list[str]) -> list:
+        """One output per example, for users: each feature's prediction goes to its example
+        (`output` turns it into what a user sees)."""
+        out: list[Any] = [None] * len(examples)
+        for feature, prediction in zip(features, predictions):
+            out[feature["_example"]] = self.output(prediction, labels)
+        return out
+
+    def output(self, prediction: Any, labels: list[str]) -> Any:
+        return prediction
+
+    def make_examples(self, inputs: Sequence[Any]) -> list:
+        raise NotImplementedError
 
 
-def no_labels(train: list, dev: list) -> list[str]:
-    """label_space of the tasks without a label set (QA, summarization, language modelling)."""
-    return []
+def model_inputs(encoding: Any, i: int) -> dict[str, list[int]]:
+    """Row `i` of a tokenizer's batch output, as a feature's model inputs."""
+    return {key: encoding[key][i] for key in MODEL_INPUTS if key in encoding}
 
 
-# Task name -> module; imported on first use so that a task's dependencies load only when needed.
-TASK_MODULES = {
-    "classification": "adaptune.tasks.classification",
-    "ner": "adaptune.tasks.ner",
-    "qa": "adaptune.tasks.qa",
-    "summarization": "adaptune.tasks.summarization",
-    "lm": "adaptune.tasks.lm",
+# Task name -> "module:Class"; imported on first use so that a task's dependencies load only
+# when needed.
+TASKS = {
+    "classification": "adaptune.tasks.classification:ClassificationTask",
+    "ner": "adaptune.tasks.ner:NerTask",
+    "qa": "adaptune.tasks.qa:QaTask",
+    "summarization": "adaptune.tasks.summarization:SummarizationTask",
+    "lm": "adaptune.tasks.lm:LanguageModelTask",
 }
 
 
-def get_task(name: str) -> Task:
-    import importlib
+def task_class(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise ConfigError(f"data.task: unknown task {name!r}; known: {', '.join(TASKS)}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
-    if name not in TASK_MODULES:
-        raise ConfigError(f"data.task: unknown task {name!r}; known: {', '.join(TASK_MODULES)}")
-    return importlib.import_module(TASK_MODULES[name]).TASK
+
+def build_task(config: RunConfig) -> Task:
+    return task_class(config.data.task).from_config(config)

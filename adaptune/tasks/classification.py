@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,11 @@ import torch
 from torch import nn
 
 from adaptune.config import DataConfig
-from adaptune.data import (DatasetSpec, pad_collate, read_lines, require_nonempty,
-                           split_paths, split_single_file, take_subset)
+from adaptune.data import DatasetSpec, read_jsonl_rows, read_lines
 from adaptune.errors import DataError
 from adaptune.modeling import TaskOutput, last_token_pool, mean_pool
-from adaptune.tasks import Task
+from adaptune.spec import ModelSpec
+from adaptune.tasks import Task, model_inputs
 
 
 @dataclass(frozen=True)
@@ -116,16 +115,14 @@ def _read_trec(path: Path, cfg: DataConfig, encoding: str) -> list[Example]:
 
 def _read_jsonl(path: Path, cfg: DataConfig, encoding: str) -> list[Example]:
     out = []
-    for number, line in read_lines(path, encoding):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"not valid JSON: {exc.msg}", path, number) from None
-        fields = _fields(cfg)
-        if not isinstance(row, dict) or any(f not in row for f in fields):
+    fields = _fields(cfg)
+    for number, row in read_jsonl_rows(path, encoding):
+        if any(f not in row for f in fields):
             raise DataError(f"expected a JSON object with fields {fields}", path, number)
+        empty = [f for f in fields if row[f] is None or isinstance(row[f], (dict, list, bool))]
+        if empty:
+            raise DataError(f"field {empty[0]!r} is {row[empty[0]]!r}, expected text", path,
+                            number)
         out.append(Example(str(row[cfg.text_field]), str(row[cfg.label_field]),
                            str(row[cfg.text_pair_field]) if cfg.text_pair_field else None,
                            f"{path}:{number}"))
@@ -146,58 +143,76 @@ def _reader_for(path: Path) -> str:
     return {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}.get(path.suffix, "tsv")
 
 
-def load(cfg: DataConfig, split: str, seed: int) -> list[Example]:
-    spec = DATASETS.get(cfg.dataset)
-    path = split_paths(cfg, spec)[split]
-    explicit = cfg.train_path if split == "train" else cfg.dev_path
-    reader = spec.reader if spec and not explicit else _reader_for(path)
-    examples = READERS[reader](path, cfg, spec.encoding if spec and not explicit else "utf-8")
-    for ex in examples:
-        if not ex.text:
-            raise DataError("empty text", *ex.where.rsplit(":", 1))
-    if spec is not None and not spec.dev and not explicit:
-        examples = split_single_file(examples, split)
-    examples = take_subset(examples, cfg, seed, split)
-    require_nonempty(examples, path, split)
-    return examples
+class ClassificationTask(Task):
+    name, main_metric = "classification", "accuracy"
+    datasets, default_dataset = DATASETS, "sst2"
 
+    def read(self, path: Path, cfg: DataConfig, spec: DatasetSpec | None) -> list[Example]:
+        reader = spec.reader if spec else _reader_for(path)
+        examples = READERS[reader](path, cfg, spec.encoding if spec else "utf-8")
+        for ex in examples:
+            if not ex.text:
+                raise DataError("empty text", *ex.where.rsplit(":", 1))
+        return examples
 
-def label_space(train: list[Example], dev: list[Example], dev_path: str = "") -> list[str]:
-    labels = sorted({ex.label for ex in train})
-    unseen = sorted({ex.label for ex in dev} - set(labels))
-    if unseen:
-        first = next(ex.where for ex in dev if ex.label in unseen)
-        raise DataError(f"dev labels {unseen} never occur in the training data (first at "
-                        f"{first}); training labels: {labels}")
-    if len(labels) < 2:
-        raise DataError(f"the training data has only the label(s) {labels}; need at least 2")
-    return labels
+    def label_space(self, train: list[Example], dev: list[Example]) -> list[str]:
+        labels = sorted({ex.label for ex in train})
+        unseen = sorted({ex.label for ex in dev} - set(labels))
+        if unseen:
+            first = next(ex.where for ex in dev if ex.label in unseen)
+            raise DataError(f"dev labels {unseen} never occur in the training data (first at "
+                            f"{first}); training labels: {labels}")
+        if len(labels) < 2:
+            raise DataError(f"the training data has only the label(s) {labels}; need at least 2")
+        return labels
+
+    def encode(self, examples: list[Example], tokenizer: Any, labels: list[str],
+               max_length: int, split: str) -> list[dict]:
+        texts = [ex.text for ex in examples]
+        pairs = [ex.pair for ex in examples] if examples and examples[0].pair is not None \
+            else None
+        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        index = {label: i for i, label in enumerate(labels)}
+        features = []
+        for i, ex in enumerate(examples):
+            feature = model_inputs(enc, i)
+            if ex.label is not None:
+                feature["labels"] = index[ex.label]
+            feature["_example"] = i
+            features.append(feature)
+        return features
+
+    def build_head(self, hidden_size: int, labels: list[str], model: ModelSpec,
+                   backbone_config: Any = None) -> nn.Module:
+        if model.pooling == "mean":
+            return ClassificationHead(hidden_size, len(labels), "mean", dropout=0.1)
+        # No dropout on a decoder's last-token state (as in transformers'
+        # *ForSequenceClassification heads for GPT-style models): a few of its features carry
+        # very large values (smollm2-135m: the largest is 30-40x the median feature and holds
+        # 22-35% of the squared norm), so dropping one swings the logits. Measured effect on
+        # SST-2 dev accuracy: +0.1 points over 6 seeds, within noise
+        # (benchmarks/results/throughput_cpu_decoder_seeds.md).
+        return ClassificationHead(hidden_size, len(labels), "last", dropout=0.0)
+
+    def score(self, examples: list[Example], features: list[dict], predictions: list[int],
+              labels: list[str]) -> dict[str, float]:
+        gold = [labels.index(ex.label) for ex in examples]
+        pred = [0] * len(examples)
+        for feature, p in zip(features, predictions):
+            pred[feature["_example"]] = p
+        return classification_metrics(gold, pred, len(labels))
+
+    def output(self, prediction: int, labels: list[str]) -> str:
+        return labels[prediction]
+
+    def make_examples(self, inputs: list[str | tuple[str, str]]) -> list[Example]:
+        """Texts, or (text, pair) tuples, to examples without labels."""
+        return [Example(x[0], None, x[1]) if isinstance(x, tuple) else Example(x, None)
+                for x in inputs]
 
 
 # ---------------------------------------------------------------------------------------------
-# Collate and encode.
-
-
-def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_length: int,
-           split: str, config: Any = None) -> list[dict]:
-    texts = [ex.text for ex in examples]
-    pairs = [ex.pair for ex in examples] if examples and examples[0].pair is not None else None
-    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-    index = {label: i for i, label in enumerate(labels)}
-    features = []
-    for i, ex in enumerate(examples):
-        feature = {key: enc[key][i] for key in ("input_ids", "attention_mask", "token_type_ids")
-                   if key in enc}
-        if ex.label is not None:
-            feature["labels"] = index[ex.label]
-        feature["_example"] = i
-        features.append(feature)
-    return features
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Model head.
+# Model head and metrics.
 
 
 class ClassificationHead(nn.Module):
@@ -218,37 +233,6 @@ class ClassificationHead(nn.Module):
         return TaskOutput(loss, logits)
 
 
-def build_head(hidden_size: int, labels: list[str], family: str,
-               backbone_config: Any = None) -> nn.Module:
-    if family == "encoder":
-        return ClassificationHead(hidden_size, len(labels), "mean", dropout=0.1)
-    # No dropout on a decoder's last-token state (as in transformers' *ForSequenceClassification
-    # heads for GPT-style models): a few of its features carry very large values (smollm2-135m:
-    # the largest is 30-40x the median feature and holds 22-35% of the squared norm), so
-    # dropping one swings the logits. Measured effect on SST-2 dev accuracy: +0.1 points over 6
-    # seeds, within noise (benchmarks/results/throughput_cpu_decoder_seeds.md).
-    return ClassificationHead(hidden_size, len(labels), "last", dropout=0.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Decode and metrics.
-
-
-def predict(model: nn.Module, batch: dict[str, torch.Tensor], config: Any = None,
-            tokenizer: Any = None) -> list[int]:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return model(**inputs).logits.argmax(-1).tolist()
-
-
-def score(examples: list[Example], features: list[dict], predictions: list[int],
-          labels: list[str]) -> dict[str, float]:
-    gold = [labels.index(ex.label) for ex in examples]
-    pred = [0] * len(examples)
-    for feature, p in zip(features, predictions):
-        pred[feature["_example"]] = p
-    return classification_metrics(gold, pred, len(labels))
-
-
 def classification_metrics(gold: list[int], pred: list[int], num_labels: int) -> dict[str, float]:
     """Accuracy, and macro-F1 over the classes that occur in gold or predictions (as
     scikit-learn's f1_score(average="macro") does, where a class with no support and no
@@ -263,24 +247,3 @@ def classification_metrics(gold: list[int], pred: list[int], num_labels: int) ->
             continue
         f1s.append(2 * tp / (2 * tp + fp + fn))
     return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s)}
-
-
-def decode(examples: list[Example], features: list[dict], predictions: list[int],
-           labels: list[str]) -> list[str]:
-    out = [""] * len(examples)
-    for feature, p in zip(features, predictions):
-        out[feature["_example"]] = labels[p]
-    return out
-
-
-def make_examples(inputs: list[str | tuple[str, str]]) -> list[Example]:
-    """Texts, or (text, pair) tuples, to examples without labels."""
-    return [Example(x[0], None, x[1]) if isinstance(x, tuple) else Example(x, None)
-            for x in inputs]
-
-
-TASK = Task(
-    name="classification", main_metric="accuracy", load=load, label_space=label_space,
-    encode=encode, collate=pad_collate, build_head=build_head, predict=predict, score=score,
-    decode=decode, make_examples=make_examples, datasets=DATASETS, default_dataset="sst2",
-)

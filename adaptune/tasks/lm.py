@@ -29,11 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptune.config import DataConfig
-from adaptune.data import data_root, pad_collate, read_lines
+from adaptune.config import DataConfig, RunConfig
+from adaptune.data import data_root, read_jsonl_rows, read_lines, take_subset
 from adaptune.errors import ConfigError, DataError
 from adaptune.modeling import CausalLMHead, TaskOutput
-from adaptune.tasks import Task, no_labels
+from adaptune.spec import Family, ModelSpec
+from adaptune.tasks import Task
 
 MASK_FRACTION, MASK_TOKEN, RANDOM_TOKEN = 0.15, 0.8, 0.1
 HELDOUT_FRACTION = 0.05
@@ -86,11 +87,10 @@ def _tsv_column(path: Path, column: str) -> list[str]:
 def _phrasebank_train(path: Path) -> list[str]:
     """Only the training part of the fixed split: the dev sentences must not leak into the
     domain corpus that the task is later evaluated after."""
-    from adaptune.tasks.classification import _read_phrasebank
-    from adaptune.data import split_single_file
+    from adaptune.tasks.classification import DATASETS, ClassificationTask
 
-    return [ex.text for ex in split_single_file(_read_phrasebank(path, DataConfig(), "latin-1"),
-                                                "train")]
+    task, spec = ClassificationTask(), DATASETS["financial_phrasebank"]
+    return [ex.text for ex in task.split(task.read(path, DataConfig(), spec), "train", spec)]
 
 
 # Named corpora: unlabelled in-domain text from the data root (training splits only).
@@ -110,21 +110,14 @@ CORPORA["bio"] = CORPORA["pubmed"] + CORPORA["bc5cdr_text"] + CORPORA["ncbi_text
 def read_corpus_file(path: Path, text_field: str = "text") -> list[str]:
     """Plain text (one document per line) or JSON lines with a text field."""
     path = Path(path)
+    if path.suffix not in (".jsonl", ".json"):
+        return [line for _, line in read_lines(path)]
     docs = []
-    for number, line in read_lines(path):
-        if path.suffix in (".jsonl", ".json"):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"not valid JSON: {exc.msg}", path, number) from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise DataError(f"expected a JSON object with a string field {text_field!r}",
-                                path, number)
-            docs.append(row[text_field])
-        else:
-            docs.append(line)
+    for number, row in read_jsonl_rows(path):
+        if not isinstance(row.get(text_field), str):
+            raise DataError(f"expected a JSON object with a string field {text_field!r}",
+                            path, number)
+        docs.append(row[text_field])
     return docs
 
 
@@ -171,41 +164,12 @@ def load_corpus(cfg: DataConfig) -> tuple[list[str], CorpusStats, str]:
     return kept, stats, where
 
 
-def load(cfg: DataConfig, split: str, seed: int) -> list[Example]:
-    """train: the corpus minus the held-out slice; dev: the held-out slice (or data.dev_path)."""
-    if split == "dev" and cfg.dev_path:
-        docs, _ = clean(read_corpus_file(Path(cfg.dev_path), cfg.text_field))
-    else:
-        docs, stats, where = load_corpus(cfg)
-        if len(docs) < 2:
-            raise DataError(f"{where}: need at least 2 distinct documents (one to hold out); "
-                            f"{stats.documents_read} read, {stats.duplicates} exact duplicates "
-                            f"and {stats.too_short} too short removed, {len(docs)} left")
-        order = list(range(len(docs)))
-        random.Random(1234).shuffle(order)  # fixed: every run holds out the same documents
-        n_held = max(1, int(HELDOUT_FRACTION * len(docs)))
-        held = set(order[:n_held])
-        if split == "train" and not cfg.dev_path:
-            docs = [d for i, d in enumerate(docs) if i not in held]
-        elif split == "dev":
-            docs = [d for i, d in enumerate(docs) if i in held]
-    examples = [Example(d) for d in docs]
-    if split == "train":
-        if cfg.train_fraction < 1:
-            examples = examples[:max(1, int(len(examples) * cfg.train_fraction))]
-        if cfg.max_train_examples:
-            examples = examples[:cfg.max_train_examples]
-    elif cfg.max_dev_examples:
-        examples = examples[:cfg.max_dev_examples]
-    return examples
-
-
 # ---------------------------------------------------------------------------------------------
 # Encode: pack into blocks; static masking for masked LM.
 
 
-def objective(tokenizer: Any, cfg: DataConfig) -> str:
-    wanted = cfg.lm_objective
+def objective(tokenizer: Any, wanted: str) -> str:
+    """"mlm" or "clm": the one asked for, checked against the tokenizer ("auto" picks)."""
     has_mask = tokenizer.mask_token_id is not None
     if wanted == "auto":
         return "mlm" if has_mask else "clm"
@@ -251,36 +215,124 @@ def mask_tokens(ids: list[int], tokenizer: Any, rng: random.Random) -> tuple[lis
     return inputs, labels
 
 
-def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_length: int,
-           split: str, config: Any = None) -> list[dict]:
-    data_cfg = config.data if config is not None else DataConfig()
-    kind = objective(tokenizer, data_cfg)
-    seed = (config.train.seed if config is not None else 0) + (0 if split == "train" else 10**6)
-    rng = random.Random(seed)
-    docs = [ex.text for ex in examples]
-    features = []
-    if kind == "mlm":
-        for block in pack(docs, tokenizer, max_length - 2, tokenizer.sep_token_id):
-            ids = [tokenizer.cls_token_id] + block + [tokenizer.sep_token_id]
-            inputs, target = mask_tokens(ids, tokenizer, rng)
-            features.append({"input_ids": inputs, "attention_mask": [1] * len(ids),
-                             "labels": target})
-    else:
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        for block in pack(docs, tokenizer, max_length - len(bos), tokenizer.eos_token_id):
-            ids = bos + block
-            features.append({"input_ids": ids, "attention_mask": [1] * len(ids),
-                             "labels": list(ids)})
-    for i, f in enumerate(features):
-        f["_example"] = i
-    if not features:
-        raise DataError(f"the {split} corpus packs into no block of at least 8 tokens")
-    return features
+# ---------------------------------------------------------------------------------------------
+# The task.
 
+
+@dataclass
+class LanguageModelTask(Task):
+    """Options: the objective (`data.lm_objective`) and the seed of the static masking."""
+
+    objective: str = "auto"
+    seed: int = 0
+    name, main_metric, higher_is_better = "lm", "perplexity", False
+    datasets, default_dataset = CORPORA, "bio"
+    lm_head = True
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> "LanguageModelTask":
+        return cls(config.data.lm_objective, config.train.seed)
+
+    def load(self, cfg: DataConfig, split: str, seed: int) -> list[Example]:
+        """train: the corpus minus the held-out slice; dev: the held-out slice (or
+        data.dev_path)."""
+        if split == "dev" and cfg.dev_path:
+            docs, _ = clean(read_corpus_file(Path(cfg.dev_path), cfg.text_field))
+        else:
+            docs, stats, where = load_corpus(cfg)
+            if len(docs) < 2:
+                raise DataError(f"{where}: need at least 2 distinct documents (one to hold out); "
+                                f"{stats.documents_read} read, {stats.duplicates} exact duplicates "
+                                f"and {stats.too_short} too short removed, {len(docs)} left")
+            order = list(range(len(docs)))
+            random.Random(1234).shuffle(order)  # fixed: every run holds out the same documents
+            n_held = max(1, int(HELDOUT_FRACTION * len(docs)))
+            held = set(order[:n_held])
+            if split == "train" and not cfg.dev_path:
+                docs = [d for i, d in enumerate(docs) if i not in held]
+            elif split == "dev":
+                docs = [d for i, d in enumerate(docs) if i in held]
+        # The same seeded subset as every other task (train_fraction means the same thing).
+        return take_subset([Example(d) for d in docs], cfg, seed, split)
+
+    def check(self, model: ModelSpec) -> None:
+        if model.family is Family.DECODER and self.objective == "mlm":
+            raise ConfigError("data.lm_objective=mlm needs an encoder (BERT-style) model; this "
+                              "one is a decoder: use data.lm_objective=clm (or auto)")
+        if model.family is Family.ENCODER and self.objective == "clm":
+            raise ConfigError("data.lm_objective=clm needs a decoder (GPT-style) model; this one "
+                              "is an encoder: use data.lm_objective=mlm (or auto)")
+
+    def encode(self, examples: list[Example], tokenizer: Any, labels: list[str],
+               max_length: int, split: str) -> list[dict]:
+        """Documents packed into blocks; masked LM chooses its positions once per block."""
+        kind = objective(tokenizer, self.objective)
+        seed = self.seed + (0 if split == "train" else 10**6)
+        rng = random.Random(seed)
+        docs = [ex.text for ex in examples]
+        features = []
+        if kind == "mlm":
+            for block in pack(docs, tokenizer, max_length - 2, tokenizer.sep_token_id):
+                ids = [tokenizer.cls_token_id] + block + [tokenizer.sep_token_id]
+                inputs, target = mask_tokens(ids, tokenizer, rng)
+                features.append({"input_ids": inputs, "attention_mask": [1] * len(ids),
+                                 "labels": target})
+        else:
+            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+            for block in pack(docs, tokenizer, max_length - len(bos), tokenizer.eos_token_id):
+                ids = bos + block
+                features.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                                 "labels": list(ids)})
+        for i, f in enumerate(features):
+            f["_example"] = i
+        if not features:
+            raise DataError(f"the {split} corpus packs into no block of at least 8 tokens")
+        return features
+
+    def build_head(self, hidden_size: int, labels: list[str], model: ModelSpec,
+                   backbone_config: Any = None) -> nn.Module:
+        if model.family is Family.DECODER:
+            return CausalLMHead()
+        eps = getattr(backbone_config, "layer_norm_eps", 1e-12)
+        return MaskedLMHead(hidden_size, backbone_config.vocab_size, eps)
+
+    def predict(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                tokenizer: Any) -> list[tuple[float, int]]:
+        """Per row: (summed loss over its predicted tokens, number of those tokens)."""
+        out = model(**batch)  # labels included: the masked-LM head keeps only masked positions
+        labels = batch["labels"]
+        if out.logits.dim() == 3:  # causal LM: position t predicts token t+1
+            losses = nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2),
+                                                 labels[:, 1:], ignore_index=-100, reduction="none")
+            counts = (labels[:, 1:] != -100).sum(1)
+            return list(zip(losses.sum(1).tolist(), counts.tolist()))
+        # masked LM: logits of every masked position of the batch, row after row
+        losses = nn.functional.cross_entropy(out.logits.float(), labels[labels != -100],
+                                             reduction="none")
+        rows, start = [], 0
+        for n in (labels != -100).sum(1).tolist():
+            rows.append((float(losses[start:start + n].sum()), n))
+            start += n
+        return rows
+
+    def score(self, examples: list[Example], features: list[dict],
+              predictions: list[tuple[float, int]], labels: list[str]) -> dict[str, float]:
+        total = sum(p[0] for p in predictions)
+        tokens = sum(p[1] for p in predictions)
+        loss = total / max(1, tokens)
+        return {"perplexity": math.exp(min(loss, 50.0)), "loss": loss, "tokens": float(tokens)}
+
+    def decode(self, examples: list[Example], features: list[dict], predictions: list,
+               labels: list[str] = ()) -> list[float]:
+        """Mean loss per predicted token of each block."""
+        return [p[0] / max(1, p[1]) for p in predictions]
+
+    def make_examples(self, inputs: list[str]) -> list[Example]:
+        return [Example(t) for t in inputs]
 
 
 # ---------------------------------------------------------------------------------------------
-# Model heads.
+# Model head.
 
 
 class MaskedLMHead(nn.Module):
@@ -307,71 +359,3 @@ class MaskedLMHead(nn.Module):
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.float(), labels)
         return TaskOutput(loss, logits)
-
-
-def build_head(hidden_size: int, labels: list[str], family: str,
-               backbone_config: Any = None) -> nn.Module:
-    if family == "decoder":
-        return CausalLMHead()
-    eps = getattr(backbone_config, "layer_norm_eps", 1e-12)
-    return MaskedLMHead(hidden_size, backbone_config.vocab_size, eps)
-
-
-# ---------------------------------------------------------------------------------------------
-# Decode and metrics.
-
-
-def predict(model: nn.Module, batch: dict[str, torch.Tensor], config: Any = None,
-            tokenizer: Any = None) -> list[tuple[float, int]]:
-    """Per row: (summed loss over its predicted tokens, number of those tokens)."""
-    out = model(**batch)  # labels included: the masked-LM head keeps only masked positions
-    labels = batch["labels"]
-    if out.logits.dim() == 3:  # causal LM: position t predicts token t+1
-        losses = nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2),
-                                             labels[:, 1:], ignore_index=-100, reduction="none")
-        counts = (labels[:, 1:] != -100).sum(1)
-        return list(zip(losses.sum(1).tolist(), counts.tolist()))
-    # masked LM: logits of every masked position of the batch, row after row
-    losses = nn.functional.cross_entropy(out.logits.float(), labels[labels != -100],
-                                         reduction="none")
-    rows, start = [], 0
-    for n in (labels != -100).sum(1).tolist():
-        rows.append((float(losses[start:start + n].sum()), n))
-        start += n
-    return rows
-
-
-def score(examples: list[Example], features: list[dict], predictions: list[tuple[float, int]],
-          labels: list[str]) -> dict[str, float]:
-    total = sum(p[0] for p in predictions)
-    tokens = sum(p[1] for p in predictions)
-    loss = total / max(1, tokens)
-    return {"perplexity": math.exp(min(loss, 50.0)), "loss": loss, "tokens": float(tokens)}
-
-
-def decode(examples: list[Example], features: list[dict], predictions: list,
-           labels: list[str] = ()) -> list[float]:
-    return [p[0] / max(1, p[1]) for p in predictions]
-
-
-def check(config: Any, family: str) -> None:
-    wanted = config.data.lm_objective
-    if family == "decoder" and wanted == "mlm":
-        raise ConfigError("data.lm_objective=mlm needs an encoder (BERT-style) model; this one "
-                          "is a decoder: use data.lm_objective=clm (or auto)")
-    if family == "encoder" and wanted == "clm":
-        raise ConfigError("data.lm_objective=clm needs a decoder (GPT-style) model; this one is "
-                          "an encoder: use data.lm_objective=mlm (or auto)")
-
-
-def make_examples(inputs: list[str]) -> list[Example]:
-    return [Example(t) for t in inputs]
-
-
-TASK = Task(
-    name="lm", main_metric="perplexity", load=load, label_space=no_labels, encode=encode,
-    collate=pad_collate, build_head=build_head, predict=predict, score=score, decode=decode,
-    make_examples=make_examples, datasets=CORPORA, lm_head=True, higher_is_better=False,
-    check=check,
-    default_dataset="bio",
-)

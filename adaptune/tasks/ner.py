@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from adaptune.config import DataConfig
-from adaptune.data import (DatasetSpec, pad_collate, read_lines, require_nonempty,
-                           split_paths, take_subset)
+from adaptune.data import DatasetSpec, read_lines
 from adaptune.errors import DataError
 from adaptune.modeling import TaskOutput
-from adaptune.tasks import Task
+from adaptune.spec import ModelSpec
+from adaptune.tasks import Task, model_inputs
 
 
 @dataclass(frozen=True)
@@ -112,51 +112,67 @@ def _check_one_scheme(sentences: list[Example], path: Path) -> None:
                         f"sentence at line {io_at}; convert the file to one scheme", path)
 
 
-def load(cfg: DataConfig, split: str, seed: int) -> list[Example]:
-    spec = DATASETS.get(cfg.dataset)
-    path = split_paths(cfg, spec)[split]
-    examples = take_subset(read_conll(path), cfg, seed, split)
-    require_nonempty(examples, path, split)
-    return examples
+class NerTask(Task):
+    name, main_metric = "ner", "f1"
+    datasets, default_dataset = DATASETS, "conll2003"
 
+    def read(self, path: Path, cfg: DataConfig, spec: DatasetSpec | None) -> list[Example]:
+        return read_conll(path)
 
-def label_space(train: list[Example], dev: list[Example]) -> list[str]:
-    labels = sorted({t for ex in train for t in ex.tags}, key=lambda t: (t != "O", t[2:], t))
-    unseen = sorted({t for ex in dev for t in ex.tags} - set(labels))
-    if unseen:
-        first = next(ex.where for ex in dev if set(ex.tags) & set(unseen))
-        raise DataError(f"dev tags {unseen} never occur in the training data (first in the "
-                        f"sentence at {first}); training tags: {labels}")
-    return labels
+    def label_space(self, train: list[Example], dev: list[Example]) -> list[str]:
+        labels = sorted({t for ex in train for t in ex.tags}, key=lambda t: (t != "O", t[2:], t))
+        unseen = sorted({t for ex in dev for t in ex.tags} - set(labels))
+        if unseen:
+            first = next(ex.where for ex in dev if set(ex.tags) & set(unseen))
+            raise DataError(f"dev tags {unseen} never occur in the training data (first in the "
+                            f"sentence at {first}); training tags: {labels}")
+        return labels
 
+    def encode(self, examples: list[Example], tokenizer: Any, labels: list[str],
+               max_length: int, split: str) -> list[dict]:
+        """The label of each word sits on its first sub-token; `_first` maps words back."""
+        enc = tokenizer([list(ex.words) for ex in examples], is_split_into_words=True,
+                        truncation=True, max_length=max_length)
+        index = {t: i for i, t in enumerate(labels)}
+        features = []
+        for i, ex in enumerate(examples):
+            word_ids = enc.word_ids(i)
+            first = {}  # word index -> position of its first sub-token
+            for pos, w in enumerate(word_ids):
+                if w is not None and w not in first:
+                    first[w] = pos
+            feature = model_inputs(enc, i)
+            if ex.tags is not None:
+                feature["labels"] = [-100] * len(word_ids)
+                for w, pos in first.items():
+                    feature["labels"][pos] = index[ex.tags[w]]
+            feature["_example"] = i
+            feature["_first"] = [first.get(w, -1) for w in range(len(ex.words))]
+            features.append(feature)
+        return features
 
-# ---------------------------------------------------------------------------------------------
-# Encode and collate: label on the first sub-token of each word.
+    def build_head(self, hidden_size: int, labels: list[str], model: ModelSpec,
+                   backbone_config: Any = None) -> nn.Module:
+        return TokenHead(hidden_size, len(labels))
 
+    def decode(self, examples: list[Example], features: list[dict],
+               predictions: list[list[int]], labels: list[str]) -> list[list[str]]:
+        """One tag per original word; a word with no sub-token left (cut by the length limit)
+        is O."""
+        out: list[list[str]] = [[] for _ in examples]
+        for feature, token_preds in zip(features, predictions):
+            out[feature["_example"]] = [labels[token_preds[pos]] if pos >= 0 else "O"
+                                        for pos in feature["_first"]]
+        return out
 
-def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_length: int,
-           split: str, config: Any = None) -> list[dict]:
-    enc = tokenizer([list(ex.words) for ex in examples], is_split_into_words=True,
-                    truncation=True, max_length=max_length)
-    index = {t: i for i, t in enumerate(labels)}
-    features = []
-    for i, ex in enumerate(examples):
-        word_ids = enc.word_ids(i)
-        first = {}  # word index -> position of its first sub-token
-        for pos, w in enumerate(word_ids):
-            if w is not None and w not in first:
-                first[w] = pos
-        feature = {key: enc[key][i] for key in ("input_ids", "attention_mask", "token_type_ids")
-                   if key in enc}
-        if ex.tags is not None:
-            feature["labels"] = [-100] * len(word_ids)
-            for w, pos in first.items():
-                feature["labels"][pos] = index[ex.tags[w]]
-        feature["_example"] = i
-        feature["_first"] = [first.get(w, -1) for w in range(len(ex.words))]
-        features.append(feature)
-    return features
+    def score(self, examples: list[Example], features: list[dict],
+              predictions: list[list[int]], labels: list[str]) -> dict[str, float]:
+        predicted = self.decode(examples, features, predictions, labels)
+        return conlleval([list(ex.tags) for ex in examples], predicted)
 
+    def make_examples(self, inputs: Sequence[Sequence[str] | str]) -> list[Example]:
+        """Word lists (or whitespace-separated strings) to examples without tags."""
+        return [Example(tuple(x.split() if isinstance(x, str) else x), None) for x in inputs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,42 +193,6 @@ class TokenHead(nn.Module):
             loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                                ignore_index=-100)
         return TaskOutput(loss, logits)
-
-
-def build_head(hidden_size: int, labels: list[str], family: str,
-               backbone_config: Any = None) -> nn.Module:
-    return TokenHead(hidden_size, len(labels))
-
-
-# ---------------------------------------------------------------------------------------------
-# Decode and metrics.
-
-
-def predict(model: nn.Module, batch: dict[str, torch.Tensor], config: Any = None,
-            tokenizer: Any = None) -> list[list[int]]:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return model(**inputs).logits.argmax(-1).tolist()
-
-
-def decode(examples: list[Example], features: list[dict], predictions: list[list[int]],
-           labels: list[str]) -> list[list[str]]:
-    """One tag per original word; a word with no sub-token left (cut by the length limit) is O."""
-    out: list[list[str]] = [[] for _ in examples]
-    for feature, token_preds in zip(features, predictions):
-        out[feature["_example"]] = [labels[token_preds[pos]] if pos >= 0 else "O"
-                                    for pos in feature["_first"]]
-    return out
-
-
-def score(examples: list[Example], features: list[dict], predictions: list[list[int]],
-          labels: list[str]) -> dict[str, float]:
-    predicted = decode(examples, features, predictions, labels)
-    return conlleval([list(ex.tags) for ex in examples], predicted)
-
-
-def make_examples(inputs: Sequence[Sequence[str] | str]) -> list[Example]:
-    """Word lists (or whitespace-separated strings) to examples without tags."""
-    return [Example(tuple(x.split() if isinstance(x, str) else x), None) for x in inputs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,10 +267,3 @@ def conlleval(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
     for kind in sorted(per_type):
         metrics[f"f1_{kind}"] = prf(*per_type[kind])[2]
     return metrics
-
-
-TASK = Task(
-    name="ner", main_metric="f1", load=load, label_space=label_space, encode=encode,
-    collate=pad_collate, build_head=build_head, predict=predict, score=score, decode=decode,
-    make_examples=make_examples, datasets=DATASETS, default_dataset="conll2003",
-)

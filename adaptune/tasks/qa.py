@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from adaptune.config import DataConfig
-from adaptune.data import DatasetSpec, pad_collate, require_nonempty, split_paths, take_subset
+from adaptune.data import DatasetSpec
 from adaptune.errors import DataError
 from adaptune.modeling import TaskOutput
-from adaptune.tasks import Task, no_labels
+from adaptune.spec import ModelSpec
+from adaptune.tasks import Task, model_inputs
 
 STRIDE = 64  # tokens of overlap between consecutive windows of a long context
 N_BEST = 20
@@ -75,14 +76,21 @@ def read_squad(path: Path) -> list[Example]:
         raise DataError("expected SQuAD JSON: {\"data\": [{\"paragraphs\": [...]}]}", path)
     examples = []
     for article_index, article in enumerate(data["data"]):
-        for paragraph in article.get("paragraphs", []):
-            context = paragraph["context"]
-            for qa in paragraph.get("qas", []):
-                qid = str(qa.get("id", ""))
+        for p_index, paragraph in enumerate(_field(article, "paragraphs", list, path, [])):
+            where = f"article {article_index + 1}, paragraph {p_index + 1}"
+            context = _field(paragraph, "context", str, path, where=where)
+            for qa in _field(paragraph, "qas", list, path, []):
+                qid = str(qa.get("id", "")) if isinstance(qa, dict) else ""
+                where_q = f"{where}, question id {qid or '?'}"
+                question = _field(qa, "question", str, path, where=where_q)
                 answers = []
                 if not qa.get("is_impossible", False):
-                    for answer in qa.get("answers", []):
-                        text, start = answer["text"], int(answer["answer_start"])
+                    for answer in _field(qa, "answers", list, path, [], where_q):
+                        text = _field(answer, "text", str, path, where=where_q)
+                        start = _field(answer, "answer_start", int, path, where=where_q)
+                        if not text or start < 0:
+                            raise DataError(f"{where_q}: answer {text!r} at {start}: expected "
+                                            "a non-empty text at a start >= 0", path)
                         if context[start:start + len(text)] != text:
                             raise DataError(
                                 f"question id {qid}: answer {text!r} is not at answer_start "
@@ -92,60 +100,127 @@ def read_squad(path: Path) -> list[Example]:
                     if not answers:
                         raise DataError(f"question id {qid}: no answers and not marked "
                                         "is_impossible", path)
-                examples.append(Example(qid, qa["question"], context, tuple(answers),
-                                        article_index))
+                examples.append(Example(qid, question, context, tuple(answers), article_index))
     return examples
 
 
-def load(cfg: DataConfig, split: str, seed: int) -> list[Example]:
-    spec = DATASETS.get(cfg.dataset)
-    path = split_paths(cfg, spec)[split]
-    examples = read_squad(path)
-    explicit = cfg.train_path if split == "train" else cfg.dev_path
-    if spec is not None and spec.reader == "articles-answerable":
-        examples = [ex for ex in examples if ex.answers]
-    if spec is not None and spec.reader.startswith("articles") and not explicit:
+_MISSING = object()
+
+
+def _field(record: Any, key: str, kind: type, path: Path, default: Any = _MISSING,
+           where: str = "") -> Any:
+    """record[key], checked to be of `kind`; a missing or mistyped field is a DataError that
+    says where it is (a missing optional field gives `default`)."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where or 'record'}: expected a JSON object, got "
+                        f"{type(record).__name__}", path)
+    value = record.get(key, _MISSING)
+    if value is _MISSING and default is not _MISSING:
+        return default
+    if value is _MISSING or not isinstance(value, kind) or isinstance(value, bool):
+        got = "nothing" if value is _MISSING else repr(value)[:40]
+        raise DataError(f"{where + ': ' if where else ''}field {key!r}: expected "
+                        f"{kind.__name__}, got {got}", path)
+    return value
+
+
+class QaTask(Task):
+    name, main_metric = "qa", "f1"
+    datasets, default_dataset = DATASETS, "squad_v2_dev_part"
+    target_keys = ("start_positions", "end_positions")
+
+    def read(self, path: Path, cfg: DataConfig, spec: DatasetSpec | None) -> list[Example]:
+        examples = read_squad(path)
+        if spec is not None and spec.reader == "articles-answerable":
+            examples = [ex for ex in examples if ex.answers]
+        return examples
+
+    def split(self, examples: list[Example], split: str, spec: DatasetSpec | None
+              ) -> list[Example]:
+        """Sets split by article: the first 75% of articles train, the rest dev (no article's
+        paragraphs in both)."""
+        if spec is None or not spec.reader.startswith("articles"):
+            return super().split(examples, split, spec)
         articles = sorted({ex.article for ex in examples})
         cut = articles[int(round(0.75 * len(articles))) - 1]
-        examples = [ex for ex in examples if (ex.article <= cut) == (split == "train")]
-    examples = take_subset(examples, cfg, seed, split)
-    require_nonempty(examples, path, split)
-    return examples
+        return [ex for ex in examples if (ex.article <= cut) == (split == "train")]
 
+    def encode(self, examples: list[Example], tokenizer: Any, labels: list[str],
+               max_length: int, split: str) -> list[dict]:
+        """Windows with offsets; training targets on the tokens of the first gold answer."""
+        enc = tokenizer(_cap_questions(examples, tokenizer, max_length // 2),
+                        [ex.context for ex in examples], truncation="only_second",
+                        max_length=max_length,
+                        stride=min(STRIDE, max_length // 4), return_overflowing_tokens=True,
+                        return_offsets_mapping=True)
+        features = []
+        for i, example_index in enumerate(enc["overflow_to_sample_mapping"]):
+            ex = examples[example_index]
+            sequence_ids = enc.sequence_ids(i)
+            offsets = [off if sequence_ids[k] == 1 else None
+                       for k, off in enumerate(enc["offset_mapping"][i])]
+            feature = model_inputs(enc, i)
+            start_tok = end_tok = 0  # [CLS]: no answer in this window
+            if ex.answers:
+                text, start_char = ex.answers[0]
+                end_char = start_char + len(text)
+                inside = [k for k, off in enumerate(offsets) if off is not None]
+                if offsets[inside[0]][0] <= start_char and offsets[inside[-1]][1] >= end_char:
+                    start_tok = next(k for k in inside if offsets[k][1] > start_char)
+                    end_tok = max(k for k in inside if offsets[k][0] < end_char)
+            feature["start_positions"] = start_tok
+            feature["end_positions"] = end_tok
+            feature["_example"] = example_index
+            feature["_offsets"] = offsets
+            features.append(feature)
+        return features
 
-# ---------------------------------------------------------------------------------------------
-# Encode: windows with offsets; training targets on the tokens of the first gold answer.
+    def build_head(self, hidden_size: int, labels: list[str], model: ModelSpec,
+                   backbone_config: Any = None) -> nn.Module:
+        return SpanHead(hidden_size)
 
+    def predict(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                tokenizer: Any) -> list[tuple[list, list]]:
+        inputs = {k: v for k, v in batch.items() if k not in self.target_keys}
+        start, end = model(**inputs).logits
+        lengths = batch["attention_mask"].sum(1).tolist()
+        return [(s[:n].tolist(), e[:n].tolist()) for s, e, n in zip(start, end, lengths)]
 
-def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_length: int,
-           split: str, config: Any = None) -> list[dict]:
-    enc = tokenizer(_cap_questions(examples, tokenizer, max_length // 2),
-                    [ex.context for ex in examples], truncation="only_second",
-                    max_length=max_length,
-                    stride=min(STRIDE, max_length // 4), return_overflowing_tokens=True,
-                    return_offsets_mapping=True)
-    features = []
-    for i, example_index in enumerate(enc["overflow_to_sample_mapping"]):
-        ex = examples[example_index]
-        sequence_ids = enc.sequence_ids(i)
-        offsets = [off if sequence_ids[k] == 1 else None
-                   for k, off in enumerate(enc["offset_mapping"][i])]
-        feature = {key: enc[key][i] for key in ("input_ids", "attention_mask", "token_type_ids")
-                   if key in enc}
-        start_tok = end_tok = 0  # [CLS]: no answer in this window
-        if ex.answers:
-            text, start_char = ex.answers[0]
-            end_char = start_char + len(text)
-            inside = [k for k, off in enumerate(offsets) if off is not None]
-            if offsets[inside[0]][0] <= start_char and offsets[inside[-1]][1] >= end_char:
-                start_tok = next(k for k in inside if offsets[k][1] > start_char)
-                end_tok = max(k for k in inside if offsets[k][0] < end_char)
-        feature["start_positions"] = start_tok
-        feature["end_positions"] = end_tok
-        feature["_example"] = example_index
-        feature["_offsets"] = offsets
-        features.append(feature)
-    return features
+    def decode(self, examples: list[Example], features: list[dict], predictions: list,
+               labels: list[str] = ()) -> list[str]:
+        """The answer text per example ("" for no answer, where the data allow one)."""
+        allow_empty = any(not ex.answers for ex in examples)
+        by_example: dict[int, list[int]] = collections.defaultdict(list)
+        for k, feature in enumerate(features):
+            by_example[feature["_example"]].append(k)
+        answers = []
+        for i, ex in enumerate(examples):
+            best_score, best_text, null_score = -float("inf"), "", float("inf")
+            for k in by_example[i]:
+                starts, ends = predictions[k]
+                offsets = features[k]["_offsets"]
+                null_score = min(null_score, starts[0] + ends[0])
+                top_s = sorted(range(len(starts)), key=lambda j: -starts[j])[:N_BEST]
+                top_e = sorted(range(len(ends)), key=lambda j: -ends[j])[:N_BEST]
+                for s in top_s:
+                    for e in top_e:
+                        if (s >= len(offsets) or e >= len(offsets) or offsets[s] is None
+                                or offsets[e] is None or e < s or e - s + 1 > MAX_ANSWER_TOKENS):
+                            continue
+                        score_ = starts[s] + ends[e]
+                        if score_ > best_score:
+                            best_score = score_
+                            best_text = ex.context[offsets[s][0]:offsets[e][1]]
+            answers.append("" if allow_empty and null_score > best_score else best_text)
+        return answers
+
+    def score(self, examples: list[Example], features: list[dict], predictions: list,
+              labels: list[str]) -> dict[str, float]:
+        return squad_metrics(examples, self.decode(examples, features, predictions))
+
+    def make_examples(self, inputs: list[tuple[str, str]]) -> list[Example]:
+        """(question, context) pairs to examples without answers."""
+        return [Example(str(i), q, c, ()) for i, (q, c) in enumerate(inputs)]
 
 
 def _cap_questions(examples: list[Example], tokenizer: Any, limit: int) -> list[str]:
@@ -156,10 +231,6 @@ def _cap_questions(examples: list[Example], tokenizer: Any, limit: int) -> list[
     return [ex.question if len(offsets) <= limit else ex.question[:offsets[limit - 1][1]]
             for ex, offsets in zip(examples, enc["offset_mapping"])]
 
-
-
-# ---------------------------------------------------------------------------------------------
-# Model head.
 
 
 class SpanHead(nn.Module):
@@ -180,55 +251,8 @@ class SpanHead(nn.Module):
         return TaskOutput(loss, (start, end))
 
 
-def build_head(hidden_size: int, labels: list[str], family: str,
-               backbone_config: Any = None) -> nn.Module:
-    return SpanHead(hidden_size)
-
-
 # ---------------------------------------------------------------------------------------------
-# Decode and metrics.
-
-
-def predict(model: nn.Module, batch: dict[str, torch.Tensor], config: Any = None,
-            tokenizer: Any = None) -> list[tuple[list, list]]:
-    inputs = {k: v for k, v in batch.items() if k not in ("start_positions", "end_positions")}
-    start, end = model(**inputs).logits
-    lengths = batch["attention_mask"].sum(1).tolist()
-    return [(s[:n].tolist(), e[:n].tolist()) for s, e, n in zip(start, end, lengths)]
-
-
-def decode(examples: list[Example], features: list[dict], predictions: list,
-           labels: list[str] = ()) -> list[str]:
-    """The answer text per example ("" for no answer, where the data allow one)."""
-    allow_empty = any(not ex.answers for ex in examples)
-    by_example: dict[int, list[int]] = collections.defaultdict(list)
-    for k, feature in enumerate(features):
-        by_example[feature["_example"]].append(k)
-    answers = []
-    for i, ex in enumerate(examples):
-        best_score, best_text, null_score = -float("inf"), "", float("inf")
-        for k in by_example[i]:
-            starts, ends = predictions[k]
-            offsets = features[k]["_offsets"]
-            null_score = min(null_score, starts[0] + ends[0])
-            top_s = sorted(range(len(starts)), key=lambda j: -starts[j])[:N_BEST]
-            top_e = sorted(range(len(ends)), key=lambda j: -ends[j])[:N_BEST]
-            for s in top_s:
-                for e in top_e:
-                    if (s >= len(offsets) or e >= len(offsets) or offsets[s] is None
-                            or offsets[e] is None or e < s or e - s + 1 > MAX_ANSWER_TOKENS):
-                        continue
-                    score_ = starts[s] + ends[e]
-                    if score_ > best_score:
-                        best_score = score_
-                        best_text = ex.context[offsets[s][0]:offsets[e][1]]
-        answers.append("" if allow_empty and null_score > best_score else best_text)
-    return answers
-
-
-def score(examples: list[Example], features: list[dict], predictions: list,
-          labels: list[str]) -> dict[str, float]:
-    return squad_metrics(examples, decode(examples, features, predictions))
+# Metrics: the official SQuAD v2.0 evaluation.
 
 
 def normalize_answer(s: str) -> str:
@@ -276,15 +300,3 @@ def squad_metrics(examples: list[Example], predictions: list[str]) -> dict[str, 
             out[f"{name}_exact"] = 100.0 * sum(exact[i] for i in idx) / len(idx)
             out[f"{name}_f1"] = 100.0 * sum(f1[i] for i in idx) / len(idx)
     return out
-
-
-def make_examples(inputs: list[tuple[str, str]]) -> list[Example]:
-    """(question, context) pairs to examples without answers."""
-    return [Example(str(i), q, c, ()) for i, (q, c) in enumerate(inputs)]
-
-
-TASK = Task(
-    name="qa", main_metric="f1", load=load, label_space=no_labels, encode=encode,
-    collate=pad_collate, build_head=build_head, predict=predict, score=score, decode=decode,
-    make_examples=make_examples, datasets=DATASETS, default_dataset="squad_v2_dev_part",
-)

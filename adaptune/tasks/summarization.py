@@ -10,21 +10,20 @@ stemming, best over the references of each example (its `score_multi`).
 
 from __future__ import annotations
 
-import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from adaptune.config import DataConfig, RunConfig
-from adaptune.data import (DatasetSpec, pad_collate, read_lines, require_nonempty, split_paths,
-                           split_single_file, take_subset)
+from adaptune.config import DataConfig, GenerationConfig, RunConfig
+from adaptune.data import DatasetSpec, read_jsonl_rows
 from adaptune.errors import ConfigError, DataError
 from adaptune.modeling import CausalLMHead
-from adaptune.tasks import Task, no_labels
+from adaptune.spec import Family, ModelSpec
+from adaptune.tasks import Task
 
 MAX_SUMMARY_TOKENS = 96  # training targets longer than this are cut
 
@@ -66,14 +65,9 @@ def read_jsonl(path: Path, reader: str) -> list[Example]:
     XSum file has one) is skipped with a warning, since there is nothing to summarize."""
     examples = []
     skipped: list[str] = []
-    for number, line in read_lines(path):
-        if not line.strip():
-            continue
+    for number, row in read_jsonl_rows(path):
         try:
-            row = json.loads(line)
             qid, document, refs = _fields(row, reader)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"not valid JSON: {exc.msg}", path, number) from None
         except (KeyError, TypeError) as exc:
             raise DataError(f"missing field {exc} for the {reader} format", path, number) \
                 from None
@@ -90,105 +84,93 @@ def read_jsonl(path: Path, reader: str) -> list[Example]:
     return examples
 
 
-def load(cfg: DataConfig, split: str, seed: int) -> list[Example]:
-    spec = DATASETS.get(cfg.dataset)
-    path = split_paths(cfg, spec)[split]
-    explicit = cfg.train_path if split == "train" else cfg.dev_path
-    examples = read_jsonl(path, spec.reader if spec and not explicit else "xsum")
-    if spec is not None and not spec.dev and not explicit:
-        examples = split_single_file(examples, split)
-    examples = take_subset(examples, cfg, seed, split)
-    require_nonempty(examples, path, split)
-    return examples
+@dataclass
+class SummarizationTask(Task):
+    """Options: how to prompt and decode (`generation.*`)."""
 
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    name, main_metric = "summarization", "rougeL"
+    datasets, default_dataset = DATASETS, "xsum"
+    lm_head = True
 
-# ---------------------------------------------------------------------------------------------
-# Encode: prompt (masked out of the loss) + summary + EOS.
+    @classmethod
+    def from_config(cls, config: RunConfig) -> "SummarizationTask":
+        return cls(config.generation)
 
+    def read(self, path: Path, cfg: DataConfig, spec: DatasetSpec | None) -> list[Example]:
+        return read_jsonl(path, spec.reader if spec else "xsum")
 
-def encode(examples: list[Example], tokenizer: Any, labels: list[str], max_length: int,
-           split: str, config: RunConfig | None = None) -> list[dict]:
-    config = config or RunConfig()
-    template = config.generation.prompt
-    before, after = template.split("{document}", 1)
-    pre = tokenizer(before, add_special_tokens=False)["input_ids"]
-    post = tokenizer(after, add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    training = split == "train"
-    features = []
-    for i, ex in enumerate(examples):
-        target = []
-        if training:
-            target = tokenizer(" " + ex.references[0], add_special_tokens=False)["input_ids"]
-            target = target[:MAX_SUMMARY_TOKENS] + [tokenizer.eos_token_id]
-        reserve = len(target) if training else config.generation.max_new_tokens
-        budget = max_length - len(bos) - len(pre) - len(post) - reserve
-        if budget < 16:
-            raise ConfigError(f"model.max_length {max_length} leaves {budget} tokens for the "
-                              "document after the prompt and summary; raise it")
-        doc = tokenizer(ex.document, add_special_tokens=False)["input_ids"][:budget]
-        prompt = bos + pre + doc + post
-        ids = prompt + target
-        feature = {"input_ids": ids, "attention_mask": [1] * len(ids), "_example": i}
-        if training:
-            feature["labels"] = [-100] * len(prompt) + target
-        features.append(feature)
-    return features
+    def check(self, model: ModelSpec) -> None:
+        if model.family is not Family.DECODER:
+            raise ConfigError("summarization runs decoder-only (GPT-family) models; got an "
+                              "encoder. Use e.g. model.name=smollm2-135m")
 
+    def encode(self, examples: list[Example], tokenizer: Any, labels: list[str],
+               max_length: int, split: str) -> list[dict]:
+        """`generation.prompt` around the document (masked out of the loss), then, for
+        training, the summary and EOS."""
+        template = self.generation.prompt
+        before, after = template.split("{document}", 1)
+        pre = tokenizer(before, add_special_tokens=False)["input_ids"]
+        post = tokenizer(after, add_special_tokens=False)["input_ids"]
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        training = split == "train"
+        features = []
+        for i, ex in enumerate(examples):
+            target = []
+            if training:
+                target = tokenizer(" " + ex.references[0], add_special_tokens=False)["input_ids"]
+                target = target[:MAX_SUMMARY_TOKENS] + [tokenizer.eos_token_id]
+            reserve = len(target) if training else self.generation.max_new_tokens
+            budget = max_length - len(bos) - len(pre) - len(post) - reserve
+            if budget < 16:
+                raise ConfigError(f"model.max_length {max_length} leaves {budget} tokens for the "
+                                  "document after the prompt and summary; raise it")
+            doc = tokenizer(ex.document, add_special_tokens=False)["input_ids"][:budget]
+            prompt = bos + pre + doc + post
+            ids = prompt + target
+            feature = {"input_ids": ids, "attention_mask": [1] * len(ids), "_example": i}
+            if training:
+                feature["labels"] = [-100] * len(prompt) + target
+            features.append(feature)
+        return features
 
+    def build_head(self, hidden_size: int, labels: list[str], model: ModelSpec,
+                   backbone_config: Any = None) -> nn.Module:
+        return CausalLMHead()  # the language-model output the backbone already has
 
-# ---------------------------------------------------------------------------------------------
-# Model head: the language-model output the backbone already has.
+    def predict(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                tokenizer: Any) -> list[str]:
+        """Generated text per row. Rows arrive right-padded; generation needs left padding."""
+        lm = _backbone(model)
+        lengths = batch["attention_mask"].sum(1)
+        width = int(lengths.max())
+        pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
+        ids = torch.full((len(lengths), width), pad, dtype=batch["input_ids"].dtype,
+                         device=batch["input_ids"].device)
+        mask = torch.zeros_like(ids)
+        for row, n in enumerate(lengths.tolist()):
+            ids[row, width - n:] = batch["input_ids"][row, :n]
+            mask[row, width - n:] = 1
+        out = lm.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                          num_beams=self.generation.num_beams,
+                          max_new_tokens=self.generation.max_new_tokens, pad_token_id=pad)
+        return [text.strip() for text in
+                tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
 
+    def score(self, examples: list[Example], features: list[dict], predictions: list[str],
+              labels: list[str]) -> dict[str, float]:
+        return rouge(self.decode(examples, features, predictions, labels),
+                     [ex.references for ex in examples])
 
-def check(config: Any, family: str) -> None:
-    if family != "decoder":
-        raise ConfigError("summarization runs decoder-only (GPT-family) models; got an encoder. "
-                          "Use e.g. model.name=smollm2-135m")
-
-
-def build_head(hidden_size: int, labels: list[str], family: str,
-               backbone_config: Any = None) -> nn.Module:
-    return CausalLMHead()
-
-
-# ---------------------------------------------------------------------------------------------
-# Decode and metrics.
+    def make_examples(self, inputs: list[str]) -> list[Example]:
+        return [Example(str(i), text, ()) for i, text in enumerate(inputs)]
 
 
 def _backbone(model: nn.Module) -> nn.Module:
     """The causal LM inside a TaskModel, with any LoRA layers peft injected into it."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.backbone
-
-
-def predict(model: nn.Module, batch: dict[str, torch.Tensor],
-            config: RunConfig | None = None, tokenizer: Any = None) -> list[str]:
-    """Generated text per row. Rows arrive right-padded; generation needs left padding."""
-    config = config or RunConfig()
-    lm = _backbone(model)
-    lengths = batch["attention_mask"].sum(1)
-    width = int(lengths.max())
-    pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
-    ids = torch.full((len(lengths), width), pad, dtype=batch["input_ids"].dtype,
-                     device=batch["input_ids"].device)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths.tolist()):
-        ids[row, width - n:] = batch["input_ids"][row, :n]
-        mask[row, width - n:] = 1
-    out = lm.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                      num_beams=config.generation.num_beams,
-                      max_new_tokens=config.generation.max_new_tokens, pad_token_id=pad)
-    return [text.strip() for text in
-            tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
-
-
-def decode(examples: list[Example], features: list[dict], predictions: list[str],
-           labels: list[str] = ()) -> list[str]:
-    out = [""] * len(examples)
-    for feature, text in zip(features, predictions):
-        out[feature["_example"]] = text
-    return out
 
 
 def rouge(predictions: list[str], references: list[tuple[str, ...]]) -> dict[str, float]:
@@ -202,20 +184,3 @@ def rouge(predictions: list[str], references: list[tuple[str, ...]]) -> dict[str
         for key in totals:
             totals[key] += scores[key].fmeasure
     return {key: 100.0 * value / len(predictions) for key, value in totals.items()}
-
-
-def score(examples: list[Example], features: list[dict], predictions: list[str],
-          labels: list[str]) -> dict[str, float]:
-    return rouge(decode(examples, features, predictions), [ex.references for ex in examples])
-
-
-def make_examples(inputs: list[str]) -> list[Example]:
-    return [Example(str(i), text, ()) for i, text in enumerate(inputs)]
-
-
-TASK = Task(
-    name="summarization", main_metric="rougeL", load=load, label_space=no_labels,
-    encode=encode, collate=pad_collate, build_head=build_head, predict=predict, score=score,
-    decode=decode, make_examples=make_examples, datasets=DATASETS, lm_head=True, check=check,
-    default_dataset="xsum",
-)

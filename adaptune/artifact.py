@@ -1,0 +1,131 @@
+"""The adapter folder: the one place that writes and reads it.
+
+    adapter/
+      adapter_config.json, adapter_model.safetensors   peft methods (head in modules_to_save)
+      trainable.safetensors                            bitfit / full / head
+      adaptune.json                                    how to rebuild the model around them
+
+`adaptune.json` names the base model (as given and as resolved), its family, the task, the label
+set, the method, the maximum length, the run's resolved config and the SHA-256 of every weights
+file. Training writes the folder atomically (a temporary folder renamed into place); loading
+checks the checksums before reading a tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from adaptune.config import RunConfig, from_dict, to_dict, upgrade_stored
+from adaptune.errors import ModelError, OutputDirError
+from adaptune.modeling import TaskModel, build_task_model, load_tokenizer
+from adaptune.safe_io import atomic_dir, sha256_of, verify_checksums, write_json
+from adaptune.spec import Family, ModelSpec, ResolvedRun, resolve
+
+ADAPTER_DIR = "adapter"
+META_FILE = "adaptune.json"
+
+
+@dataclass(frozen=True)
+class AdapterMeta:
+    """What `adaptune.json` says."""
+
+    model: str  # the name the run was given (zoo name, Hub id or folder)
+    model_path: str  # what it resolved to when trained
+    family: Family
+    task: str
+    labels: list[str]
+    method: str
+    max_length: int
+    config: RunConfig
+    sha256: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "model_path": self.model_path, "family": self.family.value,
+                "task": self.task, "labels": self.labels, "method": self.method,
+                "max_length": self.max_length, "config": to_dict(self.config),
+                "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: Path) -> "AdapterMeta":
+        try:
+            return cls(data["model"], data["model_path"], Family(data["family"]), data["task"],
+                       list(data["labels"]), data["method"], int(data["max_length"]),
+                       from_dict(upgrade_stored(data["config"])), dict(data.get("sha256", {})))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ModelError(f"{where}: not a valid {META_FILE} ({exc!r})") from None
+
+
+def write_adapter(model: nn.Module, run: ResolvedRun, labels: list[str], folder: Path) -> None:
+    """The trained state (the method decides what that is) plus `adaptune.json`, atomically:
+    the previous folder, if any, stays as it was when writing fails."""
+    try:
+        with atomic_dir(folder) as tmp:
+            run.method.save(model, tmp)
+            weights = {f.name: sha256_of(f) for f in sorted(tmp.glob("*.safetensors"))}
+            if not weights or any((tmp / name).stat().st_size < 64 for name in weights):
+                # peft under DeepSpeed ZeRO-3 is known to write empty adapters (peft #286, #2892).
+                raise RuntimeError(f"saving the adapter produced no weights in {folder}")
+            meta = AdapterMeta(run.config.model.name, run.model.path, run.model.family,
+                               run.task.name, labels, run.method.name,
+                               run.config.model.max_length, run.config, weights)
+            write_json(tmp / META_FILE, meta.to_json())
+    except OSError as exc:
+        raise OutputDirError(f"could not write the adapter to {folder}: {exc.strerror or exc}; "
+                             "the previously saved adapter, if any, is unchanged") from None
+
+
+def read_meta(folder: Path) -> AdapterMeta:
+    """The folder's `adaptune.json`, with every weights file checked against its checksum."""
+    folder = Path(folder)
+    path = folder / META_FILE
+    if not path.is_file():
+        raise ModelError(f"{folder}: not an adaptune adapter folder (no {META_FILE})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+    meta = AdapterMeta.from_json(data, path)
+    verify_checksums(folder, meta.sha256)
+    return meta
+
+
+def resolved_run(meta: AdapterMeta) -> ResolvedRun:
+    """The run the adapter came from, resolved again here. A zoo model is looked up by name
+    (the cache may live elsewhere on this machine); anything else loads from the path it was
+    trained from."""
+    from adaptune import zoo
+
+    name = meta.model if meta.model in zoo.ZOO else meta.model_path
+    return resolve(meta.config.replace(model={"name": name}))
+
+
+def build_base(meta_or_folder: AdapterMeta | str | Path) -> TaskModel:
+    """The un-adapted task model (pretrained backbone + freshly initialised head) that an adapter
+    was trained on: hand it to `peft.PeftModel.from_pretrained(base, folder)`."""
+    meta = meta_or_folder if isinstance(meta_or_folder, AdapterMeta) else \
+        read_meta(Path(meta_or_folder))
+    run = resolved_run(meta)
+    return _base(run.model, run, meta)
+
+
+def _base(spec: ModelSpec, run: ResolvedRun, meta: AdapterMeta) -> TaskModel:
+    tokenizer = load_tokenizer(spec.path)
+    return build_task_model(spec, run.task, meta.labels, tokenizer.pad_token_id,
+                            meta.config.model.quantization)
+
+
+def load_adapter(folder: Path, *, merge: bool = False) -> tuple[nn.Module, Any, AdapterMeta,
+                                                                ResolvedRun]:
+    """(model, tokenizer, meta, run): the base rebuilt, the trained state (head included) put
+    back on it, optionally merged into the weights."""
+    meta = read_meta(folder)
+    run = resolved_run(meta)
+    model = run.method.load(_base(run.model, run, meta), Path(folder))
+    if merge:
+        model = run.method.merge(model)
+    return model, load_tokenizer(run.model.path), meta, run
