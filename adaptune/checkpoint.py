@@ -45,6 +45,7 @@ class TrainState:
     real_tokens: int = 0
     padded_tokens: int = 0
     best: float | None = None
+    best_example_stats: list[list[float]] | None = None  # of the best evaluation (main process)
     evals: list[dict[str, Any]] = field(default_factory=list)
     elapsed: float = 0.0
     overhead: float = 0.0  # seconds spent evaluating and checkpointing, not training

@@ -6,7 +6,7 @@
     adaptune predict runs/x/adapter "some text" "more text"
     adaptune sweep benchmarks/grids/sst2_encoders.yaml --out results/sst2 [--workers 2]
     adaptune report results/sst2          tables, CSV, plots and scaling-law fits
-    adaptune advise results/sst2 --model minilm-l6 --within 0.01
+    adaptune advise results/sst2 --model minilm-l6 --within 0.01 [--backtest]
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     advise_p.add_argument("--within", type=float, default=0.01,
                           help="tolerated gap to the best mean metric (0.01: one point)")
     advise_p.add_argument("--fraction", type=float, default=1.0)
+    advise_p.add_argument("--backtest", action="store_true",
+                          help="re-run the pick and its rivals on seeds the grid never used and "
+                          "say whether the pick held (records under RESULTS/backtest/)")
+    advise_p.add_argument("--seeds", default="1000,1001,1002",
+                          help="fresh seeds for --backtest (comma-separated)")
     args = parser.parse_args(argv)
     try:
         if args.command == "zoo":
@@ -79,9 +84,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(write_report(args.results, args.out or args.results, args.bootstrap))
         elif args.command == "advise":
-            from adaptune.report import advise
+            from adaptune.report import advise, backtest
 
             print(advise(args.results, args.model, args.within, args.fraction))
+            if args.backtest:
+                seeds = [int(s) for s in args.seeds.split(",") if s]
+                summary = backtest(args.results, args.model, args.within, seeds, args.fraction)
+                verdict = {True: "held", False: "did NOT hold", None: "undecided"}[
+                    summary["held"]]
+                print(f"backtest on seeds {seeds}: the pick {verdict} (fresh means: "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in summary["fresh_means"].items())
+                      + ")")
         else:
             from adaptune.api import load
 

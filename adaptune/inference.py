@@ -33,7 +33,13 @@ def predict_features(model: nn.Module, task: Task, features: list[dict], tokeniz
 
 def evaluate(model: nn.Module, task: Task, examples: list, features: list[dict],
              labels: list[str], tokenizer: Any, batch_size: int,
-             device: torch.device | str | None = None) -> dict[str, float]:
-    """The task's metrics of `model` on encoded examples."""
+             device: torch.device | str | None = None, *, with_stats: bool = False
+             ) -> dict[str, float] | tuple[dict[str, float], list[list[float]]]:
+    """The task's metrics of `model` on encoded examples; with `with_stats`, also the
+    per-example statistics of the main metric (`Task.example_stats`), which a report
+    resamples to measure the dev set's own sampling noise."""
     predictions = predict_features(model, task, features, tokenizer, batch_size, device)
-    return task.score(examples, features, predictions, labels)
+    metrics = task.score(examples, features, predictions, labels)
+    if not with_stats:
+        return metrics
+    return metrics, task.example_stats(examples, features, predictions, labels)

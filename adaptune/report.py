@@ -1,29 +1,35 @@
 """Reports and advice from a sweep's results folder (see adaptune.sweep).
 
-    write_report(results, out)  -> report.md, results.csv, fits.json and PNG plots
+    write_report(results, out)  -> report.md, report.html, results.csv, fits.json, PNG plots
     advise(results, model, within) -> which method and rank reach within `within` of the best at
                                       the fewest trainable parameters, and how sure that is
+    backtest(results, model, within) -> the advice re-checked on seeds the grid never used
 
-Only cells of the folder's own grid are read (grid.json); cells left over from an edited grid,
-cells still missing and cells that failed are listed, never averaged in.
+Only cells of the folder's own grid are read (grid.json), including records an older adaptune
+wrote under other ids (matched by their settings); cells left over from an edited grid, cells
+still missing and cells that failed are listed, never averaged in. The statistics (noise
+model, lack-of-fit and held-out checks, when a law counts as supported) are in
+adaptune.scaling.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from adaptune.errors import ConfigError
 from adaptune.safe_io import write_json
-from adaptune.scaling import Fit, fit_joint_law, fit_power_law
+from adaptune.scaling import (DevStats, Fit, binomial_var, fit_joint_law, fit_power_law,
+                              format_p)
 from adaptune.methods import RANKED_METHODS
-from adaptune.sweep import expand, grid_from_dict
+from adaptune.sweep import expand, finished, grid_from_dict
 
 Key = tuple[str, str, Any, float]  # (model, method, rank, fraction)
 
@@ -37,6 +43,9 @@ class Results:
     missing: list[str]
     failed: list[str]
     stale: list[str]
+    # Fields whose default changed since some cells ran: {field: {value then: [cell ids]}}.
+    drift: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    cells: dict[str, Any] = field(default_factory=dict)  # the grid's cells by id
     groups: dict[Key, list[dict[str, Any]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -50,8 +59,25 @@ class Results:
         return self.records[0]["metric"] if self.records else "metric"
 
     def error(self, value: float) -> float:
-        """What the scaling laws fit: 1 - metric for accuracy-like metrics, else the metric."""
-        return 1.0 - value if self.higher_is_better else value
+        """What the scaling laws fit: 1 - metric for accuracy-like metrics (on the metric's own
+        scale: QA F1 and ROUGE run to 100), else the metric."""
+        return 1.0 - value / self.task.metric_scale if self.higher_is_better else value
+
+    @functools.cached_property
+    def task(self) -> Any:
+        from adaptune.tasks import task_class
+
+        return task_class(self.grid.task)()
+
+    def dev_stats(self, records: list[dict[str, Any]]) -> DevStats | None:
+        """The records' per-example dev statistics for resampling, if every one has them (on
+        the same dev examples)."""
+        stats = [r.get("dev_example_stats") for r in records]
+        if not stats or any(not s for s in stats) or len({len(s) for s in stats}) != 1:
+            return None
+        task = self.task
+        return DevStats([np.asarray(s, dtype=float) for s in stats], task.metric_from_stats,
+                        self.error)
 
     def values(self, key: Key) -> list[float]:
         return [r["value"] for r in self.groups.get(key, [])]
@@ -70,21 +96,20 @@ def load_results(folder: str | Path) -> Results:
     grid = grid_from_dict(json.loads(grid_file.read_text()), where=str(grid_file))
     cells, _ = expand(grid)
     ids = {c.id for c in cells}
-    records, skipped, stale = [], [], []
-    for path in sorted((folder / "cells").glob("*.json")):
-        if path.stem not in ids:
-            stale.append(path.stem)
-            continue
-        try:
-            record = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    by_id = {c.id: c for c in cells}
+    found = finished(folder, cells)  # also records of older versions, matched by settings
+    records, skipped, drift = [], [], {}
+    for cell_id, (path, record) in sorted(found.items()):
+        record = {**record, "id": cell_id}
         (records if record.get("status") == "ok" else skipped).append(record)
-    done = {r["id"] for r in records + skipped}
+        for name, (then, now) in by_id[cell_id].default_drift(record).items():
+            drift.setdefault(name, {}).setdefault(json.dumps(then), []).append(cell_id)
+    kept = {path for path, _ in found.values()}
+    stale = sorted(p.stem for p in (folder / "cells").glob("*.json") if p not in kept)
     failed = sorted(p.stem for p in (folder / "failed").glob("*.json") if p.stem in ids)
-    missing = sorted(ids - done - set(failed))
+    missing = sorted(ids - set(found) - set(failed))
     return Results(grid, task_class(grid.task).higher_is_better, records, skipped, missing,
-                   failed, stale)
+                   failed, stale, drift=drift, cells=by_id)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -106,53 +131,89 @@ def reference_rank(res: Results) -> int | None:
     return 8 if 8 in ranks else ranks[len(ranks) // 2]
 
 
+def lineage_of(res: Results, model: str) -> str:
+    from adaptune import zoo
+
+    return res.grid.lineages.get(model) or zoo.lineage(model)
+
+
+def dev_var(res: Results, record: dict[str, Any]) -> float:
+    """Sampling variance of a record's dev metric from the finite dev set (binomial, for
+    metrics in [0, 1]; none for perplexity-like metrics)."""
+    value, n = record["value"] / res.task.metric_scale, record.get("dev_examples") or 0
+    if not res.higher_is_better or not 0.0 <= value <= 1.0 or not n:
+        return 0.0
+    return binomial_var(value, n)
+
+
 def fit_all(res: Results, n_boot: int = 1000) -> dict[str, dict[str, Fit]]:
-    """Every law the folder's axes allow: size (per method), rank (per model and ranked
-    method), data (per model, method, rank) and joint size x data (per method, rank)."""
-    fits: dict[str, dict[str, Fit]] = {"size": {}, "rank": {}, "data": {}, "joint": {}}
+    """Every law the folder's axes allow: size (per method, within one lineage), rank and
+    trainable parameters (per model and ranked method), data (per model, method, rank) and both
+    joint size x data forms (per method, rank)."""
+    fits: dict[str, dict[str, Fit]] = {"size": {}, "rank": {}, "trainable": {}, "data": {},
+                                       "joint": {}, "additive": {}}
     g = res.grid
     ref = reference_rank(res)
     full_fraction = max(g.fractions)
 
-    def gather(keys: Iterable[Key], x_of) -> tuple[list[float], list[float]]:
-        xs, ys = [], []
+    def gather(keys: Iterable[Key], *x_of) -> tuple[list, list[float], list[float],
+                                                     DevStats | None]:
+        """Per seed: x, error, dev-set variance; and the per-example dev statistics."""
+        xs, ys, vs, records = [], [], [], []
         for key in keys:
             for r in res.groups.get(key, []):
-                xs.append(float(x_of(r)))
+                x = tuple(float(f(r)) for f in x_of)
+                xs.append(x if len(x) > 1 else x[0])
                 ys.append(res.error(r["value"]))
-        return xs, ys
+                vs.append(dev_var(res, r))
+                records.append(r)
+        return xs, ys, vs, res.dev_stats(records)
 
+    lineages = {lineage_of(res, m) for m in g.models}
+    across = (f"descriptive only: the sizes span {len(lineages)} lineages "
+              f"({', '.join(sorted(lineages))}): across architectures and training recipes "
+              "the points are not one scaling law")
     for method in g.methods:
         rank = ref if method in RANKED_METHODS else None
+        label = _label(method, rank)
         if len(g.models) > 1:
             keys = [(m, method, rank, full_fraction) for m in g.models]
-            x, y = gather(keys, lambda r: r["non_embedding_params"])
+            x, y, v, dev = gather(keys, lambda r: r["non_embedding_params"])
             if x:
-                fits["size"][_label(method, rank)] = fit_power_law(x, y, n_boot=n_boot)
+                fit = fit_power_law(x, y, dev_var=v, dev=dev, n_boot=n_boot)
+                fits["size"][label] = fit if len(lineages) == 1 else _descriptive(fit, across)
         if len(g.fractions) > 1:
             for model in g.models:
                 keys = [(model, method, rank, f) for f in g.fractions]
-                x, y = gather(keys, lambda r: r["train_examples"])
+                x, y, v, dev = gather(keys, lambda r: r["train_examples"])
                 if x:
-                    fits["data"][f"{model} {_label(method, rank)}"] = \
-                        fit_power_law(x, y, n_boot=n_boot)
+                    fits["data"][f"{model} {label}"] = fit_power_law(
+                        x, y, dev_var=v, dev=dev, n_boot=n_boot)
             if len(g.models) > 1:
-                n, d, y = [], [], []
-                for model in g.models:
-                    for f in g.fractions:
-                        for r in res.groups.get((model, method, rank, f), []):
-                            n.append(r["non_embedding_params"])
-                            d.append(r["train_examples"])
-                            y.append(res.error(r["value"]))
+                keys = [(m, method, rank, f) for m in g.models for f in g.fractions]
+                x, y, v, dev = gather(keys, lambda r: r["non_embedding_params"],
+                                      lambda r: r["train_examples"])
                 if y:
-                    fits["joint"][_label(method, rank)] = fit_joint_law(
-                        n, d, y, n_boot=max(100, n_boot // 2))
+                    for form in ("joint", "additive"):
+                        fit = fit_joint_law([k[0] for k in x], [k[1] for k in x], y, form=form,
+                                            dev_var=v, dev=dev, n_boot=max(100, n_boot // 2))
+                        fits[form][label] = fit if len(lineages) == 1 else \
+                            _descriptive(fit, across)
         if method in RANKED_METHODS and len(g.ranks) > 1:
             for model in g.models:
                 fit = fit_rank(res, model, method, full_fraction, n_boot)
                 if fit is not None:
                     fits["rank"][f"{model} {method}"] = fit
+                keys = [(model, method, r, full_fraction) for r in g.ranks]
+                x, y, v, dev = gather(keys, lambda r: r["trainable_params"])
+                if x:
+                    fits["trainable"][f"{model} {method}"] = fit_power_law(
+                        x, y, dev_var=v, dev=dev, n_boot=n_boot)
     return fits
+
+
+def _descriptive(fit: Fit, why: str) -> Fit:
+    return Fit(**{**fit.__dict__, "verdict": why})
 
 
 def _label(method: str, rank: int | None) -> str:
@@ -163,9 +224,22 @@ def fits_to_json(fits: dict[str, dict[str, Fit]]) -> dict[str, Any]:
     return {axis: {name: {"form": f.form, "params": f.params,
                           "intervals_95": {k: list(v) for k, v in f.intervals.items()},
                           "x0": list(f.x0), "points": f.n_points, "rmse": f.rmse,
-                          "p_flat": f.p_flat, "verdict": f.verdict}
+                          "p_flat": f.p_flat, "p_lack_of_fit": f.p_lack_of_fit,
+                          "noise": f.noise, "verdict": f.verdict,
+                          "e_sensitivity": {k: list(v) for k, v in f.e_sensitivity.items()},
+                          "held_out": [{"x": list(h.x), "observed": h.observed,
+                                        "predicted": h.predicted, "band_95": list(h.band),
+                                        "covered": h.covered} for h in f.held_out]}
                    for name, f in by_name.items()}
             for axis, by_name in fits.items()}
+
+
+def held_out_coverage(fits: dict[str, dict[str, Fit]]) -> tuple[int, int]:
+    """(held-out cells inside their law's 95% band, held-out cells checked), over every law
+    with an interval, supported or not (descriptive laws left out)."""
+    checks = [h for by_name in fits.values() for f in by_name.values()
+              if not f.verdict.startswith("descriptive") for h in f.held_out]
+    return sum(h.covered for h in checks), len(checks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,20 +248,23 @@ def fits_to_json(fits: dict[str, dict[str, Fit]]) -> dict[str, Any]:
 
 def axis_gains(res: Results) -> list[dict[str, Any]]:
     """Metric gained along each axis, between its smallest and largest setting, per doubling
-    of the parameters that axis adds and per million added parameters. Size adds frozen base
-    parameters (non-embedding); rank and method add trainable ones."""
+    of the parameters that axis adds and per million added parameters, with a Welch t test
+    over seeds (no p-value from fewer than 3 seeds a side). Size adds frozen base parameters
+    (non-embedding); rank and method add trainable ones."""
     g = res.grid
     ref = reference_rank(res)
     frac = max(g.fractions)
     rows = []
 
     def add(axis: str, what: str, lo: Key, hi: Key, lo_params: float, hi_params: float) -> None:
-        if not (res.values(lo) and res.values(hi)) or hi_params <= lo_params:
+        a, b = res.values(lo), res.values(hi)
+        if not (a and b) or hi_params <= lo_params:
             return
-        (m_lo, s_lo), (m_hi, s_hi) = _mean_std(res.values(lo)), _mean_std(res.values(hi))
+        (m_lo, s_lo), (m_hi, s_hi) = _mean_std(a), _mean_std(b)
         gain = m_hi - m_lo
-        se = math.sqrt(s_lo**2 / len(res.values(lo)) + s_hi**2 / len(res.values(hi)))
+        se = math.sqrt(s_lo**2 / len(a) + s_hi**2 / len(b))
         rows.append({"axis": axis, "what": what, "gain": gain, "gain_se": se,
+                     "p": welch_p(a, b), "seeds": (len(a), len(b)),
                      "added_params": hi_params - lo_params,
                      "per_doubling": gain / math.log2(hi_params / lo_params),
                      "per_million": gain / ((hi_params - lo_params) / 1e6)})
@@ -217,6 +294,51 @@ def axis_gains(res: Results) -> list[dict[str, Any]]:
     return rows
 
 
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided Welch t test of equal means; None with fewer than 3 seeds on either side (a
+    variance from 2 values is too unstable to test with)."""
+    from scipy.stats import ttest_ind
+
+    if len(a) < 3 or len(b) < 3:
+        return None
+    if np.std(a) == 0 and np.std(b) == 0:
+        return 0.0 if np.mean(a) != np.mean(b) else 1.0
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compute.
+
+
+def training_flops(record: dict[str, Any]) -> float:
+    """Training FLOPs of a cell: per processed (padded) token, forward 2N plus the backward pass
+    through the activations 2N with a frozen base, plus the weight gradients 2N for full
+    fine-tuning (N = non-embedding parameters; adapter and head FLOPs, a few percent, left
+    out)."""
+    per_token = (6.0 if record["axes"]["method"] == "full" else 4.0) * \
+        record["non_embedding_params"]
+    return per_token * float(record.get("padded_tokens") or record["tokens_seen"])
+
+
+def compute_rows(res: Results) -> list[dict[str, Any]]:
+    """Dev metric against training FLOPs (and inference FLOPs per token) per configuration,
+    cheapest first; `frontier` marks the cells no cheaper cell beats."""
+    rows = []
+    for key, recs in res.groups.items():
+        mean, std = _mean_std([r["value"] for r in recs])
+        rows.append({"model": key[0], "method": key[1], "rank": key[2], "fraction": key[3],
+                     "train_flops": float(np.mean([training_flops(r) for r in recs])),
+                     "inference_flops_per_token": 2.0 * recs[0]["non_embedding_params"],
+                     "mean": mean, "std": std, "seeds": len(recs)})
+    rows.sort(key=lambda r: r["train_flops"])
+    sign = 1 if res.higher_is_better else -1
+    best = -math.inf
+    for r in rows:
+        r["frontier"] = sign * r["mean"] > best
+        best = max(best, sign * r["mean"])
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # The report.
 
@@ -232,12 +354,14 @@ def summary_rows(res: Results) -> list[dict[str, Any]]:
                      "non_embedding_params": recs[0]["non_embedding_params"],
                      "train_examples": recs[0]["train_examples"],
                      "tokens_seen": recs[0]["tokens_seen"],
+                     "train_flops": float(np.mean([training_flops(r) for r in recs])),
                      "wall_time_s": float(np.mean([r["wall_time_s"] for r in recs]))})
     return rows
 
 
 def write_report(results: str | Path, out: str | Path | None = None, n_boot: int = 1000) -> str:
-    """Write report.md, results.csv, fits.json and plots/*.png; returns the report's path."""
+    """Write report.md, report.html (self-contained), results.csv, fits.json and plots/*.png;
+    returns the Markdown report's path."""
     res = load_results(results)
     out = Path(out or results)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,19 +370,49 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model"])
         writer.writeheader()
         writer.writerows(rows)
+    print(f"report: {len(res.records)} cells; fitting laws ({n_boot} bootstrap replicates)",
+          flush=True)
     fits = fit_all(res, n_boot) if res.records else {}
     write_json(out / "fits.json", fits_to_json(fits) if fits else {})
-    plots = make_plots(res, out / "plots") if res.records else []
-    text = render_markdown(res, rows, fits, axis_gains(res) if res.records else [], plots, out)
+    plots = make_plots(res, fits, out / "plots") if res.records else []
+    backtests = load_backtests(Path(results))
+    text = render_markdown(res, rows, fits, axis_gains(res) if res.records else [],
+                           compute_rows(res) if res.records else [], plots, out, backtests)
     (out / "report.md").write_text(text)
+    (out / "report.html").write_text(markdown_to_html(text, out, title=res.grid.name))
     return str(out / "report.md")
 
 
+def _law_rows(fits: dict[str, dict[str, Fit]]) -> list[str]:
+    names = {"size": "size N", "rank": "rank r", "trainable": "trainable params",
+             "data": "data D", "joint": "N x D (multiplicative)", "additive": "N x D (additive)"}
+    lines = ["| law | series | verdict | exponents [95%] | exponent if E moves | lack of fit | "
+             "vs flat | held out: observed / predicted [95% band] |",
+             "|---|---|---|---|---|---|---|---|"]
+    for axis, by_name in fits.items():
+        for name, f in by_name.items():
+            exps = ", ".join(f"{k} {f.params[k]:.3g} [{f.intervals[k][0]:.3g}, "
+                             f"{f.intervals[k][1]:.3g}]" for k in ("alpha", "beta")
+                             if k in f.params and k in f.intervals) or "-"
+            sens = f.e_sensitivity.get("alpha")
+            sens_text = f"{sens[0]:.3g} to {sens[1]:.3g}" if sens else "-"
+            held = "; ".join(f"{h.observed:.4f} / {h.predicted:.4f} [{h.band[0]:.4f}, "
+                             f"{h.band[1]:.4f}] {'in' if h.covered else 'OUT'}"
+                             for h in f.held_out) or "-"
+            verdict = "supported" if f.supported else f.verdict.split(":")[0]
+            lines.append(f"| {names[axis]} | {name} | {verdict} | {exps} | {sens_text} | "
+                         f"{format_p(f.p_lack_of_fit)} | {format_p(f.p_flat)} | {held} |")
+    return lines
+
+
 def render_markdown(res: Results, rows: list[dict[str, Any]], fits: dict[str, dict[str, Fit]],
-                    gains: list[dict[str, Any]], plots: list[Path], out: Path) -> str:
+                    gains: list[dict[str, Any]], compute: list[dict[str, Any]],
+                    plots: list[Path], out: Path,
+                    backtests: list[dict[str, Any]] | None = None) -> str:
     g = res.grid
     devices = sorted({r.get("device", "?") for r in res.records})
     commits = sorted({(r.get("code_version") or {}).get("commit") or "?" for r in res.records})
+    seeds = sorted({len(v) for v in res.groups.values()})
     lines = [f"# {g.name}: {g.task} on {g.dataset or 'own data'}", "",
              "Produced by `adaptune report` from the cells in this folder; do not edit by hand.",
              "",
@@ -267,11 +421,16 @@ def render_markdown(res: Results, rows: list[dict[str, Any]], fits: dict[str, di
              + (f", {len(res.stale)} stale (from an edited grid, ignored)" if res.stale else ""),
              f"- device(s): {', '.join(devices) or '-'}; "
              f"code: {', '.join(c[:10] for c in commits)}",
-             f"- metric: dev {res.metric} (mean ± sample std over seeds); fits are on error = "
-             f"{'1 - ' if res.higher_is_better else ''}{res.metric}",
+             f"- metric: dev {res.metric} (mean ± sample std over {'/'.join(map(str, seeds))} "
+             f"seeds); fits are on error = {'1 - ' if res.higher_is_better else ''}{res.metric}",
              f"- fixed settings: `{json.dumps(dict(g.overrides), sort_keys=True)}`"
              + (f"; per method: `{json.dumps(dict(g.method_overrides), sort_keys=True)}`"
                 if g.method_overrides else ""), ""]
+    for name, by_value in sorted(res.drift.items()):
+        now = json.dumps(_current_value(res, name))
+        parts = [f"{len(ids)} cell(s) with {value}" for value, ids in sorted(by_value.items())]
+        lines.append(f"- default changed since some cells ran: `{name}` is {now} now; "
+                     + ", ".join(parts) + " (their results are kept and shown as they ran)")
     for s in res.skipped:
         lines.append(f"- not applicable: {s['id']}: {s['reason']}")
     for name in res.failed:
@@ -281,57 +440,124 @@ def render_markdown(res: Results, rows: list[dict[str, Any]], fits: dict[str, di
                      + (f" and {len(res.missing) - 12} more" if len(res.missing) > 12 else ""))
     lines += ["", "## Results", "",
               "| model | non-emb params | method | rank | data | seeds | "
-              f"{res.metric} | trainable | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+              f"{res.metric} | trainable | train PFLOP | wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['non_embedding_params'] / 1e6:.1f}M | {r['method']} | "
                      f"{_rank_label(r['rank'])} | {r['train_examples']:,} | {r['seeds']} | "
                      f"{r['mean']:.4f} ± {r['std']:.4f} | {r['trainable_params']:,} | "
-                     f"{r['wall_time_s']:.0f} |")
+                     f"{r['train_flops'] / 1e15:.3g} | {r['wall_time_s']:.0f} |")
     if fits:
-        lines += ["", "## Scaling-law fits", "",
-                  "95% bootstrap intervals over seeds in brackets. x0 is the smallest x: A is the "
-                  "reducible error there. A law is printed only where the data support it.", ""]
-        names = {"size": "base-model size N (non-embedding parameters)", "rank": "LoRA rank r",
-                 "data": "training examples D", "joint": "joint, size N x data D"}
+        covered, checked = held_out_coverage(fits)
+        supported = [f"{axis} {name}" for axis, by_name in fits.items()
+                     for name, f in by_name.items() if f.supported]
+        lines += ["", "## Scaling laws and their held-out checks", "",
+                  "Noise model of each point (adaptune.scaling): seed variance pooled over the "
+                  "series (redrawn from its chi-square in each replicate), dev-set sampling "
+                  "noise (binomial, common to all points of a series: same dev examples), and "
+                  "the law's misfit (the lack-of-fit F test against pure seed error; where the "
+                  "law misfits, the noise is inflated by the misfit ratio). Intervals are 95% "
+                  "percentiles of a parametric bootstrap. A law is supported only with at least "
+                  "4 x values of one lineage, a passing lack-of-fit test, exponent intervals "
+                  "clear of zero, a significant gain over a flat line, and a passing held-out "
+                  "check (fitted without the largest x, predicting it within its 95% band). "
+                  "'exponent if E moves': alpha refitted with the floor E pinned at 0 and at "
+                  "its interval's ends.", "",
+                  f"- supported: {', '.join(supported) or 'none'}",
+                  f"- held-out cells inside their 95% band: {covered} of {checked}"
+                  + (f" ({covered / checked:.0%})" if checked else ""), ""]
+        lines += _law_rows(fits)
+        lines.append("")
         for axis, by_name in fits.items():
-            if not by_name:
-                continue
-            lines += [f"**{names[axis]}**", ""]
             for name, fit in by_name.items():
-                lines.append(f"- {name}: {fit.describe()}")
-            lines.append("")
+                if fit.supported:
+                    lines.append(f"- {axis} {name}: {fit.describe()}")
+        lines += _joint_comparison(fits)
     if gains:
-        lines += ["## Which axis buys the most", "",
+        lines += ["", "## Which axis buys the most", "",
                   "Metric gained from the smallest to the largest setting of each axis (± standard"
-                  " error over seeds), per doubling of the parameters that axis adds and per "
-                  "million added parameters (size adds frozen base parameters, rank and method "
-                  "trainable ones).", "",
-                  "| axis | from -> to | gain | added params | per doubling | per million |",
-                  "|---|---|---|---|---|---|"]
+                  " error over seeds; Welch t test, none with fewer than 3 seeds a side), per "
+                  "doubling of the parameters that axis adds and per million added parameters "
+                  "(size adds frozen base parameters, rank and method trainable ones).", "",
+                  "| axis | from -> to | gain | Welch | added params | per doubling | "
+                  "per million |", "|---|---|---|---|---|---|---|"]
         for r in sorted(gains, key=lambda r: -r["per_doubling"]):
+            p_text = format_p(r["p"]) if r["p"] is not None else \
+                f"n/a ({min(r['seeds'])} seeds)"
             lines.append(f"| {r['axis']} | {r['what']} | {r['gain']:+.4f} ± {r['gain_se']:.4f} "
-                         f"| {r['added_params']:,.0f} | {r['per_doubling']:+.4f} | "
+                         f"| {p_text} | {r['added_params']:,.0f} | {r['per_doubling']:+.4f} | "
                          f"{r['per_million']:+.4f} |")
         lines += ["", verdict_on_axes(gains), ""]
+    if compute:
+        lines += ["## Metric at equal compute", "",
+                  "Training FLOPs per cell (4N per processed token with a frozen base, 6N for "
+                  "full fine-tuning; N = non-embedding parameters) and inference FLOPs per "
+                  "token (2N). Cheapest first; 'frontier' marks cells that no cheaper cell "
+                  "beats: read 'a bigger base or more data at equal compute' down this table.",
+                  "", f"| model | method | rank | data fraction | train PFLOP | inference "
+                  f"GFLOP/token | {res.metric} | frontier |", "|---|---|---|---|---|---|---|---|"]
+        for r in compute:
+            lines.append(f"| {r['model']} | {r['method']} | {_rank_label(r['rank'])} | "
+                         f"{r['fraction']:g} | {r['train_flops'] / 1e15:.3g} | "
+                         f"{r['inference_flops_per_token'] / 1e9:.3g} | {r['mean']:.4f} ± "
+                         f"{r['std']:.4f} | {'yes' if r['frontier'] else ''} |")
+        lines.append("")
+    if backtests:
+        lines += backtest_lines(backtests)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})"
                                       for p in plots] + [""]
     return "\n".join(lines)
 
 
+def _current_value(res: Results, name: str) -> Any:
+    from adaptune.config import to_dict
+
+    node: Any = to_dict(next(iter(res.cells.values())).config)
+    for part in name.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _joint_comparison(fits: dict[str, dict[str, Fit]]) -> list[str]:
+    """Which joint form predicts the held-out data size better, per series."""
+    lines = []
+    for name in sorted(set(fits.get("joint", {})) & set(fits.get("additive", {}))):
+        errors = {form: [abs(h.error) for h in fits[form][name].held_out]
+                  for form in ("joint", "additive")}
+        if all(errors.values()):
+            mae = {form: float(np.mean(v)) for form, v in errors.items()}
+            better = min(mae, key=mae.get)
+            lines.append(f"- joint forms, {name}: held-out mean absolute error "
+                         f"{mae['joint']:.4f} (multiplicative) vs {mae['additive']:.4f} "
+                         f"(additive): the {'multiplicative' if better == 'joint' else 'additive'}"
+                         " form predicts the largest data size better")
+    return lines
+
+
 def verdict_on_axes(gains: list[dict[str, Any]]) -> str:
-    """One sentence: the axis with the largest significant gain per doubling, and per parameter."""
-    significant = [r for r in gains if r["gain"] > 2 * r["gain_se"]]
-    if not significant:
-        return "No axis gives a gain larger than twice its standard error at this budget."
-    by_doubling = max(significant, key=lambda r: r["per_doubling"])
-    by_param = max(significant, key=lambda r: r["per_million"])
-    flat = sorted({r["axis"] for r in gains} - {r["axis"] for r in significant})
+    """One sentence: the axis with the largest significant gain per doubling, and per parameter.
+    Significant: Welch p < 0.05 where there are 3 seeds a side, else a gain over twice its
+    standard error (stated as such)."""
+    def significant(r: dict[str, Any]) -> bool:
+        return r["p"] < 0.05 and r["gain"] > 0 if r["p"] is not None else \
+            r["gain"] > 2 * r["gain_se"]
+
+    sig = [r for r in gains if significant(r)]
+    few = any(r["p"] is None for r in gains)
+    if not sig:
+        return "No axis gives a significant gain at this budget."
+    by_doubling = max(sig, key=lambda r: r["per_doubling"])
+    by_param = max(sig, key=lambda r: r["per_million"])
+    flat = sorted({r["axis"] for r in gains} - {r["axis"] for r in sig})
     text = (f"Per doubling of parameters, {by_doubling['axis']} pays most "
             f"({by_doubling['what']}: {by_doubling['per_doubling']:+.4f}); per added parameter, "
             f"{by_param['axis']} ({by_param['what']}: {by_param['per_million']:+.4f} per million).")
     if flat:
         text += f" No significant gain along: {', '.join(flat)}."
+    if few:
+        text += (" Rows with fewer than 3 seeds a side count as significant only by a gain "
+                 "over twice its standard error, which 2 seeds estimate poorly.")
     return text
 
 
@@ -339,16 +565,18 @@ def verdict_on_axes(gains: list[dict[str, Any]]) -> str:
 # Plots.
 
 
-def make_plots(res: Results, folder: Path) -> list[Path]:
+def make_plots(res: Results, fits: dict[str, dict[str, Fit]], folder: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
     g = res.grid
     frac = max(g.fractions)
-    ref = reference_rank(res)
     made = []
 
     def save(fig, name: str) -> None:
@@ -357,64 +585,80 @@ def make_plots(res: Results, folder: Path) -> list[Path]:
         plt.close(fig)
         made.append(folder / f"{name}.png")
 
-    def point(key: Key) -> tuple[float, float] | None:
-        vals = res.values(key)
-        return _mean_std(vals) if vals else None
+    def readable(value: float, _pos: Any = None) -> str:
+        for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+            if abs(value) >= div:
+                return f"{value / div:g}{unit}"
+        return f"{value:g}"
 
-    def line(ax, pts: list[tuple[float, float, float]], label: str) -> None:
-        """(x, mean, std) points as one line with error bars, in x order."""
-        if pts:
-            x, mean, std = zip(*sorted(pts))
-            ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=label)
+    # 1. error against each fitted variable, log-log: seeds as points, the law and its band.
+    xlabel = {"size": "non-embedding parameters", "rank": "rank", "trainable":
+              "trainable parameters", "data": "training examples"}
+    for axis in ("size", "rank", "data"):
+        series = [(name, f) for name, f in fits.get(axis, {}).items() if f.n_points >= 2]
+        if not series:
+            continue
+        cols = min(3, len(series))
+        rows_n = math.ceil(len(series) / cols)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.6 * rows_n),
+                                 squeeze=False)
+        for ax, (name, fit) in zip(axes.ravel(), series):
+            xs, ys = _series_points(res, axis, name)
+            ax.scatter(xs, ys, s=14, alpha=0.6, label="seeds")
+            groups: dict[float, list[float]] = {}
+            for x, y in zip(xs, ys):
+                groups.setdefault(x, []).append(y)
+            keys = sorted(groups)
+            means = [np.mean(groups[k]) for k in keys]
+            sds = [np.std(groups[k], ddof=1) if len(groups[k]) > 1 else 0 for k in keys]
+            ax.errorbar(keys, means, yerr=sds, fmt="o", color="k", capsize=3,
+                        label="mean ± seed sd")
+            if fit.params and fit.samples:
+                grid_x = np.geomspace(min(keys), max(keys), 60)
+                lo, hi = np.percentile(_band(fit, grid_x), [2.5, 97.5], axis=0)
+                ax.plot(grid_x, fit.predict(grid_x), color="C1",
+                        label="law" + ("" if fit.supported else " (not supported)"))
+                ax.fill_between(grid_x, lo, hi, color="C1", alpha=0.2, label="95% band")
+            ax.set(xscale="log", yscale="log", xlabel=xlabel[axis], ylabel=f"error (1 - "
+                   f"{res.metric})" if res.higher_is_better else res.metric, title=name)
+            ax.xaxis.set_major_formatter(FuncFormatter(readable))
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:.3g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _p: ""))
+            ax.legend(fontsize=7)
+        for ax in axes.ravel()[len(series):]:
+            ax.set_visible(False)
+        save(fig, f"error_vs_{axis}")
 
-    # 1. metric against trainable parameters, per method (one panel per model).
+    # 2. metric against trainable parameters, per method (one panel per model).
     budgets = {(k[1], k[2]) for k in res.groups}
-    fig, axes = plt.subplots(1, len(g.models), figsize=(5 * len(g.models), 4), squeeze=False)
-    for ax, model in zip(axes[0], g.models if len(budgets) > 1 else []):
-        for method in g.methods:
-            ranks = g.ranks if method in RANKED_METHODS else [None]
-            line(ax, [(res.first(k, "trainable_params"), *point(k)) for r in ranks
-                      if point(k := (model, method, r, frac))], method)
-        ax.set(xscale="log", xlabel="trainable parameters", ylabel=res.metric, title=model)
-        ax.legend(fontsize=8)
     if len(budgets) > 1:
-        save(fig, "metric_vs_trainable_params")
-    else:
-        plt.close(fig)
-
-    # 2. metric against rank, one line per base model (a panel per ranked method).
-    ranked = [m for m in g.methods if m in RANKED_METHODS]
-    if ranked and len(g.ranks) > 1:
-        fig, axes = plt.subplots(1, len(ranked), figsize=(5 * len(ranked), 4), squeeze=False)
-        for ax, method in zip(axes[0], ranked):
-            for model in g.models:
-                line(ax, [(r, *point(k)) for r in g.ranks
-                          if point(k := (model, method, r, frac))], model)
-            ax.set(xscale="log", xlabel="rank", ylabel=res.metric, title=method)
-            ax.set_xticks(sorted(g.ranks), [str(r) for r in sorted(g.ranks)])
+        fig, axes = plt.subplots(1, len(g.models), figsize=(5 * len(g.models), 4),
+                                 squeeze=False)
+        for ax, model in zip(axes[0], g.models):
+            for method in g.methods:
+                ranks = g.ranks if method in RANKED_METHODS else [None]
+                pts = [(res.first(k, "trainable_params"), *_mean_std(res.values(k)))
+                       for r in ranks if res.values(k := (model, method, r, frac))]
+                if pts:
+                    x, mean, std = zip(*sorted(pts))
+                    ax.errorbar(x, mean, yerr=std, marker="o", capsize=3,
+                                label=f"{method} (± seed sd)")
+            ax.set(xscale="log", xlabel="trainable parameters", ylabel=res.metric, title=model)
+            ax.xaxis.set_major_formatter(FuncFormatter(readable))
             ax.legend(fontsize=8)
-        save(fig, "metric_vs_rank")
+        save(fig, "metric_vs_trainable_params")
 
-    # 3. metric against base-model size, one line per method.
-    if len(g.models) > 1:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method in g.methods:
-            rank = ref if method in RANKED_METHODS else None
-            line(ax, [(res.first(k, "non_embedding_params"), *point(k)) for m in g.models
-                      if point(k := (m, method, rank, frac))], _label(method, rank))
-        ax.set(xscale="log", xlabel="base model non-embedding parameters", ylabel=res.metric)
-        ax.legend(fontsize=8)
-        save(fig, "metric_vs_model_size")
-
-    # 4. size x rank heat map (LoRA, else the first ranked method).
+    # 3. size x rank heat map (LoRA, else the first ranked method).
+    ranked = [m for m in g.methods if m in RANKED_METHODS]
     if ranked and len(g.ranks) > 1:
         method = "lora" if "lora" in ranked else ranked[0]
         ranks = sorted(g.ranks)
         grid = np.full((len(g.models), len(ranks)), np.nan)
         for i, model in enumerate(g.models):
             for j, r in enumerate(ranks):
-                if p := point((model, method, r, frac)):
-                    grid[i, j] = p[0]
+                if vals := res.values((model, method, r, frac)):
+                    grid[i, j] = float(np.mean(vals))
         fig, ax = plt.subplots(figsize=(1.2 * len(ranks) + 2, 0.8 * len(g.models) + 1.5))
         image = ax.imshow(grid, cmap="viridis", aspect="auto")
         for (i, j), v in np.ndenumerate(grid):
@@ -422,27 +666,117 @@ def make_plots(res: Results, folder: Path) -> list[Path]:
                 ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=8)
         ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
         ax.set_yticks(range(len(g.models)), list(g.models))
-        ax.set(xlabel=f"{method} rank", title=f"{res.metric}: base model x rank")
+        ax.set(xlabel=f"{method} rank", title=f"mean {res.metric}: base model x rank")
         fig.colorbar(image)
         save(fig, "size_x_rank_heatmap")
-
-    # 5. metric against training examples, where the grid sweeps data.
-    if len(g.fractions) > 1:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for model in g.models:
-            for method in g.methods:
-                rank = ref if method in RANKED_METHODS else None
-                line(ax, [(res.first(k, "train_examples"), *point(k)) for f in g.fractions
-                          if point(k := (model, method, rank, f))],
-                     f"{model} {_label(method, rank)}")
-        ax.set(xscale="log", xlabel="training examples", ylabel=res.metric)
-        ax.legend(fontsize=8)
-        save(fig, "metric_vs_data")
     return made
 
 
+def _series_points(res: Results, axis: str, name: str) -> tuple[list[float], list[float]]:
+    """The per-seed (x, error) points behind one fitted series."""
+    g = res.grid
+    frac = max(g.fractions)
+    out_x, out_y = [], []
+    if axis == "size":
+        method, rank = _parse_label(name)
+        keys = [(m, method, rank, frac) for m in g.models]
+        field_name = "non_embedding_params"
+    elif axis == "rank":
+        model, method = name.rsplit(" ", 1)
+        keys = [(model, method, r, frac) for r in g.ranks]
+        field_name = None
+    else:
+        model, label = name.split(" ", 1)
+        method, rank = _parse_label(label)
+        keys = [(model, method, rank, f) for f in g.fractions]
+        field_name = "train_examples"
+    for key in keys:
+        for r in res.groups.get(key, []):
+            out_x.append(float(key[2] if field_name is None else r[field_name]))
+            out_y.append(res.error(r["value"]))
+    return out_x, out_y
+
+
+def _parse_label(label: str) -> tuple[str, int | None]:
+    method, _, rank = label.partition(" r=")
+    return method, (int(rank) if rank else None)
+
+
+def _band(fit: Fit, x: np.ndarray) -> np.ndarray:
+    """The law at x for every bootstrap replicate of its parameters."""
+    from adaptune.scaling import _predict
+
+    n = len(next(iter(fit.samples.values())))
+    return np.array([_predict(fit.form, {k: v[i] for k, v in fit.samples.items()}, fit.x0, x)
+                     for i in range(n)])
+
+
 # ----------------------------------------------------------------------------------------------
-# The rank advisor.
+# A self-contained HTML version of the report.
+
+
+def markdown_to_html(text: str, folder: Path, title: str) -> str:
+    """The report's Markdown (headings, paragraphs, lists, tables, images, `code`) as one HTML
+    file with the plots embedded, so it opens anywhere without the plots folder. A small script
+    sets the page's data-images-loaded attribute once every image has decoded (what the
+    browser test checks)."""
+    import base64
+    import html
+    import re
+
+    def inline(s: str) -> str:
+        s = html.escape(s)
+        return re.sub(r"`([^`]*)`", r"<code>\1</code>", s)
+
+    body: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip("|").split("|")])
+                i += 1
+            head, data = rows[0], [r for r in rows[2:]]
+            body.append("<table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head)
+                        + "</tr></thead><tbody>" + "".join(
+                            "<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>"
+                            for r in data) + "</tbody></table>")
+            continue
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{inline(lines[i][2:])}</li>")
+                i += 1
+            body.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        elif match := re.match(r"!\[([^\]]*)\]\(([^)]+)\)", line):
+            png = (folder / match.group(2)).read_bytes()
+            data = base64.b64encode(png).decode()
+            body.append(f'<figure><img alt="{html.escape(match.group(1))}" '
+                        f'src="data:image/png;base64,{data}"><figcaption>'
+                        f"{inline(match.group(1))}</figcaption></figure>")
+        elif line.strip():
+            body.append(f"<p>{inline(line)}</p>")
+        i += 1
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:0.85em}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}"
+             "th{background:#f0f0f0}img{max-width:100%}code{background:#f4f4f4}")
+    script = ("window.addEventListener('load',function(){var i=document.images,ok=0;"
+              "for(var k=0;k<i.length;k++){if(i[k].complete&&i[k].naturalWidth>0)ok++;}"
+              "document.body.setAttribute('data-images-loaded',ok+'/'+i.length);});")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{style}</style><script>{script}</script></head><body>"
+            + "\n".join(body) + "</body></html>\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# The rank advisor and its backtest.
 
 
 @dataclass(frozen=True)
@@ -454,22 +788,37 @@ class Advice:
     trainable_params: int
     best: str
     best_mean: float
-    confidence: float  # share of bootstrap resamples in which the choice is within tolerance
+    confidence: float | None  # share of simulated replications in which the choice holds
     seeds: int
     note: str
+    rivals: tuple[Key, ...] = ()  # the cells a backtest re-runs beside the pick
+    key: Key | None = None
 
     def __str__(self) -> str:
         choice = _label(self.method, self.rank)
+        sure = (f"Within tolerance in {self.confidence:.0%} of simulated replications "
+                "(pooled seed noise)." if self.confidence is not None else
+                "No confidence figure: fewer than 3 seeds per cell.")
         return (f"{self.model}: use {choice} ({self.trainable_params:,} trainable parameters): "
                 f"mean {self.mean:.4f} over {self.seeds} seed(s), against the best, {self.best}, "
-                f"at {self.best_mean:.4f}. Within tolerance in {self.confidence:.0%} of "
-                f"bootstrap resamples over seeds. {self.note}").strip()
+                f"at {self.best_mean:.4f}. {sure} {self.note}").strip()
+
+
+def _choose(means: dict[Key, float], params: dict[Key, int], sign: float,
+            within: float) -> tuple[Key, Key]:
+    """(the cheapest cell within `within` of the best mean, the best)."""
+    best = max(means, key=lambda k: sign * means[k])
+    ok = [k for k in means if sign * (means[best] - means[k]) <= within + 1e-12]
+    return min(ok, key=lambda k: (params[k], -sign * means[k])), best
 
 
 def advise(results: str | Path, model: str, within: float = 0.01, fraction: float = 1.0,
            n_boot: int = 2000, seed: int = 0) -> Advice:
     """The configuration with the fewest trainable parameters whose mean metric is within
-    `within` of the best mean for this model (at this data fraction)."""
+    `within` of the best mean for this model (at this data fraction). Its confidence comes from
+    the same noise model as the laws: every cell's mean redrawn with the seed variance pooled
+    over the model's cells (itself redrawn from its chi-square); the dev set is common to all
+    cells and left out. No confidence figure from fewer than 3 seeds per cell."""
     res = load_results(results)
     if fraction not in res.grid.fractions:
         fraction = max(res.grid.fractions)
@@ -480,38 +829,128 @@ def advise(results: str | Path, model: str, within: float = 0.01, fraction: floa
         raise ConfigError(f"advise: no finished cells for model {model!r} in {results}; "
                           f"models with results: {', '.join(known) or 'none'}")
     params = {k: res.first(k, "trainable_params") for k in options}
-
-    def choose(means: dict[Key, float]) -> tuple[Key, Key]:
-        best = max(means, key=lambda k: sign * means[k])
-        ok = [k for k in means if sign * (means[best] - means[k]) <= within + 1e-12]
-        return min(ok, key=lambda k: (params[k], -sign * means[k])), best
-
     means = {k: float(np.mean(v)) for k, v in options.items()}
-    chosen, best = choose(means)
-    rng = np.random.default_rng(seed)
-    hits = 0
-    for _ in range(n_boot):
-        resampled = {k: float(np.mean(rng.choice(v, size=len(v)))) for k, v in options.items()}
-        top = max(resampled.values(), key=lambda v: sign * v)
-        hits += sign * (top - resampled[chosen]) <= within + 1e-12
+    chosen, best = _choose(means, params, sign, within)
+    keys = list(options)
+    counts = np.array([len(options[k]) for k in keys], dtype=float)
+    dof = int(sum(counts - 1))
+    ss = sum(float(np.sum((np.array(options[k]) - means[k]) ** 2)) for k in keys)
+    confidence = None
+    if min(counts) >= 3 and dof > 0:
+        rng = np.random.default_rng(seed)
+        s2 = ss / dof * dof / rng.chisquare(dof, size=n_boot)
+        sims = np.array([means[k] for k in keys])[None, :] + \
+            rng.normal(size=(n_boot, len(keys))) * np.sqrt(s2[:, None] / counts[None, :])
+        i = keys.index(chosen)
+        confidence = float(np.mean([sign * (row.max() if sign > 0 else row.min()) - sign * row[i]
+                                    <= within + 1e-12 for row in sims]))
     note = ""
     if chosen[1] in RANKED_METHODS and len(res.grid.ranks) > 1:
-        fit = fit_rank(res, model, chosen[1], fraction, n_boot=500)
+        fit = fit_rank(res, model, chosen[1], fraction, n_boot=300)
         note = (f"Rank law for {model} {chosen[1]}: {fit.describe()}."
                 if fit is not None else "")
-    if len(options[chosen]) < 2:
-        note += " One seed only: the confidence is not meaningful."
+    # The rivals a backtest re-runs: the best (the tolerance's reference), and the cheapest
+    # cells just outside the tolerance (fresh seeds could bring them in).
+    outside = sorted((k for k in keys if k not in (chosen, best)
+                      and params[k] < params[chosen]),
+                     key=lambda k: -sign * means[k])[:2]
+    rivals = tuple(dict.fromkeys([best, *outside]))
     return Advice(model, chosen[1], chosen[2], means[chosen], params[chosen],
-                  _label(best[1], best[2]), means[best], hits / n_boot, len(options[chosen]),
-                  note)
+                  _label(best[1], best[2]), means[best], confidence, len(options[chosen]),
+                  note, tuple(k for k in rivals if k != chosen), chosen)
+
+
+def backtest(results: str | Path, model: str, within: float = 0.01,
+             seeds: Sequence[int] = (1000, 1001, 1002), fraction: float = 1.0) -> dict[str, Any]:
+    """Re-run the advisor's pick and its rivals on seeds the grid never used, through the same
+    runner (records under <results>/backtest/), and say whether the pick held: whether the
+    advisor, given only the fresh seeds of those cells, picks the same one."""
+    from adaptune.sweep import (cell_for, code_version, device_name, finished,
+                                library_versions, run_cell)
+
+    folder = Path(results)
+    res = load_results(folder)
+    used = set(res.grid.seeds)
+    if used & set(seeds):
+        raise ConfigError(f"backtest: seeds {sorted(used & set(seeds))} are the grid's own; "
+                          "choose seeds it never used")
+    advice = advise(folder, model, within, fraction)
+    g = res.grid
+    out = folder / "backtest"
+    environment = {"code_version": code_version(), "libraries": library_versions(),
+                   "device": device_name(), "grid": g.name, "backtest_of": model,
+                   "within": within}
+    cells = [cell_for(g, *k, seed=s) for k in (advice.key, *advice.rivals) for s in seeds]
+    done = finished(out, cells)
+    for cell in cells:
+        if cell.id not in done:
+            print(f"backtest: {cell.id}", flush=True)
+            run_cell(cell, out, environment=environment)
+    return summarize_backtest(folder, model, within, advice, seeds)
+
+
+def summarize_backtest(folder: Path, model: str, within: float, advice: Advice,
+                       seeds: Sequence[int]) -> dict[str, Any]:
+    res = load_results(folder)
+    sign = 1.0 if res.higher_is_better else -1.0
+    records = [json.loads(p.read_text()) for p in sorted((folder / "backtest" / "cells")
+                                                           .glob("*.json"))]
+    keys = (advice.key, *advice.rivals)
+    fresh: dict[Key, list[float]] = {}
+    for r in records:
+        a = r["axes"]
+        k = (a["model"], a["method"], a["rank"], a["fraction"])
+        if k in keys and a["seed"] in seeds and r.get("status") == "ok":
+            fresh.setdefault(k, []).append(r["value"])
+    means = {k: float(np.mean(v)) for k, v in fresh.items()}
+    params = {k: res.first(k, "trainable_params") for k in fresh}
+    held = None
+    if advice.key in means and len(means) == len(keys):
+        held = _choose(means, params, sign, within)[0] == advice.key
+    summary = {"model": model, "within": within, "pick": _label(advice.method, advice.rank),
+               "pick_committed_mean": advice.mean, "pick_fresh_mean": means.get(advice.key),
+               "rivals": [_label(k[1], k[2]) for k in advice.rivals],
+               "fresh_means": {_label(k[1], k[2]): v for k, v in means.items()},
+               "fresh_seeds": list(seeds), "held": held}
+    write_json(folder / "backtest" / f"summary-{model}.json", summary)
+    return summary
+
+
+def load_backtests(folder: Path) -> list[dict[str, Any]]:
+    path = Path(folder) / "backtest"
+    return [json.loads(p.read_text()) for p in sorted(path.glob("summary-*.json"))] \
+        if path.is_dir() else []
+
+
+def backtest_lines(backtests: list[dict[str, Any]]) -> list[str]:
+    decided = [b for b in backtests if b["held"] is not None]
+    hits = sum(b["held"] for b in decided)
+    lines = ["## Advisor backtest on fresh seeds", "",
+             f"The advisor's pick and its rivals re-run on seeds the grid never used "
+             f"(`adaptune advise --backtest`): the pick held in {hits} of {len(decided)} "
+             "models (the advisor, given only the fresh seeds, picks the same cell).", "",
+             "| model | tolerance | pick | committed mean | fresh mean | rivals (fresh means) "
+             "| held |", "|---|---|---|---|---|---|---|"]
+    for b in backtests:
+        rivals = ", ".join(f"{name} {b['fresh_means'].get(name, float('nan')):.4f}"
+                           for name in b["rivals"])
+        fresh = b["pick_fresh_mean"]
+        lines.append(f"| {b['model']} | {b['within']:g} | {b['pick']} | "
+                     f"{b['pick_committed_mean']:.4f} | "
+                     f"{'-' if fresh is None else f'{fresh:.4f}'} | {rivals} | "
+                     f"{'-' if b['held'] is None else 'yes' if b['held'] else 'no'} |")
+    return lines + [""]
 
 
 def fit_rank(res: Results, model: str, method: str, fraction: float,
              n_boot: int = 1000) -> Fit | None:
     """The rank law of one model and ranked method at one data fraction (None: no cells)."""
-    x, y = [], []
+    x, y, v, records = [], [], [], []
     for r in res.grid.ranks:
         for rec in res.groups.get((model, method, r, fraction), []):
             x.append(r)
             y.append(res.error(rec["value"]))
-    return fit_power_law(x, y, n_boot=n_boot) if x else None
+            v.append(dev_var(res, rec))
+            records.append(rec)
+    return fit_power_law(x, y, dev_var=v, dev=res.dev_stats(records), n_boot=n_boot) \
+        if x else None

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from adaptune.config import RunConfig, compose, to_dict
+from adaptune.config import RunConfig, compose, merge_dicts, to_dict, upgrade_stored
 from adaptune.errors import ConfigError, NotApplicable
 from adaptune.methods import METHODS, RANKED_METHODS  # the one method registry
 from adaptune.safe_io import write_json
@@ -62,6 +62,9 @@ class Grid:
     model_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # Per method, e.g. {"full": {"train": {"lr": 5e-5}}}: full fine-tuning wants a lower lr.
     method_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Lineage of models the zoo does not know (e.g. {"my-l4": "my-ladder", "my-l8":
+    # "my-ladder"}): size laws are fitted only within one lineage (zoo models carry theirs).
+    lineages: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"grid {self.name!r}"
@@ -77,6 +80,10 @@ class Grid:
         for m in self.model_overrides:
             if m not in self.models:
                 raise ConfigError(f"{where}: model_overrides: {m!r} is not in models "
+                                  f"{list(self.models)}")
+        for m in self.lineages:
+            if m not in self.models:
+                raise ConfigError(f"{where}: lineages: {m!r} is not in models "
                                   f"{list(self.models)}")
         for m in self.method_overrides:
             if m not in self.methods:
@@ -128,7 +135,7 @@ def grid_from_dict(data: Mapping[str, Any], where: str = "grid") -> Grid:
             except (TypeError, ValueError):
                 raise ConfigError(f"{where}: {key}: expected a list of {kind.__name__}, got "
                                   f"{data[key]!r}") from None
-        elif key in ("overrides", "model_overrides", "method_overrides"):
+        elif key in ("overrides", "model_overrides", "method_overrides", "lineages"):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
         elif not isinstance(value, str):
@@ -161,15 +168,20 @@ class Cell:
     fraction: float
     seed: int
     config: RunConfig
+    # What the grid sets for this cell (its overrides, the model's and the method's, the axis
+    # values), as nested plain data: the cell's identity. Fields the grid leaves at their
+    # defaults are not part of it, so a field added to RunConfig later (with its default) does
+    # not orphan finished cells.
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
-        """Readable and stable: the axis values, then a hash of the whole config, so that a
+        """Readable and stable: the axis values, then a hash of what the grid sets, so that a
         changed override makes new cells instead of reusing stale results."""
         model = "".join(c if c.isalnum() or c in "-_." else "_"
                         for c in (Path(self.model).name or self.model))
         rank = f"-r{self.rank}" if self.rank is not None else ""
-        digest = hashlib.sha256(json.dumps(to_dict(self.config), sort_keys=True)
+        digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True)
                                 .encode()).hexdigest()[:8]
         return f"{model}-{self.method}{rank}-f{self.fraction:g}-s{self.seed}-{digest}"
 
@@ -177,20 +189,75 @@ class Cell:
         return {"model": self.model, "method": self.method, "rank": self.rank,
                 "fraction": self.fraction, "seed": self.seed}
 
+    def matches(self, record: Mapping[str, Any]) -> bool:
+        """Whether a finished record (of any adaptune version) is this cell: the same axis
+        values, and every setting the grid asks for holds in the config it ran with."""
+        if record.get("axes") != self.axes():
+            return False
+        stored = upgrade_stored(record.get("config", {}))
+        return all(_get(stored, path) == value for path, value in _leaves(self.settings))
 
-def _cell_config(grid: Grid, model: str, method: str, rank: int | None, fraction: float,
-                 seed: int) -> RunConfig:
-    axes = {"model": {"name": model}, "method": {"name": method},
-            "data": {"task": grid.task, "train_fraction": fraction},
-            "train": {"seed": seed}}
+    def default_drift(self, record: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Fields the grid does not set whose value differs between the config the record ran
+        with and the config this version would run: {field: (then, now)}. A field the record's
+        version did not have counts as at today's default."""
+        stored, now = upgrade_stored(record.get("config", {})), to_dict(self.config)
+        return {path: (_get(stored, path, value), value) for path, value in _leaves(now)
+                if path not in RUNNER_ONLY and _get(stored, path, value) != value}
+
+
+RUNNER_ONLY = {"output_dir", "overwrite", "train.num_threads"}  # never part of a cell's result
+_MISSING = object()
+
+
+def _leaves(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out += _leaves(value, path + ".")
+        else:
+            out.append((path, value))
+    return out
+
+
+def _get(data: Mapping[str, Any], path: str, default: Any = _MISSING) -> Any:
+    node: Any = data
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return list(node) if isinstance(node, tuple) else node
+
+
+def _cell_settings(grid: Grid, model: str, method: str, rank: int | None, fraction: float,
+                   seed: int) -> dict[str, Any]:
+    axes: dict[str, Any] = {"model": {"name": model}, "method": {"name": method},
+                            "data": {"task": grid.task, "train_fraction": fraction},
+                            "train": {"seed": seed}}
     if rank is not None:
         axes["method"]["rank"] = rank
     if grid.dataset:
         axes["data"]["dataset"] = grid.dataset
+    settings = merge_dicts(merge_dicts(merge_dicts(
+        json.loads(json.dumps(dict(grid.overrides))), grid.model_overrides.get(model, {})),
+        grid.method_overrides.get(method, {})), axes)
+    return json.loads(json.dumps(settings))  # tuples as lists, as stored configs have them
+
+
+def _cell_config(grid: Grid, model: str, method: str, rank: int | None, fraction: float,
+                 seed: int) -> RunConfig:
+    cfg = compose(_cell_settings(grid, model, method, rank, fraction, seed))
     # Runner-only settings never enter a cell's identity.
-    cfg = compose(grid.overrides, grid.model_overrides.get(model, {}),
-                  grid.method_overrides.get(method, {}), axes)
     return cfg.replace(output_dir="", overwrite=False, train={"num_threads": 0})
+
+
+def cell_for(grid: Grid, model: str, method: str, rank: int | None, fraction: float, *,
+             seed: int) -> Cell:
+    """One cell of `grid`'s settings, at any seed (the grid's own or a fresh one)."""
+    return Cell(model, method, rank, fraction, seed,
+                _cell_config(grid, model, method, rank, fraction, seed),
+                _cell_settings(grid, model, method, rank, fraction, seed))
 
 
 def expand(grid: Grid) -> tuple[list[Cell], list[str]]:
@@ -204,8 +271,7 @@ def expand(grid: Grid) -> tuple[list[Cell], list[str]]:
     for seed, model, method in itertools.product(grid.seeds, grid.models, grid.methods):
         ranks: Sequence[int | None] = grid.ranks if method in RANKED_METHODS else [None]
         for rank, fraction in itertools.product(ranks, grid.fractions):
-            cells.append(Cell(model, method, rank, fraction, seed,
-                              _cell_config(grid, model, method, rank, fraction, seed)))
+            cells.append(cell_for(grid, model, method, rank, fraction, seed=seed))
     ids = [c.id for c in cells]
     assert len(set(ids)) == len(ids), "cell ids must be unique"
     return cells, skipped
@@ -254,9 +320,29 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def done_ids(out: Path) -> set[str]:
+def finished(out: Path, cells: Sequence[Cell]) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """The finished records in `out/cells` of these cells, by cell id: a record named by the
+    cell's id, or one written under another id by an older version whose axis values and
+    settings are this cell's (`Cell.matches`). Records of no cell are left out (stale)."""
     folder = Path(out) / "cells"
-    return {p.stem for p in folder.glob("*.json")} if folder.is_dir() else set()
+    by_id = {c.id: c for c in cells}
+    by_axes = {json.dumps(c.axes(), sort_keys=True): c for c in cells}
+    found: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not a valid cell record ({exc})") from None
+        cell = by_id.get(path.stem) or by_axes.get(json.dumps(record.get("axes"),
+                                                              sort_keys=True))
+        if cell is not None and (path.stem == cell.id or cell.matches(record)) \
+                and (cell.id not in found or path.stem == cell.id):
+            found[cell.id] = (path, record)
+    return found
+
+
+def done_ids(out: Path, cells: Sequence[Cell]) -> set[str]:
+    return set(finished(out, cells))
 
 
 def run_cell(cell: Cell, out: Path, num_threads: int = 0,
@@ -286,7 +372,8 @@ def run_cell(cell: Cell, out: Path, num_threads: int = 0,
             tokens_seen=m["train_real_tokens"], padded_tokens=m["train_padded_tokens"],
             optimizer_steps=m["optimizer_steps"], train_time_s=m["train_time_s"],
             run_wall_time_s=m["wall_time_s"], precision=m["precision"],
-            peak_memory_mb=m["peak_memory_mb"], resumed_from=m["resumed_from"])
+            peak_memory_mb=m["peak_memory_mb"], resumed_from=m["resumed_from"],
+            dev_example_stats=m.get("dev_example_stats"))
     record["wall_time_s"] = time.perf_counter() - started
     record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(out / "cells" / f"{cell.id}.json", record)  # the moment the cell counts as done
@@ -315,7 +402,7 @@ def work_through(grid: Grid, out: Path, num_threads: int = 0, label: str = "") -
                    "device": device_name(), "grid": grid.name}
     total = len(cells)
     for index, cell in enumerate(cells, 1):
-        if cell.id in done_ids(out) or not _claim(out, cell.id):
+        if cell.id in done_ids(out, cells) or not _claim(out, cell.id):
             continue
         try:
             record = run_cell(cell, out, num_threads, environment)
@@ -375,11 +462,12 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1) -> SweepSummary:
     for path in (out / "failed").glob("*.json") if (out / "failed").is_dir() else []:
         if path.stem not in ids:
             path.unlink()
+    kept = {path for path, _ in finished(out, cells).values()}
     for path in (out / "cells").glob("*.json") if (out / "cells").is_dir() else []:
-        if path.stem not in ids:
+        if path not in kept:
             (out / "stale").mkdir(exist_ok=True)
             os.replace(path, out / "stale" / path.name)
-    todo = len([c for c in cells if c.id not in done_ids(out)])
+    todo = len([c for c in cells if c.id not in done_ids(out, cells)])
     print(f"grid {grid.name}: {len(cells)} cells, {len(cells) - todo} already done, {todo} to run"
           f", {workers} worker(s)", flush=True)
     if workers <= 1:
@@ -404,7 +492,7 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1) -> SweepSummary:
                     proc.kill()
     failed = sorted(p.stem for p in (out / "failed").glob("*.json")) \
         if (out / "failed").is_dir() else []
-    return SweepSummary(len(cells), len(done_ids(out) & {c.id for c in cells}), skipped, failed)
+    return SweepSummary(len(cells), len(done_ids(out, cells)), skipped, failed)
 
 
 def _worker_main(argv: Sequence[str]) -> None:

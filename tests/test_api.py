@@ -6,7 +6,7 @@ import pytest
 
 import adaptune
 from adaptune.errors import ModelError
-from conftest import dev_accuracy_of_predictions
+from conftest import dev_accuracy_of_predictions, metric_from_example_stats
 
 
 def test_finetune_then_predict(tiny_encoder, cls_files, tmp_path):
@@ -21,6 +21,7 @@ def test_finetune_then_predict(tiny_encoder, cls_files, tmp_path):
     # evaluation the run reported, example by example.
     accuracy = result.metrics["dev"]["accuracy"]
     assert accuracy >= 0.75
+    assert metric_from_example_stats(result.metrics, "classification") == accuracy
     assert dev_accuracy_of_predictions(adaptune.load(result.adapter_dir), dev) == accuracy
 
 

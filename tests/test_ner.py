@@ -8,7 +8,7 @@ from adaptune.config import DataConfig
 from adaptune.errors import DataError
 from adaptune.tasks import ner
 from adaptune.train import load_tokenizer, run
-from conftest import DATA, needs_data, tiny_config
+from conftest import DATA, metric_from_example_stats, needs_data, tiny_config
 
 NER = ner.NerTask()
 
@@ -74,3 +74,4 @@ def test_short_ner_run_loss_falls(tiny_encoder, tmp_path):
     first, last = m["evaluations"]
     assert last["train_loss"] < 0.8 * first["train_loss"]
     assert set(m["dev"]) >= {"f1", "precision", "recall"}
+    assert metric_from_example_stats(m, "ner") == pytest.approx(m["dev"]["f1"], abs=1e-12)

@@ -10,7 +10,7 @@ from adaptune.config import DataConfig
 from adaptune.errors import DataError
 from adaptune.tasks import qa
 from adaptune.train import load_tokenizer, run
-from conftest import DATA, needs_data, tiny_config
+from conftest import DATA, metric_from_example_stats, needs_data, tiny_config
 
 
 
@@ -71,3 +71,4 @@ def test_short_qa_run_loss_falls(tiny_encoder, tmp_path):
     first, last = m["evaluations"]
     assert last["train_loss"] < 0.8 * first["train_loss"]
     assert {"exact", "f1"} <= set(m["dev"])
+    assert metric_from_example_stats(m, "qa") == pytest.approx(m["dev"]["f1"], abs=1e-9)

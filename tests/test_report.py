@@ -28,7 +28,8 @@ def _write_fixture(folder, error_of, *, models=("m1", "m2", "m3", "m4"),
     grid = sweep.grid_from_dict({"name": "fixture", "task": "classification", "dataset": "sst2",
                                  "models": list(models), "methods": list(methods),
                                  "ranks": list(ranks), "fractions": list(fractions),
-                                 "seeds": list(seeds)})
+                                 "seeds": list(seeds),
+                                 "lineages": {m: "fixture-ladder" for m in models}})
     write_json(folder / "grid.json", __import__("dataclasses").asdict(grid))
     rng = np.random.default_rng(0)
     for cell in sweep.expand(grid)[0]:
@@ -67,12 +68,14 @@ def test_report_on_a_fixture_folder(tmp_path):
     values = [json.loads((tmp_path / "cells" / f"{c.id}.json").read_text())["value"]
               for c in cells if (c.model, c.method, c.rank, c.fraction) == ("m3", "lora", 8, 1.0)]
     mean, std = np.mean(values), np.std(values, ddof=1)
-    assert f"| m3 | 16.0M | lora | 8 | 1,000 | 3 | {mean:.4f} ± {std:.4f} | 8,100 | 1 |" in text
+    flops = 4 * 16e6 * 1000 * 10 / 1e15  # 4N per token (frozen base) x tokens seen
+    assert f"| m3 | 16.0M | lora | 8 | 1,000 | 3 | {mean:.4f} ± {std:.4f} | 8,100 | " \
+           f"{flops:.3g} | 1 |" in text
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 * 6 * 3  # every (model, method, rank, fraction) with a result
-    for name in ("metric_vs_trainable_params", "metric_vs_rank", "metric_vs_model_size",
-                 "size_x_rank_heatmap", "metric_vs_data"):
+    for name in ("error_vs_size", "error_vs_rank", "error_vs_data",
+                 "metric_vs_trainable_params", "size_x_rank_heatmap"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
         assert f"plots/{name}.png" in text
 
@@ -80,6 +83,7 @@ def test_report_on_a_fixture_folder(tmp_path):
     size = fits["size"]["lora r=8"]
     assert size["verdict"] == "supported"
     assert size["intervals_95"]["alpha"][0] <= 0.3 <= size["intervals_95"]["alpha"][1]
+    assert all(h["covered"] for h in size["held_out"]) and size["p_lack_of_fit"] > 0.05
     joint = fits["joint"]["lora r=8"]
     assert joint["verdict"] == "supported"
     assert joint["params"]["alpha"] == pytest.approx(0.3, abs=0.03)
@@ -169,3 +173,32 @@ def test_report_and_advise_commands(tmp_path, capsys):
     assert "m1: use lora r=4" in capsys.readouterr().out
     assert main(["advise", str(tmp_path), "--model", "m9"]) == 2
     assert "no finished cells for model 'm9'" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_html_report_renders_in_a_headless_browser(tmp_path):
+    """report.html is one self-contained file: a real headless Chromium renders it, decodes
+    every embedded plot and shows the tables (.ci/run installs Debian's chromium)."""
+    import os
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have chromium: .ci/run installs it")
+        pytest.skip("no chromium here (apt-get install chromium)")
+    _write_fixture(tmp_path / "results", _law)
+    report.write_report(tmp_path / "results", n_boot=30)
+    page = tmp_path / "results" / "report.html"
+    plots = sorted((tmp_path / "results" / "plots").glob("*.png"))
+    shutil.rmtree(tmp_path / "results" / "plots")  # the page must not need them
+    proc = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=180)
+    dom = proc.stdout
+    assert f'data-images-loaded="{len(plots)}/{len(plots)}"' in dom, proc.stderr[-2000:]
+    assert dom.count("<table") >= 4 and "Scaling laws and their held-out checks" in dom

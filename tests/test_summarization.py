@@ -10,7 +10,7 @@ from adaptune.config import DataConfig
 from adaptune.errors import ConfigError, DataError
 from adaptune.tasks import summarization as summ
 from adaptune.train import load_tokenizer, run
-from conftest import DATA, needs_data, tiny_config
+from conftest import DATA, metric_from_example_stats, needs_data, tiny_config
 
 
 
@@ -79,6 +79,8 @@ def test_short_run_trains_and_generates(tiny_decoder, tmp_path):
     # a bare `last < first` on those two noisy losses failed on a fresh machine.
     assert last["train_loss"] < first["train_loss"] - 0.05
     assert m["dev"]["rougeL"] >= 50.0
+    assert metric_from_example_stats(m, "summarization") == pytest.approx(m["dev"]["rougeL"],
+                                                                          abs=1e-9)
     assert set(m["dev"]) == {"rouge1", "rouge2", "rougeL"}
     # LoRA only, rank 4 on q, k, v, o, gate, up, down (in + out: 64, 48, 48, 64, 96, 96, 96)
     # in 2 layers; the decoder's lm_head must not be caught by the task head's

@@ -42,6 +42,7 @@ class Task:
     name: ClassVar[str]
     main_metric: ClassVar[str]
     higher_is_better: ClassVar[bool] = True  # of main_metric (perplexity: lower is better)
+    metric_scale: ClassVar[float] = 1.0  # main_metric's best value (100 for QA F1, ROUGE)
     lm_head: ClassVar[bool] = False  # the backbone keeps its LM output layer (generation)
     datasets: ClassVar[dict[str, DatasetSpec]] = {}
     default_dataset: ClassVar[str] = ""
@@ -108,6 +109,17 @@ class Task:
     def score(self, examples: list, features: list[dict], predictions: list,
               labels: list[str]) -> dict[str, float]:
         raise NotImplementedError
+
+    def example_stats(self, examples: list, features: list[dict], predictions: list,
+                      labels: list[str]) -> list[list[float]]:
+        """Per dev example, additive statistics whose column sums give the main metric through
+        `metric_from_stats`: what a bootstrap over the dev set resamples. Default: the
+        example's own score (classification, QA and summarization average them)."""
+        raise NotImplementedError
+
+    def metric_from_stats(self, sums: Sequence[float], n: int) -> float:
+        """The main metric from column sums of `example_stats` over n examples."""
+        return float(sums[0]) / max(1, n)
 
     def decode(self, examples: list, features: list[dict], predictions: list,
                labels: list[str]) -> list:

@@ -196,11 +196,23 @@ class ClassificationTask(Task):
 
     def score(self, examples: list[Example], features: list[dict], predictions: list[int],
               labels: list[str]) -> dict[str, float]:
+        gold, pred = self._gold_and_predicted(examples, features, predictions, labels)
+        return classification_metrics(gold, pred, len(labels))
+
+    def example_stats(self, examples: list[Example], features: list[dict],
+                      predictions: list[int], labels: list[str]) -> list[list[float]]:
+        gold, pred = self._gold_and_predicted(examples, features, predictions, labels)
+        return [[float(g == p)] for g, p in zip(gold, pred)]  # accuracy: the mean
+
+    @staticmethod
+    def _gold_and_predicted(examples: list[Example], features: list[dict],
+                            predictions: list[int], labels: list[str]
+                            ) -> tuple[list[int], list[int]]:
         gold = [labels.index(ex.label) for ex in examples]
         pred = [0] * len(examples)
         for feature, p in zip(features, predictions):
             pred[feature["_example"]] = p
-        return classification_metrics(gold, pred, len(labels))
+        return gold, pred
 
     def output(self, prediction: int, labels: list[str]) -> str:
         return labels[prediction]

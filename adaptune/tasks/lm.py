@@ -24,7 +24,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -321,6 +321,14 @@ class LanguageModelTask(Task):
         tokens = sum(p[1] for p in predictions)
         loss = total / max(1, tokens)
         return {"perplexity": math.exp(min(loss, 50.0)), "loss": loss, "tokens": float(tokens)}
+
+    def example_stats(self, examples: list[Example], features: list[dict],
+                      predictions: list[tuple[float, int]], labels: list[str]
+                      ) -> list[list[float]]:
+        return [[float(loss), float(tokens)] for loss, tokens in predictions]  # per block
+
+    def metric_from_stats(self, sums: Sequence[float], n: int) -> float:
+        return math.exp(min(float(sums[0]) / max(1.0, float(sums[1])), 50.0))
 
     def decode(self, examples: list[Example], features: list[dict], predictions: list,
                labels: list[str] = ()) -> list[float]:

@@ -170,6 +170,18 @@ class NerTask(Task):
         predicted = self.decode(examples, features, predictions, labels)
         return conlleval([list(ex.tags) for ex in examples], predicted)
 
+    def example_stats(self, examples: list[Example], features: list[dict],
+                      predictions: list[list[int]], labels: list[str]) -> list[list[float]]:
+        """Per sentence: (correct, gold, predicted) entities. Every sentence ends in a boundary,
+        so their sums are conlleval's counts exactly."""
+        predicted = self.decode(examples, features, predictions, labels)
+        return [list(map(float, chunk_counts([list(ex.tags)], [p])[:3]))
+                for ex, p in zip(examples, predicted)]
+
+    def metric_from_stats(self, sums: Sequence[float], n: int) -> float:
+        correct, gold, pred = sums[:3]
+        return 2.0 * correct / (gold + pred) if gold + pred else 0.0
+
     def make_examples(self, inputs: Sequence[Sequence[str] | str]) -> list[Example]:
         """Word lists (or whitespace-separated strings) to examples without tags."""
         return [Example(tuple(x.split() if isinstance(x, str) else x), None) for x in inputs]
@@ -221,6 +233,25 @@ def _chunk_start(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
 def conlleval(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
     """Entity precision, recall and F1 (micro, and `f1_<TYPE>` per type), as conlleval.pl.
     Each sentence is followed by a boundary, which closes any open chunk."""
+    correct, found_gold, found_pred, per_type = chunk_counts(gold, pred)
+
+    def prf(c: int, fg: int, fp: int) -> tuple[float, float, float]:
+        precision = c / fp if fp else 0.0
+        recall = c / fg if fg else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return precision, recall, f1
+
+    precision, recall, f1 = prf(correct, found_gold, found_pred)
+    metrics = {"f1": f1, "precision": precision, "recall": recall}
+    for kind in sorted(per_type):
+        metrics[f"f1_{kind}"] = prf(*per_type[kind])[2]
+    return metrics
+
+
+def chunk_counts(gold: list[list[str]], pred: list[list[str]]
+                 ) -> tuple[int, int, int, dict[str, list[int]]]:
+    """(correct, gold, predicted) entity counts, overall and per type, by conlleval's chunk
+    rules."""
     correct = found_gold = found_pred = 0
     per_type: dict[str, list[int]] = {}  # type -> [correct, found gold, found pred]
 
@@ -255,15 +286,4 @@ def conlleval(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
                 found_pred += 1
                 bump(pt, 2)
             prev_g, prev_gt, prev_p, prev_pt = g, gt, p, pt
-
-    def prf(c: int, fg: int, fp: int) -> tuple[float, float, float]:
-        precision = c / fp if fp else 0.0
-        recall = c / fg if fg else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        return precision, recall, f1
-
-    precision, recall, f1 = prf(correct, found_gold, found_pred)
-    metrics = {"f1": f1, "precision": precision, "recall": recall}
-    for kind in sorted(per_type):
-        metrics[f"f1_{kind}"] = prf(*per_type[kind])[2]
-    return metrics
+    return correct, found_gold, found_pred, per_type

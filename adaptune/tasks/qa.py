@@ -125,7 +125,7 @@ def _field(record: Any, key: str, kind: type, path: Path, default: Any = _MISSIN
 
 
 class QaTask(Task):
-    name, main_metric = "qa", "f1"
+    name, main_metric, metric_scale = "qa", "f1", 100.0
     datasets, default_dataset = DATASETS, "squad_v2_dev_part"
     target_keys = ("start_positions", "end_positions")
 
@@ -218,6 +218,12 @@ class QaTask(Task):
               labels: list[str]) -> dict[str, float]:
         return squad_metrics(examples, self.decode(examples, features, predictions))
 
+    def example_stats(self, examples: list[Example], features: list[dict], predictions: list,
+                      labels: list[str]) -> list[list[float]]:
+        answers = self.decode(examples, features, predictions)
+        return [[100.0 * max(f1_score(g, pred) for g in _golds(ex))]
+                for ex, pred in zip(examples, answers)]
+
     def make_examples(self, inputs: list[tuple[str, str]]) -> list[Example]:
         """(question, context) pairs to examples without answers."""
         return [Example(str(i), q, c, ()) for i, (q, c) in enumerate(inputs)]
@@ -284,12 +290,17 @@ def f1_score(gold: str, pred: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def _golds(ex: Example) -> list[str]:
+    """Gold answers that normalise to something; none left means no-answer ("")."""
+    return [t for t, _ in ex.answers if normalize_answer(t)] or [""]
+
+
 def squad_metrics(examples: list[Example], predictions: list[str]) -> dict[str, float]:
     """EM and F1 in [0, 100] as the official v2.0 script reports them, max over gold answers
     (gold answers that normalise to "" are dropped; none left means no-answer)."""
     exact, f1, has_ans = [], [], []
     for ex, pred in zip(examples, predictions, strict=True):
-        golds = [t for t, _ in ex.answers if normalize_answer(t)] or [""]
+        golds = _golds(ex)
         exact.append(max(exact_score(g, pred) for g in golds))
         f1.append(max(f1_score(g, pred) for g in golds))
         has_ans.append(bool(ex.answers))

@@ -89,7 +89,7 @@ class SummarizationTask(Task):
     """Options: how to prompt and decode (`generation.*`)."""
 
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    name, main_metric = "summarization", "rougeL"
+    name, main_metric, metric_scale = "summarization", "rougeL", 100.0
     datasets, default_dataset = DATASETS, "xsum"
     lm_head = True
 
@@ -162,6 +162,15 @@ class SummarizationTask(Task):
               labels: list[str]) -> dict[str, float]:
         return rouge(self.decode(examples, features, predictions, labels),
                      [ex.references for ex in examples])
+
+    def example_stats(self, examples: list[Example], features: list[dict],
+                      predictions: list[str], labels: list[str]) -> list[list[float]]:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        texts = self.decode(examples, features, predictions, labels)
+        return [[100.0 * scorer.score_multi(list(ex.references), text)["rougeL"].fmeasure]
+                for ex, text in zip(examples, texts)]
 
     def make_examples(self, inputs: list[str]) -> list[Example]:
         return [Example(str(i), text, ()) for i, text in enumerate(inputs)]
