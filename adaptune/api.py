@@ -78,8 +78,10 @@ class Predictor:
         return self.task.decode(examples, features, predictions, self.labels)
 
 
-def load(adapter_dir: str | Path, *, merge: bool = False) -> Predictor:
+def load(adapter_dir: str | Path, *, merge: bool = False, trusted: bool = False) -> Predictor:
     """Rebuild the base model named in the adapter's `adaptune.json`, put the trained state
-    (head included) back on it, optionally merge LoRA into the weights."""
-    model, tokenizer, meta, resolved = load_adapter(Path(adapter_dir), merge=merge)
+    (head included) back on it, optionally merge LoRA into the weights. Every weights file is
+    checked against its recorded checksum; `trusted=True` loads a folder that records none."""
+    model, tokenizer, meta, resolved = load_adapter(Path(adapter_dir), merge=merge,
+                                                    trusted=trusted)
     return Predictor(model, tokenizer, meta, resolved.task)

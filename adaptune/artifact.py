@@ -23,7 +23,8 @@ from torch import nn
 from adaptune.config import RunConfig, from_dict, to_dict, upgrade_stored
 from adaptune.errors import ModelError, OutputDirError
 from adaptune.modeling import TaskModel, build_task_model, load_tokenizer
-from adaptune.safe_io import atomic_dir, sha256_of, verify_checksums, write_json
+from adaptune.safe_io import (atomic_dir, recover_interrupted_swap, sha256_of,
+                              verify_checksums, write_json)
 from adaptune.spec import Family, ModelSpec, ResolvedRun, resolve
 
 ADAPTER_DIR = "adapter"
@@ -79,9 +80,15 @@ def write_adapter(model: nn.Module, run: ResolvedRun, labels: list[str], folder:
                              "the previously saved adapter, if any, is unchanged") from None
 
 
-def read_meta(folder: Path) -> AdapterMeta:
-    """The folder's `adaptune.json`, with every weights file checked against its checksum."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def read_meta(folder: Path, *, trusted: bool = False) -> AdapterMeta:
+    """The folder's `adaptune.json`, with every weights file checked against its checksum. A
+    folder without checksums is refused unless the caller says it trusts it, and a folder with
+    pickle files (`adapter_model.bin`, ...) is refused always: only safetensors load."""
     folder = Path(folder)
+    recover_interrupted_swap(folder)
     path = folder / META_FILE
     if not path.is_file():
         raise ModelError(f"{folder}: not an adaptune adapter folder (no {META_FILE})")
@@ -90,6 +97,14 @@ def read_meta(folder: Path) -> AdapterMeta:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path}: not valid JSON ({exc})") from None
     meta = AdapterMeta.from_json(data, path)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(f"{folder}: holds pickle files ({', '.join(pickles)}); adaptune loads "
+                         "safetensors only (a pickle can run code when loaded). Remove them.")
+    if not meta.sha256 and not trusted:
+        raise ModelError(f"{path}: records no checksums, so the weights cannot be verified; "
+                         "load it with trusted=True (adaptune predict --trusted) only if you "
+                         "know where the folder came from")
     verify_checksums(folder, meta.sha256)
     return meta
 
@@ -119,11 +134,11 @@ def _base(spec: ModelSpec, run: ResolvedRun, meta: AdapterMeta) -> TaskModel:
                             meta.config.model.quantization)
 
 
-def load_adapter(folder: Path, *, merge: bool = False) -> tuple[nn.Module, Any, AdapterMeta,
-                                                                ResolvedRun]:
+def load_adapter(folder: Path, *, merge: bool = False, trusted: bool = False
+                 ) -> tuple[nn.Module, Any, AdapterMeta, ResolvedRun]:
     """(model, tokenizer, meta, run): the base rebuilt, the trained state (head included) put
     back on it, optionally merged into the weights."""
-    meta = read_meta(folder)
+    meta = read_meta(folder, trusted=trusted)
     run = resolved_run(meta)
     model = run.method.load(_base(run.model, run, meta), Path(folder))
     if merge:

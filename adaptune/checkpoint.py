@@ -49,6 +49,7 @@ class TrainState:
     evals: list[dict[str, Any]] = field(default_factory=list)
     elapsed: float = 0.0
     overhead: float = 0.0  # seconds spent evaluating and checkpointing, not training
+    fingerprint: str = ""  # of the config and data this state was trained on (train.fingerprint)
 
     def add_loss(self, loss: float) -> None:
         self.loss_sum += loss

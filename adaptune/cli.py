@@ -33,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pred_p.add_argument("adapter_dir")
     pred_p.add_argument("texts", nargs="+")
     pred_p.add_argument("--merge", action="store_true", help="merge LoRA into the weights first")
+    pred_p.add_argument("--trusted", action="store_true",
+                        help="load an adapter folder that records no checksums")
     sweep_p = sub.add_parser("sweep", help="run (or finish) a benchmark grid")
     sweep_p.add_argument("grid", help="grid YAML file (see benchmarks/grids/)")
     sweep_p.add_argument("--out", required=True, help="results folder")
@@ -98,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from adaptune.api import load
 
-            predictor = load(args.adapter_dir, merge=args.merge)
+            predictor = load(args.adapter_dir, merge=args.merge, trusted=args.trusted)
             for text, pred in zip(args.texts, predictor.predict(args.texts)):
                 print(json.dumps({"input": text, "prediction": pred}))
     except AdaptuneError as exc:

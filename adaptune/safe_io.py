@@ -20,7 +20,10 @@ from adaptune.errors import ModelError
 
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename."""
+    """Yield a temporary folder beside `final`; on success it replaces `final`: the old folder
+    is renamed aside, the new one renamed in, the old one deleted. A kill between the two
+    renames leaves the old folder under .old-<name>-<pid>, which `recover_interrupted_swap`
+    (called before a run folder or adapter is used) puts back."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
@@ -36,6 +39,20 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_interrupted_swap(folder: Path) -> None:
+    """A kill between the two renames of an adapter swap (old aside, new in) leaves the old
+    adapter under .old-<name>-*: put it back. Half-written .tmp-<name>-* folders are removed."""
+    parent = folder.parent
+    if not parent.is_dir():
+        return
+    olds = sorted(parent.glob(f".old-{folder.name}-*"))
+    if not folder.exists() and olds:
+        os.replace(olds[-1], folder)
+        olds = olds[:-1]
+    for leftover in olds + sorted(parent.glob(f".tmp-{folder.name}-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def write_json(path: Path, data: Any) -> None:

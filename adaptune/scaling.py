@@ -167,8 +167,10 @@ def _fit_pair(n: np.ndarray, d: np.ndarray, y: np.ndarray, w: np.ndarray,
               x0: tuple[float, float], form: str) -> dict[str, float]:
     sn, sd = n / x0[0], d / x0[1]
 
+    top = float(ALPHA_GRID[-1])  # the same bound as the single-variable search
+
     def solve(ab: Sequence[float]) -> tuple[np.ndarray, float]:
-        a, b = max(0.0, ab[0]), max(0.0, ab[1])
+        a, b = min(max(0.0, ab[0]), top), min(max(0.0, ab[1]), top)
         if form == "joint":
             return _nnls([np.ones_like(sn), sn**-a * sd**-b], y, w)
         return _nnls([np.ones_like(sn), sn**-a, sd**-b], y, w)
@@ -177,7 +179,8 @@ def _fit_pair(n: np.ndarray, d: np.ndarray, y: np.ndarray, w: np.ndarray,
     best = min(((a, b) for a in coarse for b in coarse), key=lambda ab: solve(ab)[1])
     refined = minimize(lambda ab: solve(ab)[1], np.array(best), method="Nelder-Mead",
                        options={"xatol": 1e-4, "fatol": 1e-14})
-    a, b = (max(0.0, v) for v in refined.x) if refined.fun <= solve(best)[1] else best
+    a, b = (min(max(0.0, v), top) for v in refined.x) if refined.fun <= solve(best)[1] \
+        else best
     coef, _ = solve((a, b))
     out = {"E": float(coef[0]), "A": float(coef[1]), "alpha": float(a), "beta": float(b)}
     if form == "additive":

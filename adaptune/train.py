@@ -24,11 +24,13 @@ import json
 import math
 import os
 import resource
+import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -42,7 +44,7 @@ from adaptune.inference import evaluate
 from adaptune.methods import count_params
 from adaptune.modeling import (TaskModel, build_task_model, compile_blocks,
                                count_backbone_params, load_tokenizer)
-from adaptune.safe_io import write_json
+from adaptune.safe_io import recover_interrupted_swap, write_json
 from adaptune.spec import ResolvedRun, resolve
 from adaptune.tasks import Task
 
@@ -153,25 +155,112 @@ def make_plan(config: RunConfig, n_train: int, num_processes: int) -> Plan:
                 t.eval_every or steps_per_epoch, math.ceil(total / steps_per_epoch))
 
 
-def check_output_dir(config: RunConfig) -> Path:
-    """The output folder must be new, empty, or hold this same run (then it is resumed or
-    redone). Anything else is refused unless `overwrite` is set."""
+# What a run writes into its folder; anything else there is the user's and is never touched.
+RUN_FILES = ("config.json", "metrics.json", ADAPTER_DIR, ckpt.CHECKPOINTS, ".lock")
+
+
+def _ours(path: Path) -> bool:
+    return path.name in RUN_FILES or path.name.startswith((".tmp-", ".old-"))
+
+
+def check_output_dir(config: RunConfig) -> tuple[Path, str]:
+    """(folder, what to do): "new" (empty or new, or holding only a failed run's leftovers),
+    "resume" (this same run, with a checkpoint), "finished" (this same run, complete: it is not
+    trained again) or "overwrite". A folder holding another run is refused unless `overwrite`
+    is set; a folder of files that are not a run's is refused too (nothing of it is deleted,
+    even with `overwrite`)."""
     out = config.resolved_output_dir
     _check_writable(out)
-    if not out.exists() or not any(out.iterdir()) or config.overwrite:
-        return out
+    if not out.exists():
+        return out, "new"
+    recover_interrupted_swap(out / ADAPTER_DIR)
+    entries = list(out.iterdir())
+    foreign = [p.name for p in entries if not _ours(p)]
+    if config.overwrite:
+        return out, "overwrite"
+    if foreign and not (out / "config.json").exists():
+        raise OutputDirError(f"output folder {out} is not empty and holds another run or other "
+                             f"files ({', '.join(sorted(foreign)[:5])}); choose another "
+                             "output_dir or set overwrite=true")
+    results = [p for p in (out / ADAPTER_DIR, out / "metrics.json", out / ckpt.CHECKPOINTS)
+               if p.exists()]
     saved = out / "config.json"
+    same = False
     if saved.exists():
         try:
-            theirs = json.loads(saved.read_text())
-        except json.JSONDecodeError:
-            theirs = None
-        mine = to_dict(config)
-        if theirs is not None and _same_run(theirs, mine):
-            return out
-    raise OutputDirError(f"output folder {out} is not empty and holds another run "
-                         f"(its config.json differs or is missing); choose another output_dir or "
-                         "set overwrite=true")
+            same = _same_run(json.loads(saved.read_text()), to_dict(config))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            same = False
+    if same and (out / "metrics.json").exists():
+        return out, "finished"
+    if same and ckpt.latest(out) is not None:
+        return out, "resume"
+    if not results:  # nothing trained here yet (a run that failed early): start afresh
+        return out, "new"
+    if same:  # this run's best adapter without a checkpoint to resume from
+        return out, "new"
+    raise OutputDirError(f"output folder {out} is not empty and holds another run (its "
+                         "config.json differs from this one or is missing); choose another "
+                         "output_dir or set overwrite=true to replace it")
+
+
+def _clear_run_files(out: Path) -> None:
+    """Remove what an earlier run left (never the user's own files)."""
+    for path in out.iterdir() if out.exists() else []:
+        if _ours(path) and path.name != ".lock":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def fingerprint(p: Prepared) -> str:
+    """A hash of what a resumed run must see unchanged: the resolved config (without the
+    settings a resume may change) and the tokenized training and dev data."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(_strip_resumable(to_dict(p.run.config)),
+                                       sort_keys=True).encode())
+    for features in (p.train_features, p.dev_features):
+        for f in features:
+            digest.update(repr((f["input_ids"], f.get("labels"), f.get("start_positions"),
+                                f.get("end_positions"))).encode())
+    return digest.hexdigest()
+
+
+@contextmanager
+def folder_lock(out: Path) -> Iterator[None]:
+    """Only one process writes a run folder: a second one fails at once, with the holder's
+    pid. Under `accelerate launch` the main process holds it for all ranks. A folder this run
+    created and left empty (it failed before writing anything) is removed again."""
+    import fcntl
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".lock"
+    handle = open(lock, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise OutputDirError(f"output folder {out} is being written by another process "
+                                 f"(pid {holder}); wait for it or choose another output_dir") \
+                from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+    finally:
+        handle.close()
 
 
 def _check_writable(out: Path) -> None:
@@ -186,14 +275,16 @@ def _check_writable(out: Path) -> None:
 
 
 def _same_run(a: dict, b: dict) -> bool:
-    # Resuming may change when to evaluate/log/checkpoint, never what is trained.
-    ignore = {"overwrite", "log_every", "checkpoint_every", "num_threads", "compile"}
+    return _strip_resumable(upgrade_stored(a)) == _strip_resumable(upgrade_stored(b))
 
-    def strip(d: dict) -> dict:
-        return {k: (strip(v) if isinstance(v, dict) else v) for k, v in d.items()
-                if k not in ignore}
 
-    return strip(upgrade_stored(a)) == strip(upgrade_stored(b))
+# Resuming may change when to evaluate/log/checkpoint and how fast, never what is trained.
+RESUMABLE = {"overwrite", "log_every", "checkpoint_every", "num_threads", "compile"}
+
+
+def _strip_resumable(d: dict) -> dict:
+    return {k: (_strip_resumable(v) if isinstance(v, dict) else v) for k, v in d.items()
+            if k not in RESUMABLE}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,19 +308,40 @@ class Trainer:
 
 
 def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
-    """Train one run and write its output folder; resumes from the newest checkpoint there."""
-    out = check_output_dir(config)
-    p = prepared or prepare(config)
+    """Train one run and write its output folder; resumes from the newest checkpoint there,
+    and returns a finished run's results without training it again."""
+    out, action = check_output_dir(config)
+    if action == "finished":
+        metrics = json.loads((out / "metrics.json").read_text())
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{out}: this run has already finished; its results are kept (set "
+                  "overwrite=true to train it again)")
+        return RunResult(out, metrics, config)
+    p = prepared or prepare(config)  # bad input fails here, before the folder is touched
+    with folder_lock(out):
+        return _run_in_folder(config, p, out, action)
+
+
+def _run_in_folder(config: RunConfig, p: Prepared, out: Path, action: str) -> RunResult:
     tr = _setup(p)
-    out.mkdir(parents=True, exist_ok=True)
-    if tr.accelerator.is_main_process:
+    main = tr.accelerator.is_main_process
+    if action in ("new", "overwrite") and main:
+        _clear_run_files(out)  # another run's files, or a failed run's leftovers
+    tr.accelerator.wait_for_everyone()
+    if main:
         write_json(out / "config.json", to_dict(config))
-    state = ckpt.TrainState()
+    expected = fingerprint(p)
+    state = ckpt.TrainState(fingerprint=expected)
     resumed_from = ckpt.restore_latest(out, tr.accelerator, tr.model, tr.optimizer,
                                        tr.scheduler, state, p.run.method)
+    if resumed_from and state.fingerprint not in ("", expected):
+        raise OutputDirError(
+            f"{out}: the training or dev data (or their tokenization) changed since the "
+            f"checkpoint {resumed_from}; resuming would mix two data sets. Set overwrite=true "
+            "to start over, or restore the data")
     wall = _train(p, tr, out, state)
     metrics = _final_metrics(p, tr, state, wall, resumed_from)
-    if tr.accelerator.is_main_process:
+    if main:
         write_json(out / "metrics.json", metrics)
         ckpt.remove_all(out)  # the run is complete: resumable checkpoints are no longer needed
     tr.accelerator.wait_for_everyone()

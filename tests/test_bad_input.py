@@ -248,3 +248,23 @@ def test_null_json_field_is_an_error_not_the_text_none(tiny_encoder, tmp_path):
     with pytest.raises(DataError, match=r"t\.jsonl, line 2: field 'label' is None, expected "
                                         "text"):
         run(cfg)
+
+
+def test_adapters_without_checksums_or_with_pickles_are_refused(tiny_encoder, cls_files,
+                                                               tmp_path):
+    import json
+
+    from adaptune import api
+
+    result = run(tiny_config(tiny_encoder, *cls_files, tmp_path / "out"))
+    meta_file = result.adapter_dir / "adaptune.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "sha256": {}}))
+    with pytest.raises(ModelError, match="records no checksums, so the weights cannot be "
+                                         "verified; load it with trusted=True"):
+        api.load(result.adapter_dir)
+    assert api.load(result.adapter_dir, trusted=True).predict(["good fun"])
+    (result.adapter_dir / "adapter_model.bin").write_bytes(b"\x80\x04 a pickle")
+    with pytest.raises(ModelError, match=r"holds pickle files \(adapter_model.bin\); adaptune "
+                                         "loads safetensors only"):
+        api.load(result.adapter_dir, trusted=True)

@@ -3,6 +3,7 @@ the same adapter weights and metrics as the run that was never interrupted."""
 
 from __future__ import annotations
 
+import os
 
 import pytest
 import torch
@@ -124,3 +125,102 @@ def test_checkpoint_files_are_safetensors_and_json_only(tiny_encoder, cls_files,
     assert files == ["COMPLETE", "extra.json", "extra.safetensors", "optimizer.json",
                      "optimizer.safetensors", "rng.safetensors", "state.json",
                      "weights.safetensors"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A run folder is a transaction.
+
+
+def test_a_finished_run_is_not_trained_again(tiny_encoder, cls_files, tmp_path, capsys):
+    cfg = tiny_config(tiny_encoder, *cls_files, tmp_path / "run")
+    first = train.run(cfg)
+    weights = _weights(first)
+    stamp = (first.adapter_dir / "adaptune.json").stat().st_mtime_ns
+    again = train.run(cfg)
+    assert "has already finished" in capsys.readouterr().out
+    assert again.metrics == first.metrics
+    assert (again.adapter_dir / "adaptune.json").stat().st_mtime_ns == stamp
+    assert all(torch.equal(t, _weights(again)[n]) for n, t in weights.items())
+
+
+def test_overwrite_starts_over_instead_of_resuming_the_old_checkpoint(tiny_encoder, cls_files,
+                                                                      tmp_path, monkeypatch):
+    cfg = _config(tiny_encoder, cls_files, tmp_path / "run")
+    _kill_at_step(monkeypatch, 5)
+    with pytest.raises(Killed):
+        train.run(cfg)
+    monkeypatch.undo()
+    assert ckpt.latest(tmp_path / "run") is not None
+    changed = cfg.replace(train={"lr": 1e-3}, overwrite=True)
+    result = train.run(changed)
+    assert result.metrics["resumed_from"] is None  # not the old run's checkpoint
+    reference = train.run(changed.replace(output_dir=str(tmp_path / "fresh"), overwrite=False))
+    for name, tensor in _weights(reference).items():
+        assert torch.equal(tensor, _weights(result)[name]), name
+    import json
+
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == 1e-3
+
+
+def test_resume_refuses_changed_training_data(tiny_encoder, cls_files, tmp_path, monkeypatch):
+    from adaptune.errors import OutputDirError
+
+    train_file, dev_file = cls_files
+    cfg = _config(tiny_encoder, cls_files, tmp_path / "run")
+    _kill_at_step(monkeypatch, 5)
+    with pytest.raises(Killed):
+        train.run(cfg)
+    monkeypatch.undo()
+    with open(train_file, "a") as f:
+        f.write("a brand new sentence\t1\n")
+    with pytest.raises(OutputDirError, match="training or dev data .* changed since the "
+                                             "checkpoint"):
+        train.run(cfg)
+
+
+def test_a_failed_runs_leftovers_do_not_block_the_corrected_retry(tiny_encoder, cls_files,
+                                                                 tmp_path, monkeypatch):
+    from adaptune.errors import TrainingDiverged
+    from adaptune.tasks import classification
+
+    original = classification.ClassificationHead.forward
+
+    def nan_loss(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if out.loss is not None:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(classification.ClassificationHead, "forward", nan_loss)
+    cfg = tiny_config(tiny_encoder, *cls_files, tmp_path / "run", train={"lr": 1.0})
+    with pytest.raises(TrainingDiverged):
+        train.run(cfg)
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "config.json").exists()
+    retry = train.run(cfg.replace(train={"lr": 5e-3}))  # another config, same folder
+    assert retry.metrics["optimizer_steps"] == 6
+
+
+def test_a_second_writer_of_one_folder_fails_at_once(tiny_encoder, cls_files, tmp_path):
+    from adaptune.errors import OutputDirError
+
+    out = tmp_path / "run"
+    with train.folder_lock(out):
+        with pytest.raises(OutputDirError, match=r"being written by another process \(pid "
+                                                 rf"{os.getpid()}\)"):
+            train.run(tiny_config(tiny_encoder, *cls_files, out))
+    assert not out.exists()  # nothing was written; the lock is gone with the holder
+
+
+def test_an_adapter_swap_killed_between_its_renames_is_recovered(tiny_encoder, cls_files,
+                                                                 tmp_path):
+    from adaptune import api
+
+    result = train.run(tiny_config(tiny_encoder, *cls_files, tmp_path / "run"))
+    expected = api.load(result.adapter_dir).predict(["good fun", "a bore"])
+    # The state a kill leaves after "old aside" and before "new in".
+    os.replace(result.adapter_dir, tmp_path / "run" / ".old-adapter-4242")
+    (tmp_path / "run" / ".tmp-adapter-x").mkdir()
+    assert api.load(result.adapter_dir).predict(["good fun", "a bore"]) == expected
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == \
+        ["adapter", "config.json", "metrics.json"]
