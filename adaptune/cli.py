@@ -106,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AdaptuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and stops)
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -43,3 +43,8 @@ class OutputDirError(AdaptuneError):
 
 class TrainingDiverged(AdaptuneError, RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class Interrupted(AdaptuneError):
+    """SIGTERM or SIGINT stopped a run (cluster preemption, Ctrl-C); the message says whether a
+    checkpoint was saved and how to resume."""

@@ -40,6 +40,9 @@ def main(preset: Mapping[str, Any] | str, argv: Sequence[str] | None = None,
     except AdaptuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and stops)
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         release_process_group()
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from adaptune.config import RunConfig, compose, merge_dicts, to_dict, upgrade_stored
-from adaptune.errors import ConfigError, NotApplicable
+from adaptune.errors import ConfigError, Interrupted, NotApplicable
 from adaptune.methods import METHODS, RANKED_METHODS  # the one method registry
 from adaptune.safe_io import write_json
 
@@ -383,6 +383,43 @@ def run_cell(cell: Cell, out: Path, num_threads: int = 0,
     return record
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def clear_dead_claims(out: Path) -> list[str]:
+    """Remove the claims (locks/<cell id>, holding the claimant's pid) of processes that are no
+    longer alive; a live process's claim is never removed. Returns the cells freed."""
+    freed = []
+    for lock in sorted((out / "locks").glob("*")) if (out / "locks").is_dir() else []:
+        try:
+            pid = int(lock.read_text().strip() or "0")
+        except (OSError, ValueError):
+            pid = 0
+        if not pid or not _pid_alive(pid):
+            lock.unlink(missing_ok=True)
+            freed.append(lock.name)
+    return freed
+
+
+def _die_with_parent() -> None:
+    """In a worker: receive SIGTERM when the sweep that started it dies (even by SIGKILL), so
+    no orphan keeps training a cell that the next sweep would claim too (Linux prctl)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
 def _claim(out: Path, cell_id: str) -> bool:
     locks = out / "locks"
     locks.mkdir(parents=True, exist_ok=True)
@@ -406,6 +443,8 @@ def work_through(grid: Grid, out: Path, num_threads: int = 0, label: str = "") -
             continue
         try:
             record = run_cell(cell, out, num_threads, environment)
+        except Interrupted:  # SIGTERM/SIGINT: stop the sweep, the cell is not a failure
+            raise
         except Exception as exc:  # one bad cell must not stop the sweep
             write_json(out / "failed" / f"{cell.id}.json",
                        {"id": cell.id, "axes": cell.axes(), "error": f"{type(exc).__name__}: "
@@ -453,8 +492,9 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1) -> SweepSummary:
             raise ConfigError(f"{out} holds the results of grid {previous.get('name')!r} "
                               f"({previous.get('task')}); use another folder for {grid.name!r}")
     write_json(grid_file, as_data)
-    # Claims left by a killed runner are void: this runner owns the folder now.
-    shutil.rmtree(out / "locks", ignore_errors=True)
+    # Claims left by dead processes are void; a live process's claim (a worker of another
+    # sweep still running) is kept, so no cell is ever trained by two processes at once.
+    clear_dead_claims(out)
     cells, skipped = expand(grid)
     # An edited grid may no longer have some cells: their failures would only confuse the
     # report, and their finished records move aside to stale/ (kept, in case of a revert).
@@ -482,7 +522,8 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1) -> SweepSummary:
                 env["CUDA_VISIBLE_DEVICES"] = str(k % gpus)
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "adaptune.sweep", "--worker", str(out),
-                 "--threads", str(threads), "--label", f"w{k} "], env=env))
+                 "--threads", str(threads), "--label", f"w{k} "], env=env,
+                preexec_fn=_die_with_parent))
         try:
             for proc in procs:
                 proc.wait()
@@ -505,7 +546,11 @@ def _worker_main(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     out = Path(args.worker)
     grid = grid_from_dict(json.loads((out / "grid.json").read_text()), where=str(out))
-    work_through(grid, out, args.threads, args.label)
+    try:
+        work_through(grid, out, args.threads, args.label)
+    except Interrupted as exc:
+        print(f"{args.label}stopped: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

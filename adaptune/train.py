@@ -39,7 +39,7 @@ from adaptune import checkpoint as ckpt
 from adaptune.artifact import ADAPTER_DIR, write_adapter
 from adaptune.batching import LengthGroupedBatches
 from adaptune.config import RunConfig, to_dict, upgrade_stored
-from adaptune.errors import ConfigError, OutputDirError, TrainingDiverged
+from adaptune.errors import ConfigError, Interrupted, OutputDirError, TrainingDiverged
 from adaptune.inference import evaluate
 from adaptune.methods import count_params
 from adaptune.modeling import (TaskModel, build_task_model, compile_blocks,
@@ -408,8 +408,62 @@ def _setup(p: Prepared) -> Trainer:
                     "backbone_non_embedding": backbone_non_embedding})
 
 
+@contextmanager
+def _stop_requests() -> Iterator[list[str]]:
+    """SIGTERM (what clusters send before preemption) and SIGINT (Ctrl-C) during training set a
+    flag that the loop checks after each optimizer step, instead of killing the process
+    mid-write; the previous handlers come back afterwards."""
+    import signal
+    import threading
+
+    requested: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested  # signals are delivered to the main thread only
+        return
+
+    def handler(signum, _frame):
+        requested.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _stop(out: Path, tr: Trainer, p: Prepared, state: "ckpt.TrainState", started: float,
+          signal_name: str) -> None:
+    """Save a checkpoint (where the run makes them) and stop with one clear line."""
+    t = p.run.config.train
+    if t.checkpoint_every:
+        state.elapsed = time.perf_counter() - started
+        path = ckpt.save(out, tr.accelerator, tr.model, tr.optimizer, tr.scheduler, state,
+                         p.run.method)
+        raise Interrupted(f"{signal_name} at optimizer step {state.step}: checkpoint saved to "
+                          f"{path}; run the same command again to resume from it")
+    latest = ckpt.latest(out)
+    raise Interrupted(f"{signal_name} at optimizer step {state.step}: no checkpoint saved "
+                      "(train.checkpoint_every is 0); "
+                      + (f"the last one is {latest}" if latest else "a rerun starts over"))
+
+
+def _any_rank(accelerator: Any, flag: bool) -> bool:
+    """Whether `flag` is set on any process (one small collective per step, with several)."""
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum")
+    return bool(total.item() > 0)
+
+
 def _train(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState") -> float:
     """The loop: from `state` (fresh or resumed) to the last step. Returns the wall time."""
+    with _stop_requests() as stop:
+        return _loop(p, tr, out, state, stop)
+
+
+def _loop(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState",
+          stop: list[str]) -> float:
     t, plan, accelerator, model = p.run.config.train, tr.plan, tr.accelerator, tr.model
     progress = _progress(plan.total_steps, accelerator, initial=state.step)
     started = time.perf_counter() - state.elapsed
@@ -463,6 +517,9 @@ def _train(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState") -> flo
                 ckpt.save(out, accelerator, model, tr.optimizer, tr.scheduler, state,
                           p.run.method)
                 state.overhead += time.perf_counter() - paused
+            if _any_rank(accelerator, bool(stop)):  # every rank stops at the same step
+                progress.close()
+                _stop(out, tr, p, state, started, stop[0] if stop else "a signal to a peer")
             if state.step >= plan.total_steps:
                 break
         else:

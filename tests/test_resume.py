@@ -224,3 +224,50 @@ def test_an_adapter_swap_killed_between_its_renames_is_recovered(tiny_encoder, c
     assert api.load(result.adapter_dir).predict(["good fun", "a bore"]) == expected
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == \
         ["adapter", "config.json", "metrics.json"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(signal_name, tiny_encoder,
+                                                               cls_files, tmp_path):
+    """What a cluster does at preemption (SIGTERM) or a user with Ctrl-C (SIGINT): the run
+    saves a checkpoint at the next step, prints one line and exits with status 2, no
+    traceback; the same command resumes it to the uninterrupted result."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    cfg = _config(tiny_encoder, cls_files, tmp_path / "run").replace(
+        train={"checkpoint_every": 4})  # not a multiple of the signal's step
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    script = tmp_path / "preempted.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os, signal, torch
+        torch.set_num_threads(1)
+        from adaptune.config import from_dict
+        from adaptune.recipe import main
+        original, calls = torch.nn.utils.clip_grad_norm_, [0]
+        def clip(*a, **k):
+            calls[0] += 1
+            if calls[0] == 7:
+                os.kill(os.getpid(), signal.{signal_name})
+            return original(*a, **k)
+        torch.nn.utils.clip_grad_norm_ = clip
+        main(json.load(open({str(tmp_path / 'cfg.json')!r})))
+    """))
+    env = {**os.environ, "ADAPTUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert f"error: {signal_name} at optimizer step 7: checkpoint saved to" in proc.stderr
+    assert ckpt.latest(tmp_path / "run").name == "step-7"
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    resumed = train.run(cfg)
+    expected = train.run(cfg.replace(output_dir=str(tmp_path / "ref")))
+    assert resumed.metrics["resumed_from"].endswith("step-7")
+    for name, tensor in _weights(expected).items():
+        assert torch.equal(tensor, _weights(resumed)[name]), name
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["dev"] == \
+        expected.metrics["dev"]

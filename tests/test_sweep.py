@@ -182,3 +182,60 @@ def test_killed_sweep_restarts_to_a_complete_set(tiny_encoder, cls_files, tmp_pa
         assert json.loads(path.read_text())["status"] == "ok"
     assert not list((out / "cells").glob(".tmp-*"))
     assert not any((out / "work").iterdir())
+
+
+def test_a_live_processs_claim_is_never_cleared(tmp_path):
+    """Restarting a sweep frees the claims of dead workers only: a claim held by a live process
+    (a worker of a sweep still running) stays, so no cell is trained twice at once."""
+    import os
+    import subprocess
+    import sys
+
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (locks / "cell-of-a-dead-worker").write_text(dead)
+    (locks / "cell-of-a-live-worker").write_text(str(os.getpid()))
+    (locks / "cell-with-a-torn-claim").write_text("")
+    assert sweep.clear_dead_claims(tmp_path) == ["cell-of-a-dead-worker", "cell-with-a-torn-claim"]
+    assert sorted(p.name for p in locks.iterdir()) == ["cell-of-a-live-worker"]
+
+
+@pytest.mark.integration
+def test_workers_die_with_a_killed_sweep(tiny_encoder, cls_files, tmp_path):
+    """SIGKILL the sweep (no cleanup runs in it): its workers get SIGTERM from the kernel, stop
+    at their next step, and leave no process behind to race a restarted sweep."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    grid = _grid_dict(tiny_encoder, cls_files)
+    grid["overrides"]["train"]["max_steps"] = 5000  # minutes a cell: killed in the middle
+    grid_file = tmp_path / "grid.json"
+    grid_file.write_text(json.dumps(grid))
+    out = tmp_path / "results"
+    env = {**os.environ, "ADAPTUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import json, sys; from adaptune import sweep; "
+         f"sweep.run_grid(sweep.grid_from_dict(json.load(open({str(grid_file)!r}))), "
+         f"{str(out)!r}, workers=2)"], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+
+    def workers() -> list[str]:
+        found = subprocess.run(["pgrep", "-f", f"adaptune.sweep --worker {out}"],
+                               capture_output=True, text=True).stdout.split()
+        return found
+
+    deadline = time.time() + 120
+    while len(workers()) < 2 or not list((out / "work").glob("*/config.json")):
+        assert time.time() < deadline, "the workers did not start training"
+        time.sleep(0.5)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 20  # a step takes milliseconds; a cell, minutes
+    while workers():
+        assert time.time() < deadline, f"workers outlived the sweep: {workers()}"
+        time.sleep(0.5)
