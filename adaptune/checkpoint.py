@@ -79,34 +79,47 @@ def latest(out: Path) -> Path | None:
 
 def save(out: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
          state: TrainState, method: "Method") -> Path | None:
-    from safetensors.torch import save_file
-
     accelerator.wait_for_everyone()
     final = _dir(out) / f"step-{state.step}"
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        with atomic_dir(final) as tmp:
-            save_file({n: p.detach().contiguous().cpu() for n, p in unwrapped.named_parameters()
-                       if p.requires_grad}, str(tmp / "weights.safetensors"))
-            tensors, structure = _flatten_optimizer(optimizer.state_dict())
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            write_json(tmp / "optimizer.json", structure)
-            extra_tensors, extra_meta = method.checkpoint_state(unwrapped)
-            save_file(extra_tensors, str(tmp / "extra.safetensors"))
-            write_json(tmp / "extra.json", extra_meta)
-            rng = {"cpu": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                    rng[f"cuda{i}"] = s
-            save_file(rng, str(tmp / "rng.safetensors"))
-            write_json(tmp / "state.json", {**asdict(state), "scheduler": scheduler.state_dict(),
-                                            "python_random": _py_random_state()})
-            (tmp / COMPLETE).write_text("ok\n")
+        try:
+            _write(final, accelerator, model, optimizer, scheduler, state, method)
+        except OSError as exc:  # disk full, quota, permissions: the previous one is intact
+            from adaptune.errors import OutputDirError
+
+            raise OutputDirError(f"could not write the checkpoint {final}: "
+                                 f"{exc.strerror or exc}; the previous checkpoint "
+                                 f"({latest(out) or 'none'}) is intact and a rerun resumes "
+                                 "from it") from None
         for old in _dir(out).glob("step-*"):  # keep only the newest
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write(final: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any,
+           scheduler: Any, state: TrainState, method: "Method") -> None:
+    from safetensors.torch import save_file
+
+    unwrapped = accelerator.unwrap_model(model)
+    with atomic_dir(final) as tmp:
+        save_file({n: p.detach().contiguous().cpu() for n, p in unwrapped.named_parameters()
+                   if p.requires_grad}, str(tmp / "weights.safetensors"))
+        tensors, structure = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        write_json(tmp / "optimizer.json", structure)
+        extra_tensors, extra_meta = method.checkpoint_state(unwrapped)
+        save_file(extra_tensors, str(tmp / "extra.safetensors"))
+        write_json(tmp / "extra.json", extra_meta)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda{i}"] = s
+        save_file(rng, str(tmp / "rng.safetensors"))
+        write_json(tmp / "state.json", {**asdict(state), "scheduler": scheduler.state_dict(),
+                                        "python_random": _py_random_state()})
+        (tmp / COMPLETE).write_text("ok\n")
 
 
 def restore_latest(out: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any,

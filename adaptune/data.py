@@ -55,13 +55,27 @@ def split_paths(cfg: DataConfig, spec: DatasetSpec | None) -> dict[str, Path]:
     return {"train": train, "dev": dev}
 
 
+def read_bytes(path: Path) -> bytes:
+    """A data file's bytes; what stands in the way (missing, a folder, a symlink loop, no
+    permission) is a DataError that says which."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise DataError("is a folder, expected a data file", path)
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError("file not found", path) from None
+    except PermissionError:
+        raise DataError("permission denied: the file is not readable by this user", path) \
+            from None
+    except OSError as exc:  # ELOOP (a symlink loop), EIO, ...
+        raise DataError(f"cannot be read: {exc.strerror or exc}", path) from None
+
+
 def read_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
     """(line number from 1, line without its newline). A missing, empty, binary or mis-encoded
     file is a DataError that names the file (and line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError("file not found", path)
-    raw = path.read_bytes()
+    raw = read_bytes(path)
     if not raw.strip():
         raise DataError("file is empty", path)
     if b"\x00" in raw[:65536]:

@@ -342,7 +342,13 @@ def _run_in_folder(config: RunConfig, p: Prepared, out: Path, action: str) -> Ru
     wall = _train(p, tr, out, state)
     metrics = _final_metrics(p, tr, state, wall, resumed_from)
     if main:
-        write_json(out / "metrics.json", metrics)
+        try:
+            write_json(out / "metrics.json", metrics)
+        except OSError as exc:  # disk full: keep the checkpoint, so a rerun only re-evaluates
+            raise OutputDirError(f"could not write {out / 'metrics.json'}: "
+                                 f"{exc.strerror or exc}; the best adapter is in "
+                                 f"{out / ADAPTER_DIR}, and a rerun resumes from the last "
+                                 "checkpoint, if any") from None
         ckpt.remove_all(out)  # the run is complete: resumable checkpoints are no longer needed
     tr.accelerator.wait_for_everyone()
     # Not accelerator.end_training(): it destroys the process group (accelerate >= 0.34), and a

@@ -254,6 +254,11 @@ def prepare(name: str, *, verify: bool = True) -> Path:
     out = model_dir(name)
     if is_ready(name):
         return out
+    if out.exists():
+        # Not ours (no marker): the zoo never deletes what it did not create.
+        raise ModelError(f"{out} exists but is not a prepared zoo model (no {READY_MARKER}); "
+                         "it was not made by adaptune, so it is left alone: move it away or "
+                         "set $ADAPTUNE_CACHE to another folder")
     pkg_root = cache_dir() / "packages"
     pkg_dir = cache_dir() / "envs" / name
     for req in entry.packages:
@@ -273,8 +278,6 @@ def prepare(name: str, *, verify: bool = True) -> Path:
         info = _verify(entry, tmp) if verify else {}
         (tmp / READY_MARKER).write_text(json.dumps({"name": name, "source": entry.source, **info},
                                                    indent=2))
-        if out.exists():  # a stale, unmarked folder from an older interrupted layout
-            shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

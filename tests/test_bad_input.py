@@ -268,3 +268,101 @@ def test_adapters_without_checksums_or_with_pickles_are_refused(tiny_encoder, cl
     with pytest.raises(ModelError, match=r"holds pickle files \(adapter_model.bin\); adaptune "
                                          "loads safetensors only"):
         api.load(result.adapter_dir, trusted=True)
+
+
+def test_data_files_that_cannot_be_read_say_why(tiny_encoder, cls_files, tmp_path):
+    import os
+
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    loop = tmp_path / "loop.tsv"
+    loop.symlink_to(tmp_path / "loop2.tsv")
+    (tmp_path / "loop2.tsv").symlink_to(loop)
+    for path, message in ((folder, "is a folder, expected a data file"),
+                          (loop, "cannot be read: Too many levels of symbolic links")):
+        _fails(tiny_config(tiny_encoder, str(path), cls_files[1], tmp_path / "out"), DataError,
+               f"{path.name}: {message}")
+    if os.geteuid() != 0:  # root reads any file
+        locked = tmp_path / "locked.tsv"
+        locked.write_text("text\tlabel\n")
+        locked.chmod(0)
+        _fails(tiny_config(tiny_encoder, str(locked), cls_files[1], tmp_path / "out"),
+               DataError, "permission denied")
+
+
+def test_disk_full_while_checkpointing_or_writing_metrics(tiny_encoder, cls_files, tmp_path,
+                                                          monkeypatch):
+    import errno
+
+    from adaptune import checkpoint, train
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cfg = tiny_config(tiny_encoder, *cls_files, tmp_path / "out",
+                      train={"checkpoint_every": 2})
+    monkeypatch.setattr(checkpoint, "_write", full)
+    with pytest.raises(OutputDirError, match=r"could not write the checkpoint .*step-2: No space "
+                                             r"left on device; the previous checkpoint \(none\)"):
+        run(cfg)
+    monkeypatch.undo()
+    original = train.write_json
+
+    def full_at_metrics(path, data):
+        if path.name == "metrics.json":
+            full()
+        return original(path, data)
+
+    monkeypatch.setattr(train, "write_json", full_at_metrics)
+    with pytest.raises(OutputDirError, match=r"could not write .*metrics.json: No space left on "
+                                             r"device; the best adapter is in"):
+        run(cfg)
+    monkeypatch.undo()
+    assert run(cfg).metrics["resumed_from"].endswith("step-6")  # only re-evaluated
+
+
+def test_ner_file_with_only_o_tags_and_bilou_tags(tmp_path):
+    from adaptune.tasks import ner
+
+    only_o = tmp_path / "o.txt"
+    only_o.write_text("the O\ncat O\n\nsat O\n")
+    examples = ner.read_conll(only_o)
+    with pytest.raises(DataError, match="no entity tags, only O .* is the tag the last column"):
+        ner.NerTask().label_space(examples, examples)
+    bilou = tmp_path / "bilou.txt"
+    bilou.write_text("Paris U-LOC\nLondon U-LOC\nNew B-LOC\nYork L-LOC\n")
+    sentence = ner.read_conll(bilou)[0]
+    assert sentence.tags == ("S-LOC", "S-LOC", "B-LOC", "E-LOC")
+    # Two adjacent single-word entities are two entities (BILOU read as IOBES).
+    assert ner.chunk_counts([list(sentence.tags)], [list(sentence.tags)])[:3] == (3, 3, 3)
+
+
+def test_zoo_never_deletes_a_folder_it_did_not_make(tmp_path, monkeypatch):
+    from adaptune import zoo
+
+    monkeypatch.setenv("ADAPTUNE_CACHE", str(tmp_path))
+    mine = zoo.model_dir("minilm-l6")
+    mine.mkdir(parents=True)
+    (mine / "my-notes.txt").write_text("keep me")
+    with pytest.raises(ModelError, match="exists but is not a prepared zoo model .* left alone"):
+        zoo.prepare("minilm-l6")
+    assert (mine / "my-notes.txt").read_text() == "keep me"
+
+
+def test_a_model_folder_with_custom_code_is_refused_without_a_prompt(cls_files, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "custom-thing", "auto_map": {"AutoConfig": "thing.ThingConfig"}}))
+    (folder / "thing.py").write_text("raise SystemExit('custom code ran')\n")
+    # stdin closed: a prompt ("run the custom code? [y/N]") would fail or hang.
+    proc = subprocess.run(
+        [sys.executable, "-c", "from adaptune.spec import resolve_model; "
+         f"resolve_model({str(folder)!r})"], capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=120)
+    assert "custom code ran" not in proc.stdout + proc.stderr
+    assert "ModelError: model.name: cannot load" in proc.stderr

@@ -83,8 +83,11 @@ def read_conll(path: Path, encoding: str = "utf-8") -> list[Example]:
             raise DataError(f"expected {columns} columns (word ... tag) like the first token "
                             f"line, found {len(parts)}", path, number)
         tag = parts[-1]
-        if tag != "O" and not (len(tag) > 2 and tag[1] == "-" and tag[0] in "BIESU"):
-            raise DataError(f"tag {tag!r} is not O or B-/I-/E-/S-TYPE", path, number)
+        if tag != "O" and not (len(tag) > 2 and tag[1] == "-" and tag[0] in "BIESUL"):
+            raise DataError(f"tag {tag!r} is not O or B-/I-/E-/S-TYPE (or BILOU's U-/L-)",
+                            path, number)
+        if tag[0] in "UL" and tag != "O":  # BILOU is IOBES with other letters: U = S, L = E
+            tag = ("S" if tag[0] == "U" else "E") + tag[1:]
         if not words:
             start = number
         words.append(parts[0])
@@ -121,6 +124,10 @@ class NerTask(Task):
 
     def label_space(self, train: list[Example], dev: list[Example]) -> list[str]:
         labels = sorted({t for ex in train for t in ex.tags}, key=lambda t: (t != "O", t[2:], t))
+        if labels == ["O"]:
+            raise DataError(f"the training data has no entity tags, only O (first sentence at "
+                            f"{train[0].where}): nothing to learn, and F1 would be 0; is the tag "
+                            "the last column?")
         unseen = sorted({t for ex in dev for t in ex.tags} - set(labels))
         if unseen:
             first = next(ex.where for ex in dev if set(ex.tags) & set(unseen))

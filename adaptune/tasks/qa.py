@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from adaptune.config import DataConfig
-from adaptune.data import DatasetSpec
+from adaptune.data import DatasetSpec, read_bytes
 from adaptune.errors import DataError
 from adaptune.modeling import TaskOutput
 from adaptune.spec import ModelSpec
@@ -66,10 +66,8 @@ DATASETS = {
 
 def read_squad(path: Path) -> list[Example]:
     path = Path(path)
-    if not path.is_file():
-        raise DataError("file not found", path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_bytes(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"not a SQuAD JSON file: {exc}", path) from None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
