@@ -81,9 +81,12 @@ def save(out: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, sc
          state: TrainState, method: "Method") -> Path | None:
     accelerator.wait_for_everyone()
     final = _dir(out) / f"step-{state.step}"
+    # Every process's own random state (dropout masks differ per process): gathered here, each
+    # put back on its own process when resuming, so a resumed multi-process run is exact too.
+    rng_states = _gather_rng(accelerator)
     if accelerator.is_main_process:
         try:
-            _write(final, accelerator, model, optimizer, scheduler, state, method)
+            _write(final, accelerator, model, optimizer, scheduler, state, method, rng_states)
         except OSError as exc:  # disk full, quota, permissions: the previous one is intact
             from adaptune.errors import OutputDirError
 
@@ -99,7 +102,8 @@ def save(out: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, sc
 
 
 def _write(final: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any,
-           scheduler: Any, state: TrainState, method: "Method") -> None:
+           scheduler: Any, state: TrainState, method: "Method",
+           rng_states: list[dict[str, Any]]) -> None:
     from safetensors.torch import save_file
 
     unwrapped = accelerator.unwrap_model(model)
@@ -112,13 +116,16 @@ def _write(final: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any
         extra_tensors, extra_meta = method.checkpoint_state(unwrapped)
         save_file(extra_tensors, str(tmp / "extra.safetensors"))
         write_json(tmp / "extra.json", extra_meta)
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda{i}"] = s
+        # Process 0's states under the plain names (what single-process checkpoints hold),
+        # every process's under rank<i>/.
+        rng = {k: v.clone() for k, v in rng_states[0]["torch"].items()}
+        for rank, states in enumerate(rng_states):
+            rng.update({f"rank{rank}/{k}": v for k, v in states["torch"].items()})
         save_file(rng, str(tmp / "rng.safetensors"))
-        write_json(tmp / "state.json", {**asdict(state), "scheduler": scheduler.state_dict(),
-                                        "python_random": _py_random_state()})
+        write_json(tmp / "state.json", {
+            **asdict(state), "scheduler": scheduler.state_dict(),
+            "python_random": rng_states[0]["python"],
+            "python_random_by_rank": [states["python"] for states in rng_states]})
         (tmp / COMPLETE).write_text("ok\n")
 
 
@@ -140,13 +147,21 @@ def restore_latest(out: Path, accelerator: Any, model: torch.nn.Module, optimize
                                     json.loads((path / "extra.json").read_text()))
     saved = json.loads((path / "state.json").read_text())
     scheduler.load_state_dict(saved.pop("scheduler"))
-    random.setstate(_to_tuple(saved.pop("python_random")))
+    rank = accelerator.process_index
+    by_rank = saved.pop("python_random_by_rank", None)
+    python_state = saved.pop("python_random")
+    # This process's own states where the checkpoint has them (an older checkpoint, or one of
+    # a run with fewer processes, has process 0's only).
+    random.setstate(_to_tuple(by_rank[rank] if by_rank and rank < len(by_rank)
+                              else python_state))
     for key, value in saved.items():
         setattr(state, key, value)
     rng = load_safetensors(path / "rng.safetensors")
-    torch.set_rng_state(rng["cpu"])
+    prefix = f"rank{rank}/" if f"rank{rank}/cpu" in rng else ""
+    torch.set_rng_state(rng[prefix + "cpu"])
     if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")])
+        torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng)
+                                      if k.startswith(prefix + "cuda")])
     accelerator.print(f"resumed from {path} (step {state.step})")
     return str(path)
 
@@ -179,6 +194,20 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict) -> d
     for idx, values in structure.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(values)
     return {"state": state, "param_groups": structure["param_groups"]}
+
+
+def _gather_rng(accelerator: Any) -> list[dict[str, Any]]:
+    """[per process: {"torch": {name: state tensor}, "python": random's state}]."""
+    torch_states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            torch_states[f"cuda{i}"] = s
+    mine = {"torch": torch_states, "python": _py_random_state()}
+    if accelerator.num_processes == 1:
+        return [mine]
+    from accelerate.utils import gather_object
+
+    return gather_object([mine])
 
 
 def _py_random_state() -> list:

@@ -78,3 +78,68 @@ finally:
     for name in ("first", "second"):
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         assert metrics["num_processes"] == 2 and metrics["optimizer_steps"] == 2
+
+
+def test_two_process_preemption_and_exact_resume(tiny_encoder, cls_files, tmp_path):
+    """SIGTERM to process 0 only (as a scheduler preempting one node would): both processes
+    stop at the same step with one checkpoint, and the relaunched run resumes to exactly the
+    weights of a 2-process run never interrupted (each process's own dropout RNG restored)."""
+    from safetensors.torch import load_file
+
+    train, dev = cls_files
+    script = tmp_path / "preempted.py"
+    script.write_text(f"""
+import os, signal, sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import tiny_config
+from adaptune.errors import Interrupted
+from adaptune.recipe import release_process_group
+from adaptune.train import run
+out, kill_at = sys.argv[1], int(sys.argv[2])
+if kill_at and os.environ.get("RANK") == "0":
+    original, calls = torch.nn.utils.clip_grad_norm_, [0]
+    def clip(*a, **k):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*a, **k)
+    torch.nn.utils.clip_grad_norm_ = clip
+try:
+    run(tiny_config({tiny_encoder!r}, {train!r}, {dev!r}, out, method={{"name": "full"}},
+                    train={{"max_steps": 12, "checkpoint_every": 4, "lr": 2e-2,
+                           "batch_size": 8}}))
+except Interrupted as exc:
+    print("INTERRUPTED:", exc)
+    sys.exit(3)
+finally:
+    release_process_group()
+""")
+    env = {**os.environ, "ADAPTUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+
+    def launch(out: Path, kill_at: int) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "2",
+               "--multi_gpu", str(script), str(out), str(kill_at)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+    stopped = launch(tmp_path / "run", 7)
+    assert stopped.returncode != 0 and stopped.stdout.count("INTERRUPTED: SIGTERM") + \
+        stopped.stdout.count("INTERRUPTED: a signal to a peer") == 2, stopped.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-7"]
+    resumed = launch(tmp_path / "run", 0)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = launch(tmp_path / "ref", 0)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["resumed_from"].endswith("step-7") and metrics["num_processes"] == 2
+    ours = load_file(str(tmp_path / "run" / "adapter" / "trainable.safetensors"))
+    theirs = load_file(str(tmp_path / "ref" / "adapter" / "trainable.safetensors"))
+    assert ours.keys() == theirs.keys()
+    assert all(torch_equal(ours[k], theirs[k]) for k in ours), [
+        k for k in ours if not torch_equal(ours[k], theirs[k])][:5]
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
