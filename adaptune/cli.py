@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(write_report(args.results, args.out or args.results, args.bootstrap))
         elif args.command == "advise":
-            from adaptune.report import advise, backtest
+            from adaptune.advisor import advise, backtest
 
             print(advise(args.results, args.model, args.within, args.fraction))
             if args.backtest:

@@ -1,9 +1,9 @@
 """Reports and advice from a sweep's results folder (see adaptune.sweep).
 
+    load_results(results)       -> the folder's records of its own grid
     write_report(results, out)  -> report.md, report.html, results.csv, fits.json, PNG plots
-    advise(results, model, within) -> which method and rank reach within `within` of the best at
-                                      the fewest trainable parameters, and how sure that is
-    backtest(results, model, within) -> the advice re-checked on seeds the grid never used
+
+The rank advisor, which reads the same results, is adaptune.advisor.
 
 Only cells of the folder's own grid are read (grid.json), including records an older adaptune
 wrote under other ids (matched by their settings); cells left over from an edited grid, cells
@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -375,6 +375,8 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
     fits = fit_all(res, n_boot) if res.records else {}
     write_json(out / "fits.json", fits_to_json(fits) if fits else {})
     plots = make_plots(res, fits, out / "plots") if res.records else []
+    from adaptune.advisor import load_backtests
+
     backtests = load_backtests(Path(results))
     text = render_markdown(res, rows, fits, axis_gains(res) if res.records else [],
                            compute_rows(res) if res.records else [], plots, out, backtests)
@@ -503,6 +505,8 @@ def render_markdown(res: Results, rows: list[dict[str, Any]], fits: dict[str, di
                          f"{r['std']:.4f} | {'yes' if r['frontier'] else ''} |")
         lines.append("")
     if backtests:
+        from adaptune.advisor import backtest_lines
+
         lines += backtest_lines(backtests)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})"
@@ -773,173 +777,6 @@ def markdown_to_html(text: str, folder: Path, title: str) -> str:
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{style}</style><script>{script}</script></head><body>"
             + "\n".join(body) + "</body></html>\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# The rank advisor and its backtest.
-
-
-@dataclass(frozen=True)
-class Advice:
-    model: str
-    method: str
-    rank: int | None
-    mean: float
-    trainable_params: int
-    best: str
-    best_mean: float
-    confidence: float | None  # share of simulated replications in which the choice holds
-    seeds: int
-    note: str
-    rivals: tuple[Key, ...] = ()  # the cells a backtest re-runs beside the pick
-    key: Key | None = None
-
-    def __str__(self) -> str:
-        choice = _label(self.method, self.rank)
-        sure = (f"Within tolerance in {self.confidence:.0%} of simulated replications "
-                "(pooled seed noise)." if self.confidence is not None else
-                "No confidence figure: fewer than 3 seeds per cell.")
-        return (f"{self.model}: use {choice} ({self.trainable_params:,} trainable parameters): "
-                f"mean {self.mean:.4f} over {self.seeds} seed(s), against the best, {self.best}, "
-                f"at {self.best_mean:.4f}. {sure} {self.note}").strip()
-
-
-def _choose(means: dict[Key, float], params: dict[Key, int], sign: float,
-            within: float) -> tuple[Key, Key]:
-    """(the cheapest cell within `within` of the best mean, the best)."""
-    best = max(means, key=lambda k: sign * means[k])
-    ok = [k for k in means if sign * (means[best] - means[k]) <= within + 1e-12]
-    return min(ok, key=lambda k: (params[k], -sign * means[k])), best
-
-
-def advise(results: str | Path, model: str, within: float = 0.01, fraction: float = 1.0,
-           n_boot: int = 2000, seed: int = 0) -> Advice:
-    """The configuration with the fewest trainable parameters whose mean metric is within
-    `within` of the best mean for this model (at this data fraction). Its confidence comes from
-    the same noise model as the laws: every cell's mean redrawn with the seed variance pooled
-    over the model's cells (itself redrawn from its chi-square); the dev set is common to all
-    cells and left out. No confidence figure from fewer than 3 seeds per cell."""
-    res = load_results(results)
-    if fraction not in res.grid.fractions:
-        fraction = max(res.grid.fractions)
-    sign = 1.0 if res.higher_is_better else -1.0
-    options = {k: res.values(k) for k in res.groups if k[0] == model and k[3] == fraction}
-    if not options:
-        known = sorted({k[0] for k in res.groups})
-        raise ConfigError(f"advise: no finished cells for model {model!r} in {results}; "
-                          f"models with results: {', '.join(known) or 'none'}")
-    params = {k: res.first(k, "trainable_params") for k in options}
-    means = {k: float(np.mean(v)) for k, v in options.items()}
-    chosen, best = _choose(means, params, sign, within)
-    keys = list(options)
-    counts = np.array([len(options[k]) for k in keys], dtype=float)
-    dof = int(sum(counts - 1))
-    ss = sum(float(np.sum((np.array(options[k]) - means[k]) ** 2)) for k in keys)
-    confidence = None
-    if min(counts) >= 3 and dof > 0:
-        rng = np.random.default_rng(seed)
-        s2 = ss / dof * dof / rng.chisquare(dof, size=n_boot)
-        sims = np.array([means[k] for k in keys])[None, :] + \
-            rng.normal(size=(n_boot, len(keys))) * np.sqrt(s2[:, None] / counts[None, :])
-        i = keys.index(chosen)
-        confidence = float(np.mean([sign * (row.max() if sign > 0 else row.min()) - sign * row[i]
-                                    <= within + 1e-12 for row in sims]))
-    note = ""
-    if chosen[1] in RANKED_METHODS and len(res.grid.ranks) > 1:
-        fit = fit_rank(res, model, chosen[1], fraction, n_boot=300)
-        note = (f"Rank law for {model} {chosen[1]}: {fit.describe()}."
-                if fit is not None else "")
-    # The rivals a backtest re-runs: the best (the tolerance's reference), and the cheapest
-    # cells just outside the tolerance (fresh seeds could bring them in).
-    outside = sorted((k for k in keys if k not in (chosen, best)
-                      and params[k] < params[chosen]),
-                     key=lambda k: -sign * means[k])[:2]
-    rivals = tuple(dict.fromkeys([best, *outside]))
-    return Advice(model, chosen[1], chosen[2], means[chosen], params[chosen],
-                  _label(best[1], best[2]), means[best], confidence, len(options[chosen]),
-                  note, tuple(k for k in rivals if k != chosen), chosen)
-
-
-def backtest(results: str | Path, model: str, within: float = 0.01,
-             seeds: Sequence[int] = (1000, 1001, 1002), fraction: float = 1.0) -> dict[str, Any]:
-    """Re-run the advisor's pick and its rivals on seeds the grid never used, through the same
-    runner (records under <results>/backtest/), and say whether the pick held: whether the
-    advisor, given only the fresh seeds of those cells, picks the same one."""
-    from adaptune.sweep import (cell_for, code_version, device_name, finished,
-                                library_versions, run_cell)
-
-    folder = Path(results)
-    res = load_results(folder)
-    used = set(res.grid.seeds)
-    if used & set(seeds):
-        raise ConfigError(f"backtest: seeds {sorted(used & set(seeds))} are the grid's own; "
-                          "choose seeds it never used")
-    advice = advise(folder, model, within, fraction)
-    g = res.grid
-    out = folder / "backtest"
-    environment = {"code_version": code_version(), "libraries": library_versions(),
-                   "device": device_name(), "grid": g.name, "backtest_of": model,
-                   "within": within}
-    cells = [cell_for(g, *k, seed=s) for k in (advice.key, *advice.rivals) for s in seeds]
-    done = finished(out, cells)
-    for cell in cells:
-        if cell.id not in done:
-            print(f"backtest: {cell.id}", flush=True)
-            run_cell(cell, out, environment=environment)
-    return summarize_backtest(folder, model, within, advice, seeds)
-
-
-def summarize_backtest(folder: Path, model: str, within: float, advice: Advice,
-                       seeds: Sequence[int]) -> dict[str, Any]:
-    res = load_results(folder)
-    sign = 1.0 if res.higher_is_better else -1.0
-    records = [json.loads(p.read_text()) for p in sorted((folder / "backtest" / "cells")
-                                                           .glob("*.json"))]
-    keys = (advice.key, *advice.rivals)
-    fresh: dict[Key, list[float]] = {}
-    for r in records:
-        a = r["axes"]
-        k = (a["model"], a["method"], a["rank"], a["fraction"])
-        if k in keys and a["seed"] in seeds and r.get("status") == "ok":
-            fresh.setdefault(k, []).append(r["value"])
-    means = {k: float(np.mean(v)) for k, v in fresh.items()}
-    params = {k: res.first(k, "trainable_params") for k in fresh}
-    held = None
-    if advice.key in means and len(means) == len(keys):
-        held = _choose(means, params, sign, within)[0] == advice.key
-    summary = {"model": model, "within": within, "pick": _label(advice.method, advice.rank),
-               "pick_committed_mean": advice.mean, "pick_fresh_mean": means.get(advice.key),
-               "rivals": [_label(k[1], k[2]) for k in advice.rivals],
-               "fresh_means": {_label(k[1], k[2]): v for k, v in means.items()},
-               "fresh_seeds": list(seeds), "held": held}
-    write_json(folder / "backtest" / f"summary-{model}.json", summary)
-    return summary
-
-
-def load_backtests(folder: Path) -> list[dict[str, Any]]:
-    path = Path(folder) / "backtest"
-    return [json.loads(p.read_text()) for p in sorted(path.glob("summary-*.json"))] \
-        if path.is_dir() else []
-
-
-def backtest_lines(backtests: list[dict[str, Any]]) -> list[str]:
-    decided = [b for b in backtests if b["held"] is not None]
-    hits = sum(b["held"] for b in decided)
-    lines = ["## Advisor backtest on fresh seeds", "",
-             f"The advisor's pick and its rivals re-run on seeds the grid never used "
-             f"(`adaptune advise --backtest`): the pick held in {hits} of {len(decided)} "
-             "models (the advisor, given only the fresh seeds, picks the same cell).", "",
-             "| model | tolerance | pick | committed mean | fresh mean | rivals (fresh means) "
-             "| held |", "|---|---|---|---|---|---|---|"]
-    for b in backtests:
-        rivals = ", ".join(f"{name} {b['fresh_means'].get(name, float('nan')):.4f}"
-                           for name in b["rivals"])
-        fresh = b["pick_fresh_mean"]
-        lines.append(f"| {b['model']} | {b['within']:g} | {b['pick']} | "
-                     f"{b['pick_committed_mean']:.4f} | "
-                     f"{'-' if fresh is None else f'{fresh:.4f}'} | {rivals} | "
-                     f"{'-' if b['held'] is None else 'yes' if b['held'] else 'no'} |")
-    return lines + [""]
 
 
 def fit_rank(res: Results, model: str, method: str, fraction: float,

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from adaptune import report, sweep
+from adaptune import advisor, report, sweep
 from adaptune.safe_io import write_json
 from adaptune.scaling import fit_joint_law, fit_power_law
 
@@ -146,20 +146,20 @@ def _advisor_fixture(folder, spread: float):
 
 def test_advisor_picks_fewest_parameters_within_tolerance(tmp_path):
     _advisor_fixture(tmp_path, spread=0.0005)
-    advice = report.advise(tmp_path, "m1", within=0.01)
+    advice = advisor.advise(tmp_path, "m1", within=0.01)
     # Within one point of the best (r=16, 0.876): r=4, 8, 16; r=4 has the fewest parameters.
     assert (advice.method, advice.rank) == ("lora", 4)
     assert advice.best == "lora r=16" and advice.confidence > 0.95
     assert "use lora r=4 (4,100 trainable parameters)" in str(advice)
-    assert report.advise(tmp_path, "m1", within=0.2).method == "head"
-    assert report.advise(tmp_path, "m1", within=0.0).rank == 16
+    assert advisor.advise(tmp_path, "m1", within=0.2).method == "head"
+    assert advisor.advise(tmp_path, "m1", within=0.0).rank == 16
     with pytest.raises(Exception, match="no finished cells for model 'm9'"):
-        report.advise(tmp_path, "m9")
+        advisor.advise(tmp_path, "m9")
 
 
 def test_advisor_is_less_sure_when_seeds_disagree(tmp_path):
     _advisor_fixture(tmp_path, spread=0.01)
-    noisy = report.advise(tmp_path, "m1", within=0.005)
+    noisy = advisor.advise(tmp_path, "m1", within=0.005)
     assert noisy.confidence < 0.95
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adaptune import report
+from adaptune import advisor, report
 from adaptune.scaling import fit_joint_law, fit_power_law, format_p
 
 XS = np.array([1, 2, 4, 8, 16, 64])
@@ -118,7 +118,7 @@ def test_a_results_folder_of_an_older_version_loads_reports_and_advises(tmp_path
         sorted(p.name for p in (OLD / "cells").iterdir())
     text = open(report.write_report(folder, n_boot=50)).read()
     assert "6 done, 0 not applicable, 0 failed, 0 not run" in text
-    advice = report.advise(folder, "minilm-l3", within=0.02)
+    advice = advisor.advise(folder, "minilm-l3", within=0.02)
     assert advice.method == "head" and advice.confidence is None  # 2 seeds: no figure
     assert "No confidence figure: fewer than 3 seeds" in str(advice)
 
@@ -174,21 +174,21 @@ def test_backtest_reruns_pick_and_rivals_on_fresh_seeds(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sweep, "run_cell", fake_run_cell)
     with pytest.raises(Exception, match="seeds \\[0\\] are the grid's own"):
-        report.backtest(tmp_path, "m1", within=0.01, seeds=[0, 7])
-    summary = report.backtest(tmp_path, "m1", within=0.01, seeds=[7, 8, 9])
+        advisor.backtest(tmp_path, "m1", within=0.01, seeds=[0, 7])
+    summary = advisor.backtest(tmp_path, "m1", within=0.01, seeds=[7, 8, 9])
     assert summary["pick"] == "lora r=4" and summary["held"] is True
     # The pick, the best (r=16) and the cheapest cells just outside the tolerance, 3 seeds each.
     assert sorted({(m, r) for m, r, _ in ran}, key=str) == sorted(
         {("lora", 4), ("lora", 16), ("lora", 2), ("lora", 1)}, key=str)
     assert {s for _, _, s in ran} == {7, 8, 9}
-    report.backtest(tmp_path, "m1", within=0.01, seeds=[7, 8, 9])  # resumes: nothing re-run
+    advisor.backtest(tmp_path, "m1", within=0.01, seeds=[7, 8, 9])  # resumes: nothing re-run
     assert len(ran) == 12
     text = open(report.write_report(tmp_path, n_boot=30)).read()
     assert "the pick held in 1 of 1 models" in text
 
     fresh_means[("lora", 4)] = 0.85  # on fresh seeds the pick falls outside the tolerance
     shutil.rmtree(tmp_path / "backtest")
-    assert report.backtest(tmp_path, "m1", within=0.01, seeds=[7, 8, 9])["held"] is False
+    assert advisor.backtest(tmp_path, "m1", within=0.01, seeds=[7, 8, 9])["held"] is False
 
 
 def test_dev_set_resampling_is_binomial_for_one_run_and_shared_across_runs():
