@@ -39,6 +39,13 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_encoder, cls_fi
     print(f"1 process: {one['dev']} loss {one['final_train_loss']:.4f}; "
           f"2 processes: {two['dev']} loss {two['final_train_loss']:.4f}")
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    # One schedule step per optimizer step with any number of processes: halfway through the
+    # linear decay the lr is still about half its peak in both (accelerate's scheduler wrapper
+    # stepped it once per process, and with 2 it reached 0 halfway).
+    for m in (one, two):
+        assert [e["step"] for e in m["evaluations"]] == [12, 24]
+        assert m["evaluations"][0]["lr"] == pytest.approx(one["evaluations"][0]["lr"])
+        assert 0.3 * 2e-2 < m["evaluations"][0]["lr"] < 0.7 * 2e-2
     assert one["train_padded_tokens"] == two["train_padded_tokens"] or \
         abs(one["train_real_tokens"] - two["train_real_tokens"]) < 0.2 * one["train_real_tokens"]
     # Same global batch and steps: both learn the task, to the same dev accuracy within 2 of
