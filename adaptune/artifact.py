@@ -25,7 +25,7 @@ from adaptune.errors import ModelError, OutputDirError
 from adaptune.modeling import TaskModel, build_task_model, load_tokenizer
 from adaptune.safe_io import (atomic_dir, recover_interrupted_swap, sha256_of,
                               verify_checksums, write_json)
-from adaptune.spec import Family, ModelSpec, ResolvedRun, resolve
+from adaptune.spec import Family, ResolvedRun, resolve
 
 ADAPTER_DIR = "adapter"
 META_FILE = "adaptune.json"
@@ -125,12 +125,12 @@ def build_base(meta_or_folder: AdapterMeta | str | Path) -> TaskModel:
     meta = meta_or_folder if isinstance(meta_or_folder, AdapterMeta) else \
         read_meta(Path(meta_or_folder))
     run = resolved_run(meta)
-    return _base(run.model, run, meta)
+    return _base(run, meta)
 
 
-def _base(spec: ModelSpec, run: ResolvedRun, meta: AdapterMeta) -> TaskModel:
-    tokenizer = load_tokenizer(spec.path)
-    return build_task_model(spec, run.task, meta.labels, tokenizer.pad_token_id,
+def _base(run: ResolvedRun, meta: AdapterMeta) -> TaskModel:
+    tokenizer = load_tokenizer(run.model.path)
+    return build_task_model(run.model, run.task, meta.labels, tokenizer.pad_token_id,
                             meta.config.model.quantization)
 
 
@@ -140,7 +140,7 @@ def load_adapter(folder: Path, *, merge: bool = False, trusted: bool = False
     back on it, optionally merged into the weights."""
     meta = read_meta(folder, trusted=trusted)
     run = resolved_run(meta)
-    model = run.method.load(_base(run.model, run, meta), Path(folder))
+    model = run.method.load(_base(run, meta), Path(folder))
     if merge:
         model = run.method.merge(model)
     return model, load_tokenizer(run.model.path), meta, run

@@ -146,6 +146,21 @@ def dev_var(res: Results, record: dict[str, Any]) -> float:
     return binomial_var(value, n)
 
 
+def gather(res: Results, keys: Iterable[Key], *x_of) -> tuple[list, list[float], list[float],
+                                                             DevStats | None]:
+    """One series' per-seed observations: x (one value, or a tuple for joint laws), error and
+    dev-set variance; and the per-example dev statistics where every record has them."""
+    xs, ys, vs, records = [], [], [], []
+    for key in keys:
+        for r in res.groups.get(key, []):
+            x = tuple(float(f(r)) for f in x_of)
+            xs.append(x if len(x) > 1 else x[0])
+            ys.append(res.error(r["value"]))
+            vs.append(dev_var(res, r))
+            records.append(r)
+    return xs, ys, vs, res.dev_stats(records)
+
+
 def fit_all(res: Results, n_boot: int = 1000) -> dict[str, dict[str, Fit]]:
     """Every law the folder's axes allow: size (per method, within one lineage), rank and
     trainable parameters (per model and ranked method), data (per model, method, rank) and both
@@ -156,19 +171,6 @@ def fit_all(res: Results, n_boot: int = 1000) -> dict[str, dict[str, Fit]]:
     ref = reference_rank(res)
     full_fraction = max(g.fractions)
 
-    def gather(keys: Iterable[Key], *x_of) -> tuple[list, list[float], list[float],
-                                                     DevStats | None]:
-        """Per seed: x, error, dev-set variance; and the per-example dev statistics."""
-        xs, ys, vs, records = [], [], [], []
-        for key in keys:
-            for r in res.groups.get(key, []):
-                x = tuple(float(f(r)) for f in x_of)
-                xs.append(x if len(x) > 1 else x[0])
-                ys.append(res.error(r["value"]))
-                vs.append(dev_var(res, r))
-                records.append(r)
-        return xs, ys, vs, res.dev_stats(records)
-
     lineages = {lineage_of(res, m) for m in g.models}
     across = (f"descriptive only: the sizes span {len(lineages)} lineages "
               f"({', '.join(sorted(lineages))}): across architectures and training recipes "
@@ -178,20 +180,20 @@ def fit_all(res: Results, n_boot: int = 1000) -> dict[str, dict[str, Fit]]:
         label = _label(method, rank)
         if len(g.models) > 1:
             keys = [(m, method, rank, full_fraction) for m in g.models]
-            x, y, v, dev = gather(keys, lambda r: r["non_embedding_params"])
+            x, y, v, dev = gather(res, keys, lambda r: r["non_embedding_params"])
             if x:
                 fit = fit_power_law(x, y, dev_var=v, dev=dev, n_boot=n_boot)
                 fits["size"][label] = fit if len(lineages) == 1 else _descriptive(fit, across)
         if len(g.fractions) > 1:
             for model in g.models:
                 keys = [(model, method, rank, f) for f in g.fractions]
-                x, y, v, dev = gather(keys, lambda r: r["train_examples"])
+                x, y, v, dev = gather(res, keys, lambda r: r["train_examples"])
                 if x:
                     fits["data"][f"{model} {label}"] = fit_power_law(
                         x, y, dev_var=v, dev=dev, n_boot=n_boot)
             if len(g.models) > 1:
                 keys = [(m, method, rank, f) for m in g.models for f in g.fractions]
-                x, y, v, dev = gather(keys, lambda r: r["non_embedding_params"],
+                x, y, v, dev = gather(res, keys, lambda r: r["non_embedding_params"],
                                       lambda r: r["train_examples"])
                 if y:
                     for form in ("joint", "additive"):
@@ -205,7 +207,7 @@ def fit_all(res: Results, n_boot: int = 1000) -> dict[str, dict[str, Fit]]:
                 if fit is not None:
                     fits["rank"][f"{model} {method}"] = fit
                 keys = [(model, method, r, full_fraction) for r in g.ranks]
-                x, y, v, dev = gather(keys, lambda r: r["trainable_params"])
+                x, y, v, dev = gather(res, keys, lambda r: r["trainable_params"])
                 if x:
                     fits["trainable"][f"{model} {method}"] = fit_power_law(
                         x, y, dev_var=v, dev=dev, n_boot=n_boot)
@@ -515,12 +517,11 @@ def render_markdown(res: Results, rows: list[dict[str, Any]], fits: dict[str, di
 
 
 def _current_value(res: Results, name: str) -> Any:
+    """A config field's value as this version resolves the grid's cells."""
     from adaptune.config import to_dict
+    from adaptune.sweep import config_value
 
-    node: Any = to_dict(next(iter(res.cells.values())).config)
-    for part in name.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
+    return config_value(to_dict(next(iter(res.cells.values())).config), name)
 
 
 def _joint_comparison(fits: dict[str, dict[str, Fit]]) -> list[str]:
@@ -782,12 +783,6 @@ def markdown_to_html(text: str, folder: Path, title: str) -> str:
 def fit_rank(res: Results, model: str, method: str, fraction: float,
              n_boot: int = 1000) -> Fit | None:
     """The rank law of one model and ranked method at one data fraction (None: no cells)."""
-    x, y, v, records = [], [], [], []
-    for r in res.grid.ranks:
-        for rec in res.groups.get((model, method, r, fraction), []):
-            x.append(r)
-            y.append(res.error(rec["value"]))
-            v.append(dev_var(res, rec))
-            records.append(rec)
-    return fit_power_law(x, y, dev_var=v, dev=res.dev_stats(records), n_boot=n_boot) \
-        if x else None
+    keys = [(model, method, r, fraction) for r in res.grid.ranks]
+    x, y, v, dev = gather(res, keys, lambda r: r["axes"]["rank"])
+    return fit_power_law(x, y, dev_var=v, dev=dev, n_boot=n_boot) if x else None

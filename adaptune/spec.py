@@ -61,10 +61,6 @@ class ModelSpec:
         decoders see the whole text only at the last token."""
         return "mean" if self.family is Family.ENCODER else "last"
 
-    @property
-    def in_zoo(self) -> bool:
-        return self.name in zoo.ZOO
-
 
 def family_of(config: Any) -> Family:
     """DECODER for causal LMs (GPT-style), else ENCODER (BERT-style), from a transformers
@@ -126,14 +122,14 @@ class ResolvedRun:
     method: "Method"
 
 
-def resolve(config: RunConfig, model: ModelSpec | None = None) -> ResolvedRun:
-    """Resolve `config` (pass `model` to reuse a ModelSpec already found, as a sweep does)."""
+def resolve(config: RunConfig) -> ResolvedRun:
+    """Resolve `config`: the model's facts, the task and the method, checked together."""
     from adaptune.methods import build_method
     from adaptune.tasks import build_task
 
     task = build_task(config)
     method = build_method(config.method)
-    spec = model or resolve_model(config.model.name)
+    spec = resolve_model(config.model.name)
     task.check(spec)
     method.check(spec)
     if spec.max_positions and config.model.max_length > spec.max_positions:

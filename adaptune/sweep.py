@@ -195,15 +195,15 @@ class Cell:
         if record.get("axes") != self.axes():
             return False
         stored = upgrade_stored(record.get("config", {}))
-        return all(_get(stored, path) == value for path, value in _leaves(self.settings))
+        return all(config_value(stored, path) == value for path, value in _leaves(self.settings))
 
     def default_drift(self, record: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
         """Fields the grid does not set whose value differs between the config the record ran
         with and the config this version would run: {field: (then, now)}. A field the record's
         version did not have counts as at today's default."""
         stored, now = upgrade_stored(record.get("config", {})), to_dict(self.config)
-        return {path: (_get(stored, path, value), value) for path, value in _leaves(now)
-                if path not in RUNNER_ONLY and _get(stored, path, value) != value}
+        return {path: (config_value(stored, path, value), value) for path, value in _leaves(now)
+                if path not in RUNNER_ONLY and config_value(stored, path, value) != value}
 
 
 RUNNER_ONLY = {"output_dir", "overwrite", "train.num_threads"}  # never part of a cell's result
@@ -221,7 +221,8 @@ def _leaves(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def _get(data: Mapping[str, Any], path: str, default: Any = _MISSING) -> Any:
+def config_value(data: Mapping[str, Any], path: str, default: Any = _MISSING) -> Any:
+    """data["a"]["b"] for path "a.b" (lists for tuples, as stored configs hold them)."""
     node: Any = data
     for part in path.split("."):
         if not isinstance(node, Mapping) or part not in node:
@@ -341,10 +342,6 @@ def finished(out: Path, cells: Sequence[Cell]) -> dict[str, tuple[Path, dict[str
     return found
 
 
-def done_ids(out: Path, cells: Sequence[Cell]) -> set[str]:
-    return set(finished(out, cells))
-
-
 def run_cell(cell: Cell, out: Path, num_threads: int = 0,
              environment: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train one cell and record it; returns the record. A NotApplicable error (bitfit on a
@@ -438,8 +435,11 @@ def work_through(grid: Grid, out: Path, num_threads: int = 0, label: str = "") -
     environment = {"code_version": code_version(), "libraries": library_versions(),
                    "device": device_name(), "grid": grid.name}
     total = len(cells)
+    done = set(finished(out, cells))
     for index, cell in enumerate(cells, 1):
-        if cell.id in done_ids(out, cells) or not _claim(out, cell.id):
+        # Done before this worker started (any version's record), or since, by another worker.
+        if cell.id in done or (out / "cells" / f"{cell.id}.json").exists() \
+                or not _claim(out, cell.id):
             continue
         try:
             record = run_cell(cell, out, num_threads, environment)
@@ -502,12 +502,13 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1) -> SweepSummary:
     for path in (out / "failed").glob("*.json") if (out / "failed").is_dir() else []:
         if path.stem not in ids:
             path.unlink()
-    kept = {path for path, _ in finished(out, cells).values()}
+    found = finished(out, cells)
+    kept = {path for path, _ in found.values()}
     for path in (out / "cells").glob("*.json") if (out / "cells").is_dir() else []:
         if path not in kept:
             (out / "stale").mkdir(exist_ok=True)
             os.replace(path, out / "stale" / path.name)
-    todo = len([c for c in cells if c.id not in done_ids(out, cells)])
+    todo = len(cells) - len(found)
     print(f"grid {grid.name}: {len(cells)} cells, {len(cells) - todo} already done, {todo} to run"
           f", {workers} worker(s)", flush=True)
     if workers <= 1:
@@ -533,7 +534,7 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1) -> SweepSummary:
                     proc.kill()
     failed = sorted(p.stem for p in (out / "failed").glob("*.json")) \
         if (out / "failed").is_dir() else []
-    return SweepSummary(len(cells), len(done_ids(out, cells)), skipped, failed)
+    return SweepSummary(len(cells), len(finished(out, cells)), skipped, failed)
 
 
 def _worker_main(argv: Sequence[str]) -> None:

@@ -195,9 +195,9 @@ def check_output_dir(config: RunConfig) -> tuple[Path, str]:
         return out, "finished"
     if same and ckpt.latest(out) is not None:
         return out, "resume"
-    if not results:  # nothing trained here yet (a run that failed early): start afresh
-        return out, "new"
-    if same:  # this run's best adapter without a checkpoint to resume from
+    # This run's partial adapter without a checkpoint, or nothing trained yet (a run that
+    # failed early): start afresh.
+    if same or not results:
         return out, "new"
     raise OutputDirError(f"output folder {out} is not empty and holds another run (its "
                          "config.json differs from this one or is missing); choose another "
@@ -225,6 +225,12 @@ def fingerprint(p: Prepared) -> str:
     return digest.hexdigest()
 
 
+def _launch_main_process() -> bool:
+    """Process 0 under `accelerate launch` (or the only process), known before any Accelerator
+    exists: the folder checks and lock come first."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextmanager
 def folder_lock(out: Path) -> Iterator[None]:
     """Only one process writes a run folder: a second one fails at once, with the holder's
@@ -232,7 +238,7 @@ def folder_lock(out: Path) -> Iterator[None]:
     created and left empty (it failed before writing anything) is removed again."""
     import fcntl
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not _launch_main_process():
         yield
         return
     created = not out.exists()
@@ -313,7 +319,7 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
     out, action = check_output_dir(config)
     if action == "finished":
         metrics = json.loads((out / "metrics.json").read_text())
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _launch_main_process():
             print(f"{out}: this run has already finished; its results are kept (set "
                   "overwrite=true to train it again)")
         return RunResult(out, metrics, config)
