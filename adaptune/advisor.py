@@ -15,8 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from adaptune.errors import ConfigError
-from adaptune.methods import RANKED_METHODS
-from adaptune.report import Key, _label, fit_rank, load_results
+from adaptune.report import Key, _label, fit_rank, load_results, ranked
 from adaptune.safe_io import write_json
 
 
@@ -86,7 +85,7 @@ def advise(results: str | Path, model: str, within: float = 0.01, fraction: floa
         confidence = float(np.mean([sign * (row.max() if sign > 0 else row.min()) - sign * row[i]
                                     <= within + 1e-12 for row in sims]))
     note = ""
-    if chosen[1] in RANKED_METHODS and len(res.grid.ranks) > 1:
+    if ranked(chosen[1]) and len(res.grid.ranks) > 1:
         fit = fit_rank(res, model, chosen[1], fraction, n_boot=300)
         note = (f"Rank law for {model} {chosen[1]}: {fit.describe()}."
                 if fit is not None else "")
@@ -106,8 +105,8 @@ def backtest(results: str | Path, model: str, within: float = 0.01,
     """Re-run the advisor's pick and its rivals on seeds the grid never used, through the same
     runner (records under <results>/backtest/), and say whether the pick held: whether the
     advisor, given only the fresh seeds of those cells, picks the same one."""
-    from adaptune.sweep import (cell_for, code_version, device_name, finished,
-                                library_versions, run_cell)
+    from adaptune.report import base_method
+    from adaptune.sweep import search_cells, work_through
 
     folder = Path(results)
     res = load_results(folder)
@@ -118,25 +117,44 @@ def backtest(results: str | Path, model: str, within: float = 0.01,
     advice = advise(folder, model, within, fraction)
     g = res.grid
     out = folder / "backtest"
-    environment = {"code_version": code_version(), "libraries": library_versions(),
-                   "device": device_name(), "grid": g.name, "backtest_of": model,
-                   "within": within}
-    cells = [cell_for(g, *k, seed=s) for k in (advice.key, *advice.rivals) for s in seeds]
-    done = finished(out, cells)
-    for cell in cells:
-        if cell.id not in done:
-            print(f"backtest: {cell.id}", flush=True)
-            run_cell(cell, out, environment=environment)
+    # Each pick and rival re-run as the grid ran it: with an lr search, the whole search (on
+    # the selection split) per fresh seed, so the backtest replicates the protocol, not a lr
+    # chosen with the grid's seeds.
+    cells = [c for k in (advice.key, *advice.rivals) for s in seeds
+             for c in search_cells(g, k[0], base_method(k[1]), k[2], k[3], s,
+                                   _scaling_of(g, k[1]))]
+    out.mkdir(parents=True, exist_ok=True)
+    work_through(g, out, label="backtest ", cells=cells)
     return summarize_backtest(folder, model, within, advice, seeds)
+
+
+def _scaling_of(grid: Any, label: str) -> str | None:
+    """The scaling a report method label stands for (None where the grid has no such axis)."""
+    from adaptune.report import base_method
+
+    if not grid.scalings or not grid.scalings_of(base_method(label))[0]:
+        return None
+    return label.split("+", 1)[1] if "+" in label else "alpha/r"
 
 
 def summarize_backtest(folder: Path, model: str, within: float, advice: Advice,
                        seeds: Sequence[int]) -> dict[str, Any]:
+    from adaptune.report import base_method, select_lrs
+    from adaptune.sweep import search_cells
+
     res = load_results(folder)
     sign = 1.0 if res.higher_is_better else -1.0
     records = [json.loads(p.read_text()) for p in sorted((folder / "backtest" / "cells")
                                                            .glob("*.json"))]
     keys = (advice.key, *advice.rivals)
+    g = res.grid
+    if g.lrs or g.method_lrs:  # per fresh seed, the lr its own search selected
+        cells = {c.id: c for k in keys for s in seeds
+                 for c in search_cells(g, k[0], base_method(k[1]), k[2], k[3], s,
+                                       _scaling_of(g, k[1]))}
+        records, _ = select_lrs(g, cells, [{**r, "id": r["id"]} for r in records
+                                           if r.get("id") in cells and r.get("status") == "ok"],
+                                res.higher_is_better)
     fresh: dict[Key, list[float]] = {}
     for r in records:
         a = r["axes"]

@@ -46,6 +46,9 @@ class TrainState:
     padded_tokens: int = 0
     best: float | None = None
     best_example_stats: list[list[float]] | None = None  # of the best evaluation (main process)
+    best_dev: dict[str, float] | None = None  # dev scores of the kept checkpoint (selection runs)
+    since_best: int = 0  # evaluations since the last improvement (early stopping)
+    stopped_early: bool = False
     evals: list[dict[str, Any]] = field(default_factory=list)
     elapsed: float = 0.0
     overhead: float = 0.0  # seconds spent evaluating and checkpointing, not training

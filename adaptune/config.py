@@ -79,6 +79,10 @@ class MethodConfig:
     # Module names to adapt (suffix match, as in peft). Empty: the model's default (query/value
     # style). "all-linear": every linear layer of the backbone.
     targets: tuple[str, ...] = ()
+    # How the low-rank update is scaled: "alpha/r" (LoRA's alpha / rank) or "rslora"
+    # (alpha / sqrt(rank), Kalajdzievski 2023; peft's use_rslora). With alpha fixed across ranks,
+    # alpha/r shrinks a high rank's update, which then learns slower at one lr.
+    scaling: str = "alpha/r"
     adalora: AdaLoraOptions = field(default_factory=AdaLoraOptions)
 
     def __post_init__(self) -> None:
@@ -88,6 +92,12 @@ class MethodConfig:
         _check(self.rank >= 1, "method.rank", "a positive integer", self.rank)
         _check(self.alpha >= 0, "method.alpha", "a number >= 0 (0 means 2 * rank)", self.alpha)
         _check(0 <= self.dropout < 1, "method.dropout", "a number in [0, 1)", self.dropout)
+        _check(self.scaling in SCALINGS, "method.scaling", f"one of {', '.join(SCALINGS)}",
+               self.scaling)
+        if self.scaling != "alpha/r" and not METHODS[self.name].has_scaling:
+            raise ConfigError(f"method.scaling={self.scaling} applies to LoRA-style methods "
+                              f"({', '.join(n for n, m in METHODS.items() if m.has_scaling)}), "
+                              f"not to method.name={self.name}")
         for section in METHOD_SECTIONS:
             options, default = getattr(self, section), type(getattr(self, section))()
             if section != self.name and options != default:
@@ -103,6 +113,7 @@ class MethodConfig:
 
 # Methods with a section of their own in MethodConfig.
 METHOD_SECTIONS = ("adalora",)
+SCALINGS = ("alpha/r", "rslora")
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,13 @@ class DataConfig:
     max_train_examples: int = 0  # 0: all; else the first N after a seeded shuffle
     train_fraction: float = 1.0  # fraction of the training set, taken after the shuffle
     max_dev_examples: int = 0  # 0: all
+    # A selection split carved from the training file (before train_fraction and
+    # max_train_examples, by its own seed, so every seed and data size of a grid selects on the
+    # same examples, and none of them is trained on). When set, the periodic evaluations that
+    # pick the kept checkpoint and stop early score this split, never dev; dev is scored only
+    # for the kept checkpoint, for reporting.
+    selection_examples: int = 0
+    selection_seed: int = 0
     # Field names for generic CSV / TSV / JSON-lines classification files.
     text_field: str = "text"
     text_pair_field: str = ""
@@ -133,6 +151,8 @@ class DataConfig:
                self.train_fraction)
         _check(self.max_dev_examples >= 0, "data.max_dev_examples", "an integer >= 0",
                self.max_dev_examples)
+        _check(self.selection_examples >= 0, "data.selection_examples", "an integer >= 0",
+               self.selection_examples)
         _check(self.lm_objective in ("auto", "mlm", "clm"), "data.lm_objective",
                "one of auto, mlm, clm", self.lm_objective)
 
@@ -152,6 +172,13 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast where the hardware has it, else fp32
     seed: int = 42
     eval_every: int = 0  # optimizer steps between evaluations; 0: at the end of each epoch
+    # Early stopping: stop after this many evaluations of the selection split
+    # (data.selection_examples) without improvement; train.epochs is then the maximum. 0: off.
+    early_stopping_patience: int = 0
+    # Pause after this fraction of the planned steps (a checkpoint is kept; the schedule is still
+    # the whole run's, so rerunning with a larger fraction or 0 continues it exactly): what
+    # successive halving uses to give a learning rate a first, short rung. 0: no pause.
+    pause_at_fraction: float = 0.0
     eval_batch_size: int = 128
     group_by_length: bool = True  # batches of similar length: far less padding
     log_every: int = 50
@@ -178,6 +205,10 @@ class TrainConfig:
         _check(self.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}",
                self.precision)
         _check(self.eval_every >= 0, "train.eval_every", "an integer >= 0", self.eval_every)
+        _check(self.early_stopping_patience >= 0, "train.early_stopping_patience",
+               "an integer >= 0", self.early_stopping_patience)
+        _check(0 <= self.pause_at_fraction < 1, "train.pause_at_fraction",
+               "a fraction in [0, 1) (0: no pause)", self.pause_at_fraction)
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", "a positive integer",
                self.eval_batch_size)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0",
@@ -214,6 +245,12 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     output_dir: str = ""  # empty: runs/<task>-<dataset>-<model>-<method>
     overwrite: bool = False  # allow reusing an output folder that holds another run
+
+    def __post_init__(self) -> None:
+        if self.train.early_stopping_patience and not self.data.selection_examples:
+            raise ConfigError("train.early_stopping_patience needs a selection split to stop "
+                              "on (data.selection_examples > 0): stopping on dev would select "
+                              "on the set the result is reported on")
 
     @property
     def resolved_output_dir(self) -> Path:

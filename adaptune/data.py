@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator, Sequence, TypeVar
 
 from adaptune.config import DataConfig
-from adaptune.errors import DataError
+from adaptune.errors import ConfigError, DataError
 
 T = TypeVar("T")
 MAX_LINE_CHARS = 1_000_000  # one example per line; longer means a file without line breaks
@@ -111,9 +111,16 @@ def read_jsonl_rows(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, 
 
 
 def take_subset(items: Sequence[T], cfg: DataConfig, seed: int, split: str) -> list[T]:
-    """Train: a seeded shuffle, then `train_fraction`, then `max_train_examples`. Dev: the first
-    `max_dev_examples` in file order (so every run is scored on the same examples)."""
+    """Train: the selection split set aside (if any), then a seeded shuffle, then
+    `train_fraction`, then `max_train_examples`. Selection: `selection_examples` drawn from the
+    training file by `selection_seed` alone, in file order. Dev: the first `max_dev_examples`
+    in file order (so every run is scored on the same examples)."""
     items = list(items)
+    if split in ("train", "selection") and cfg.selection_examples:
+        chosen = selection_indices(len(items), cfg)
+        if split == "selection":
+            return [items[i] for i in sorted(chosen)]
+        items = [x for i, x in enumerate(items) if i not in chosen]
     if split == "train":
         random.Random(seed).shuffle(items)
         keep = max(1, int(round(len(items) * cfg.train_fraction)))
@@ -123,6 +130,16 @@ def take_subset(items: Sequence[T], cfg: DataConfig, seed: int, split: str) -> l
     elif cfg.max_dev_examples:
         items = items[: cfg.max_dev_examples]
     return items
+
+
+def selection_indices(n: int, cfg: DataConfig) -> set[int]:
+    """Which of the n training examples form the selection split."""
+    if cfg.selection_examples >= n:
+        raise ConfigError(f"data.selection_examples: {cfg.selection_examples} would leave no "
+                          f"training examples (the training file has {n}); expected fewer")
+    order = list(range(n))
+    random.Random(cfg.selection_seed).shuffle(order)
+    return set(order[:cfg.selection_examples])
 
 
 def split_single_file(items: Sequence[T], split: str, seed: int = 1234) -> list[T]:

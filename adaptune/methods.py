@@ -46,6 +46,7 @@ class Method:
     name: ClassVar[str]
     description: ClassVar[str]
     has_rank: ClassVar[bool] = False  # the rank axis of a sweep applies
+    has_scaling: ClassVar[bool] = False  # method.scaling (alpha/r or rslora) applies
 
     def __init__(self, options: MethodConfig) -> None:
         self.options = options
@@ -234,13 +235,15 @@ class PeftMethod(Method):
 
 class Lora(PeftMethod):
     name, description = "lora", "LoRA (peft) on attention, plus the head"
+    has_scaling = True
 
     def peft_config(self, targets: list[str], total_steps: int) -> Any:
         from peft import LoraConfig
 
         o = self.options
         return LoraConfig(r=o.rank, lora_alpha=o.lora_alpha, lora_dropout=o.dropout,
-                          target_modules=targets, modules_to_save=[HEAD], bias="none")
+                          use_rslora=o.scaling == "rslora", target_modules=targets,
+                          modules_to_save=[HEAD], bias="none")
 
 
 class AdaLora(PeftMethod):

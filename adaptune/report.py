@@ -29,7 +29,7 @@ from adaptune.safe_io import write_json
 from adaptune.scaling import (DevStats, Fit, binomial_var, fit_joint_law, fit_power_law,
                               format_p)
 from adaptune.methods import RANKED_METHODS
-from adaptune.sweep import expand, finished, grid_from_dict
+from adaptune.sweep import cell_states, expand, finished, grid_from_dict, selection_score
 
 Key = tuple[str, str, Any, float]  # (model, method, rank, fraction)
 
@@ -46,6 +46,8 @@ class Results:
     # Fields whose default changed since some cells ran: {field: {value then: [cell ids]}}.
     drift: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     cells: dict[str, Any] = field(default_factory=dict)  # the grid's cells by id
+    # One per cell of an lr search: the lr selected, what was tried, the steps it cost.
+    searches: list[dict[str, Any]] = field(default_factory=list)
     groups: dict[Key, list[dict[str, Any]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -53,6 +55,15 @@ class Results:
             a = r["axes"]
             self.groups.setdefault((a["model"], a["method"], a["rank"], a["fraction"]),
                                    []).append(r)
+
+    @property
+    def methods(self) -> list[str]:
+        """The grid's methods as the report shows them: with a scaling axis, each scaling of a
+        method that has one is a method of its own ("lora", "lora+rslora")."""
+        out = []
+        for m in self.grid.methods:
+            out += [method_label(m, s) for s in self.grid.scalings_of(m)]
+        return out
 
     @property
     def metric(self) -> str:
@@ -97,6 +108,7 @@ def load_results(folder: str | Path) -> Results:
     cells, _ = expand(grid)
     ids = {c.id for c in cells}
     by_id = {c.id: c for c in cells}
+    higher = task_class(grid.task).higher_is_better
     found = finished(folder, cells)  # also records of older versions, matched by settings
     records, skipped, drift = [], [], {}
     for cell_id, (path, record) in sorted(found.items()):
@@ -107,9 +119,63 @@ def load_results(folder: str | Path) -> Results:
     kept = {path for path, _ in found.values()}
     stale = sorted(p.stem for p in (folder / "cells").glob("*.json") if p not in kept)
     failed = sorted(p.stem for p in (folder / "failed").glob("*.json") if p.stem in ids)
-    missing = sorted(ids - set(found) - set(failed))
-    return Results(grid, task_class(grid.task).higher_is_better, records, skipped, missing,
-                   failed, stale, drift=drift, cells=by_id)
+    states = cell_states(grid, cells, folder)
+    missing = sorted(i for i in ids - set(found) - set(failed) if states[i] != "pruned")
+    searches: list[dict[str, Any]] = []
+    if grid.lrs or grid.method_lrs:
+        records, searches = select_lrs(grid, by_id, records, higher)
+    return Results(grid, higher, records, skipped, missing, failed, stale, drift=drift,
+                   cells=by_id, searches=searches)
+
+
+def select_lrs(grid: Any, cells: dict[str, Any], records: list[dict[str, Any]],
+               higher: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per cell of an lr search, the record of its selected lr: the best selection-split score
+    among the lrs that reached the last rung (dev is not looked at). A cell whose last rung is
+    not complete is left out. Returns (selected records, one summary per search); a selected
+    record's axes lose lr and rung, and the method of a scaling axis reads "lora+rslora", so
+    the rest of the report treats each (method, scaling) as a method."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(cells[record["id"]].group(), []).append(record)
+    last = grid.rungs - 1
+    selected, searches = [], []
+    for key, group in groups.items():
+        cell = cells[group[0]["id"]]
+        finals = [r for r in group if r["axes"].get("rung") == last]
+        expected = len(grid.lrs_of(cell.method))
+        n_final = math.ceil(expected / grid.eta ** last) if last else expected
+        if len(finals) < n_final:
+            continue
+        best = max(finals, key=lambda r: selection_score(r, higher))
+        axes = {k: v for k, v in best["axes"].items() if k not in ("lr", "rung", "scaling")}
+        if cell.scaling is not None:
+            axes["method"] = method_label(cell.method, cell.scaling)
+        selected.append({**best, "axes": axes, "selected_lr": best["axes"]["lr"]})
+        searches.append({
+            "model": cell.model, "method": axes["method"], "rank": cell.rank,
+            "fraction": cell.fraction, "seed": cell.seed, "selected_lr": best["axes"]["lr"],
+            # Each lr is one run continued rung to rung: its cost is its last rung's steps.
+            "steps": sum(max(r.get("optimizer_steps") or 0 for r in group
+                             if r["axes"]["lr"] == lr) for lr in {r["axes"]["lr"] for r in group}),
+            "steps_without_halving": expected * (best.get("planned_steps") or 0),
+            "tried": {r["axes"]["lr"]: (r["axes"]["rung"], r["selection"][r["metric"]])
+                      for r in sorted(group, key=lambda r: r["axes"]["rung"])}})
+    return selected, searches
+
+
+def method_label(method: str, scaling: str | None) -> str:
+    """A (method, scaling) pair as one method of the report: "lora" or "lora+rslora"."""
+    return method if scaling in (None, "alpha/r") else f"{method}+{scaling}"
+
+
+def base_method(label: str) -> str:
+    return label.split("+", 1)[0]
+
+
+def ranked(label: str) -> bool:
+    """Whether the rank axis applies to a report method ("lora+rslora" included)."""
+    return base_method(label) in RANKED_METHODS
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -175,8 +241,8 @@ def fit_all(res: Results, n_boot: int = 1000) -> dict[str, dict[str, Fit]]:
     across = (f"descriptive only: the sizes span {len(lineages)} lineages "
               f"({', '.join(sorted(lineages))}): across architectures and training recipes "
               "the points are not one scaling law")
-    for method in g.methods:
-        rank = ref if method in RANKED_METHODS else None
+    for method in res.methods:
+        rank = ref if ranked(method) else None
         label = _label(method, rank)
         if len(g.models) > 1:
             keys = [(m, method, rank, full_fraction) for m in g.models]
@@ -201,7 +267,7 @@ def fit_all(res: Results, n_boot: int = 1000) -> dict[str, dict[str, Fit]]:
                                             dev_var=v, dev=dev, n_boot=max(100, n_boot // 2))
                         fits[form][label] = fit if len(lineages) == 1 else \
                             _descriptive(fit, across)
-        if method in RANKED_METHODS and len(g.ranks) > 1:
+        if ranked(method) and len(g.ranks) > 1:
             for model in g.models:
                 fit = fit_rank(res, model, method, full_fraction, n_boot)
                 if fit is not None:
@@ -273,8 +339,8 @@ def axis_gains(res: Results) -> list[dict[str, Any]]:
 
     sizes = [m for m in g.models if any(k[0] == m for k in res.groups)]
     if len(sizes) > 1:
-        for method in g.methods:
-            rank = ref if method in RANKED_METHODS else None
+        for method in res.methods:
+            rank = ref if ranked(method) else None
             keys = [(m, method, rank, frac) for m in sizes if res.values((m, method, rank, frac))]
             if len(keys) > 1:
                 keys.sort(key=lambda k: res.first(k, "non_embedding_params"))
@@ -282,7 +348,7 @@ def axis_gains(res: Results) -> list[dict[str, Any]]:
                     keys[0], keys[-1], res.first(keys[0], "non_embedding_params"),
                     res.first(keys[-1], "non_embedding_params"))
     for model in g.models:
-        for method in RANKED_METHODS:
+        for method in [m for m in res.methods if ranked(m)]:
             keys = [(model, method, r, frac) for r in sorted(g.ranks)
                     if res.values((model, method, r, frac))]
             if len(keys) > 1:
@@ -451,6 +517,8 @@ def render_markdown(res: Results, rows: list[dict[str, Any]], fits: dict[str, di
                      f"{_rank_label(r['rank'])} | {r['train_examples']:,} | {r['seeds']} | "
                      f"{r['mean']:.4f} ± {r['std']:.4f} | {r['trainable_params']:,} | "
                      f"{r['train_flops'] / 1e15:.3g} | {r['wall_time_s']:.0f} |")
+    if res.searches:
+        lines += lr_search_lines(res)
     if fits:
         covered, checked = held_out_coverage(fits)
         supported = [f"{axis} {name}" for axis, by_name in fits.items()
@@ -514,6 +582,42 @@ def render_markdown(res: Results, rows: list[dict[str, Any]], fits: dict[str, di
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})"
                                       for p in plots] + [""]
     return "\n".join(lines)
+
+
+def lr_search_lines(res: Results) -> list[str]:
+    """How each cell's learning rate was chosen, and what the search cost."""
+    g = res.grid
+    data = g.overrides.get("data", {})
+    patience = g.overrides.get("train", {}).get("early_stopping_patience", 0)
+    spent = sum(s["steps"] for s in res.searches)
+    without = sum(s["steps_without_halving"] for s in res.searches)
+    fractions = ", ".join(f"{g.rung_fraction(k):.3g}" for k in range(g.rungs))
+    lines = ["", "## Learning-rate selection", "",
+             f"Each cell's lr is chosen per seed on a selection split of "
+             f"{data.get('selection_examples')} training examples (drawn by seed "
+             f"{data.get('selection_seed', 0)}, never trained on); dev is scored only for the "
+             "kept checkpoint, for this report. "
+             + (f"Successive halving: {g.rungs} rungs, the best 1/{g.eta} of the lrs continue "
+                f"from each rung (the rungs train {fractions} of the schedule). "
+                if g.rungs > 1 else "Every lr trained to the end. ")
+             + (f"Early stopping on the selection split, patience {patience} evaluations. "
+                if patience else "")
+             + f"Optimizer steps spent on the searches: {spent:,}; every lr run to its whole "
+             f"schedule would cost {without:,}"
+             + (f" ({without / spent:.1f}x more)" if spent else "") + ".", "",
+             "| model | method | rank | data | lrs chosen (per seed) | steps per search |",
+             "|---|---|---|---|---|---|"]
+    by_cell: dict[tuple, list[dict[str, Any]]] = {}
+    for search in res.searches:
+        key = (search["model"], search["method"], search["rank"], search["fraction"])
+        by_cell.setdefault(key, []).append(search)
+    for (model, method, rank, fraction), searches in sorted(by_cell.items(), key=str):
+        chosen = ", ".join(f"{s['selected_lr']:g}" for s in sorted(searches,
+                                                                   key=lambda s: s["seed"]))
+        steps = np.mean([s["steps"] for s in searches])
+        lines.append(f"| {model} | {method} | {_rank_label(rank)} | {fraction:g} | {chosen} | "
+                     f"{steps:.0f} |")
+    return lines + [""]
 
 
 def _current_value(res: Results, name: str) -> Any:
@@ -641,8 +745,8 @@ def make_plots(res: Results, fits: dict[str, dict[str, Fit]], folder: Path) -> l
         fig, axes = plt.subplots(1, len(g.models), figsize=(5 * len(g.models), 4),
                                  squeeze=False)
         for ax, model in zip(axes[0], g.models):
-            for method in g.methods:
-                ranks = g.ranks if method in RANKED_METHODS else [None]
+            for method in res.methods:
+                ranks = g.ranks if ranked(method) else [None]
                 pts = [(res.first(k, "trainable_params"), *_mean_std(res.values(k)))
                        for r in ranks if res.values(k := (model, method, r, frac))]
                 if pts:
@@ -655,9 +759,9 @@ def make_plots(res: Results, fits: dict[str, dict[str, Fit]], folder: Path) -> l
         save(fig, "metric_vs_trainable_params")
 
     # 3. size x rank heat map (LoRA, else the first ranked method).
-    ranked = [m for m in g.methods if m in RANKED_METHODS]
-    if ranked and len(g.ranks) > 1:
-        method = "lora" if "lora" in ranked else ranked[0]
+    ranked_methods = [m for m in res.methods if ranked(m)]
+    if ranked_methods and len(g.ranks) > 1:
+        method = "lora" if "lora" in ranked_methods else ranked_methods[0]
         ranks = sorted(g.ranks)
         grid = np.full((len(g.models), len(ranks)), np.nan)
         for i, model in enumerate(g.models):

@@ -1,4 +1,5 @@
-"""Benchmark grids: base model x method x rank x training-data fraction x seed.
+"""Benchmark grids: base model x method x rank x scaling x training-data fraction x seed, each
+cell at a learning rate selected on a split of the training data.
 
 A grid is data (a YAML file, see benchmarks/grids/). `expand` turns it into cells with stable ids;
 `run_grid` runs every cell through the one training flow (`adaptune.train.run`) and records each
@@ -15,6 +16,14 @@ A cell counts as done only when its `cells/<id>.json` exists, and that file appe
 after the run has finished. So the runner can be killed at any moment: on restart it skips the
 done cells and reruns (or resumes, with train.checkpoint_every) the rest; no cell is counted
 twice or half.
+
+Learning rates (`lrs`, per method `method_lrs`) are not an axis of the results but a search
+inside each cell, on the selection split (`data.selection_examples`), never on dev. With
+`halving: {rungs: R, eta: e}` the search is successive halving: every lr trains the first
+1/e^(R-1) of its schedule (a paused run, checkpoint kept), the best 1/e by selection score
+continue to 1/e^(R-2), and so on, to the whole run (with early stopping, if set). A continued run
+is the same run resumed, so the lr that wins is trained exactly as if alone. Every lr's record is
+kept (`cells/<cell>-lr<lr>-rung<k>.json`); the report takes, per cell, the best final-rung lr.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import gc
 import hashlib
 import itertools
 import json
+import math
 import os
 import platform
 import shutil
@@ -55,6 +65,16 @@ class Grid:
     ranks: tuple[int, ...] = (8,)
     fractions: tuple[float, ...] = (1.0,)
     seeds: tuple[int, ...] = (0,)
+    # method.scaling values ("alpha/r", "rslora") for the methods that have the option; empty:
+    # no axis (the config's scaling).
+    scalings: tuple[str, ...] = ()
+    # Candidate learning rates, searched per cell on the selection split; empty: train.lr.
+    lrs: tuple[float, ...] = ()
+    # Per method, its own candidates instead of `lrs` (full fine-tuning wants lower ones).
+    method_lrs: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    # Successive halving over the lr candidates: {"rungs": R, "eta": e}. Default: one rung,
+    # every candidate trained to the end.
+    halving: Mapping[str, int] = field(default_factory=dict)
     # RunConfig sections, e.g. {"train": {"epochs": 1}, "data": {"max_train_examples": 2000}}.
     overrides: Mapping[str, Any] = field(default_factory=dict)
     # Per base model, e.g. {"mpnet-base": {"method": {"targets": ["q", "k", "v", "o"]}}}: layer
@@ -85,10 +105,27 @@ class Grid:
             if m not in self.models:
                 raise ConfigError(f"{where}: lineages: {m!r} is not in models "
                                   f"{list(self.models)}")
-        for m in self.method_overrides:
-            if m not in self.methods:
-                raise ConfigError(f"{where}: method_overrides: {m!r} is not in methods "
-                                  f"{list(self.methods)}")
+        for key in ("method_overrides", "method_lrs"):
+            for m in getattr(self, key):
+                if m not in self.methods:
+                    raise ConfigError(f"{where}: {key}: {m!r} is not in methods "
+                                      f"{list(self.methods)}")
+        for m, values in {"": self.lrs, **self.method_lrs}.items():
+            if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0
+                   for v in values) or len(set(values)) != len(values):
+                raise ConfigError(f"{where}: {'method_lrs.' + m if m else 'lrs'}: expected "
+                                  f"distinct positive learning rates, got {list(values)}")
+        if (self.lrs or self.method_lrs) and not self.overrides.get("data", {}).get(
+                "selection_examples"):
+            raise ConfigError(f"{where}: lrs are selected on a split of the training data; "
+                              "set overrides.data.selection_examples (selecting on dev would "
+                              "report the selected set's own score)")
+        unknown = sorted(set(self.halving) - {"rungs", "eta"})
+        if unknown:
+            raise ConfigError(f"{where}: halving: unknown key(s) {unknown}; expected rungs, eta")
+        if self.rungs < 1 or self.eta < 2:
+            raise ConfigError(f"{where}: halving: expected rungs >= 1 and eta >= 2, got "
+                              f"{dict(self.halving)}")
         if any(r < 1 for r in self.ranks):
             raise ConfigError(f"{where}: ranks must be positive integers, got {list(self.ranks)}")
         if any(not 0 < f <= 1 for f in self.fractions):
@@ -98,6 +135,27 @@ class Grid:
             if fixed in self.overrides.get(section, {}):
                 raise ConfigError(f"{where}: overrides.{section}.{fixed} is an axis of the grid; "
                                   "set it with the grid's own key instead")
+
+
+    @property
+    def rungs(self) -> int:
+        return int(self.halving.get("rungs", 1))
+
+    @property
+    def eta(self) -> int:
+        return int(self.halving.get("eta", 2))
+
+    def lrs_of(self, method: str) -> tuple[float | None, ...]:
+        """The lr candidates of a method (None: no search, the config's lr)."""
+        values = self.method_lrs.get(method, self.lrs)
+        return tuple(float(v) for v in values) if values else (None,)
+
+    def scalings_of(self, method: str) -> tuple[str | None, ...]:
+        return self.scalings if self.scalings and METHODS[method].has_scaling else (None,)
+
+    def rung_fraction(self, rung: int) -> float:
+        """The fraction of the schedule trained by rung `rung` (the last rung: all of it)."""
+        return float(self.eta) ** (rung - (self.rungs - 1))
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -126,16 +184,17 @@ def grid_from_dict(data: Mapping[str, Any], where: str = "grid") -> Grid:
             raise ConfigError(f"{where}: missing key {key!r}")
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        if key in ("models", "methods", "ranks", "fractions", "seeds"):
+        if key in ("models", "methods", "ranks", "fractions", "seeds", "scalings", "lrs"):
             value = value if isinstance(value, (list, tuple)) else [value]
             kind = {"models": str, "methods": str, "ranks": int, "fractions": float,
-                    "seeds": int}[key]
+                    "seeds": int, "scalings": str, "lrs": float}[key]
             try:
                 value = tuple(kind(v) if not isinstance(v, bool) else _bad(v) for v in value)
             except (TypeError, ValueError):
                 raise ConfigError(f"{where}: {key}: expected a list of {kind.__name__}, got "
                                   f"{data[key]!r}") from None
-        elif key in ("overrides", "model_overrides", "method_overrides", "lineages"):
+        elif key in ("overrides", "model_overrides", "method_overrides", "lineages",
+                     "method_lrs", "halving"):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
         elif not isinstance(value, str):
@@ -145,7 +204,8 @@ def grid_from_dict(data: Mapping[str, Any], where: str = "grid") -> Grid:
     # Check the overrides now (strictly, as any config), not at the first cell an hour later.
     for model, method in itertools.product(grid.models, grid.methods):
         try:
-            _cell_config(grid, model, method, grid.ranks[0], 1.0, grid.seeds[0])
+            _cell_config(grid, model, method, grid.ranks[0], 1.0, grid.seeds[0],
+                         grid.scalings_of(method)[-1], grid.lrs_of(method)[0])
         except ConfigError as exc:
             raise ConfigError(f"{where}: overrides for model {model!r}, method {method!r}: "
                               f"{exc}") from None
@@ -173,21 +233,41 @@ class Cell:
     # defaults are not part of it, so a field added to RunConfig later (with its default) does
     # not orphan finished cells.
     settings: Mapping[str, Any] = field(default_factory=dict)
+    # The lr search (None where the grid has no such axis): which scaling, which lr candidate,
+    # which successive-halving rung. The rung is not a setting: every rung of one lr is one run.
+    scaling: str | None = None
+    lr: float | None = None
+    rung: int | None = None
+
+    @property
+    def arm_id(self) -> str:
+        """The run's identity, across rungs: its work folder."""
+        model = "".join(c if c.isalnum() or c in "-_." else "_"
+                        for c in (Path(self.model).name or self.model))
+        rank = f"-r{self.rank}" if self.rank is not None else ""
+        scaling = {None: "", "alpha/r": "-a_r", "rslora": "-rs"}[self.scaling]
+        lr = f"-lr{self.lr:g}" if self.lr is not None else ""
+        digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True)
+                                .encode()).hexdigest()[:8]
+        return f"{model}-{self.method}{rank}{scaling}-f{self.fraction:g}-s{self.seed}{lr}-{digest}"
 
     @property
     def id(self) -> str:
         """Readable and stable: the axis values, then a hash of what the grid sets, so that a
         changed override makes new cells instead of reusing stale results."""
-        model = "".join(c if c.isalnum() or c in "-_." else "_"
-                        for c in (Path(self.model).name or self.model))
-        rank = f"-r{self.rank}" if self.rank is not None else ""
-        digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True)
-                                .encode()).hexdigest()[:8]
-        return f"{model}-{self.method}{rank}-f{self.fraction:g}-s{self.seed}-{digest}"
+        return self.arm_id + (f"-rung{self.rung}" if self.rung is not None else "")
 
     def axes(self) -> dict[str, Any]:
-        return {"model": self.model, "method": self.method, "rank": self.rank,
-                "fraction": self.fraction, "seed": self.seed}
+        out = {"model": self.model, "method": self.method, "rank": self.rank,
+               "fraction": self.fraction, "seed": self.seed}
+        # Only where the grid has them, so records of grids without them keep matching.
+        out.update({k: v for k, v in (("scaling", self.scaling), ("lr", self.lr),
+                                      ("rung", self.rung)) if v is not None})
+        return out
+
+    def group(self) -> tuple:
+        """The cell an lr search belongs to: every axis but lr and rung."""
+        return (self.model, self.method, self.rank, self.scaling, self.fraction, self.seed)
 
     def matches(self, record: Mapping[str, Any]) -> bool:
         """Whether a finished record (of any adaptune version) is this cell: the same axis
@@ -232,12 +312,17 @@ def config_value(data: Mapping[str, Any], path: str, default: Any = _MISSING) ->
 
 
 def _cell_settings(grid: Grid, model: str, method: str, rank: int | None, fraction: float,
-                   seed: int) -> dict[str, Any]:
+                   seed: int, scaling: str | None = None, lr: float | None = None
+                   ) -> dict[str, Any]:
     axes: dict[str, Any] = {"model": {"name": model}, "method": {"name": method},
                             "data": {"task": grid.task, "train_fraction": fraction},
                             "train": {"seed": seed}}
     if rank is not None:
         axes["method"]["rank"] = rank
+    if scaling is not None:
+        axes["method"]["scaling"] = scaling
+    if lr is not None:
+        axes["train"]["lr"] = lr
     if grid.dataset:
         axes["data"]["dataset"] = grid.dataset
     settings = merge_dicts(merge_dicts(merge_dicts(
@@ -247,18 +332,20 @@ def _cell_settings(grid: Grid, model: str, method: str, rank: int | None, fracti
 
 
 def _cell_config(grid: Grid, model: str, method: str, rank: int | None, fraction: float,
-                 seed: int) -> RunConfig:
-    cfg = compose(_cell_settings(grid, model, method, rank, fraction, seed))
+                 seed: int, scaling: str | None = None, lr: float | None = None) -> RunConfig:
+    cfg = compose(_cell_settings(grid, model, method, rank, fraction, seed, scaling, lr))
     # Runner-only settings never enter a cell's identity.
     return cfg.replace(output_dir="", overwrite=False, train={"num_threads": 0})
 
 
 def cell_for(grid: Grid, model: str, method: str, rank: int | None, fraction: float, *,
-             seed: int) -> Cell:
+             seed: int, scaling: str | None = None, lr: float | None = None,
+             rung: int | None = None) -> Cell:
     """One cell of `grid`'s settings, at any seed (the grid's own or a fresh one)."""
     return Cell(model, method, rank, fraction, seed,
-                _cell_config(grid, model, method, rank, fraction, seed),
-                _cell_settings(grid, model, method, rank, fraction, seed))
+                _cell_config(grid, model, method, rank, fraction, seed, scaling, lr),
+                _cell_settings(grid, model, method, rank, fraction, seed, scaling, lr),
+                scaling, lr, rung)
 
 
 def expand(grid: Grid) -> tuple[list[Cell], list[str]]:
@@ -269,10 +356,16 @@ def expand(grid: Grid) -> tuple[list[Cell], list[str]]:
     cells: list[Cell] = []
     skipped = [f"{method}: the rank axis does not apply (one cell per model, fraction and seed, "
                "not one per rank)" for method in grid.methods if method not in RANKED_METHODS]
+    if grid.scalings:
+        skipped += [f"{method}: the scaling axis does not apply" for method in grid.methods
+                    if not METHODS[method].has_scaling]
     for seed, model, method in itertools.product(grid.seeds, grid.models, grid.methods):
         ranks: Sequence[int | None] = grid.ranks if method in RANKED_METHODS else [None]
-        for rank, fraction in itertools.product(ranks, grid.fractions):
-            cells.append(cell_for(grid, model, method, rank, fraction, seed=seed))
+        for rank, scaling, fraction in itertools.product(ranks, grid.scalings_of(method),
+                                                         grid.fractions):
+            # One lr search after another, rung by rung: a worker finds the next rung's lrs
+            # ready right after the last of the previous rung has finished.
+            cells += search_cells(grid, model, method, rank, fraction, seed, scaling)
     ids = [c.id for c in cells]
     assert len(set(ids)) == len(ids), "cell ids must be unique"
     return cells, skipped
@@ -343,14 +436,17 @@ def finished(out: Path, cells: Sequence[Cell]) -> dict[str, tuple[Path, dict[str
 
 
 def run_cell(cell: Cell, out: Path, num_threads: int = 0,
-             environment: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Train one cell and record it; returns the record. A NotApplicable error (bitfit on a
-    bias-free model, a rank larger than the layers) is recorded as skipped, not failed."""
+             environment: Mapping[str, Any] | None = None,
+             pause_at_fraction: float = 0.0) -> dict[str, Any]:
+    """Train one cell (or one rung of it: `pause_at_fraction`) and record it; returns the
+    record. A NotApplicable error (bitfit on a bias-free model, a rank larger than the layers)
+    is recorded as skipped, not failed."""
     from adaptune.train import run
 
     out = Path(out)
-    work = out / "work" / cell.id
-    cfg = cell.config.replace(output_dir=str(work), train={"num_threads": num_threads})
+    work = out / "work" / cell.arm_id  # every rung of one lr continues the same run
+    cfg = cell.config.replace(output_dir=str(work), train={"num_threads": num_threads,
+                                                            "pause_at_fraction": pause_at_fraction})
     record: dict[str, Any] = {"id": cell.id, "axes": cell.axes(), "config": to_dict(cell.config),
                               **(environment or {})}
     started = time.perf_counter()
@@ -370,11 +466,16 @@ def run_cell(cell: Cell, out: Path, num_threads: int = 0,
             optimizer_steps=m["optimizer_steps"], train_time_s=m["train_time_s"],
             run_wall_time_s=m["wall_time_s"], precision=m["precision"],
             peak_memory_mb=m["peak_memory_mb"], resumed_from=m["resumed_from"],
-            dev_example_stats=m.get("dev_example_stats"))
+            dev_example_stats=m.get("dev_example_stats"), selected_on=m.get("selected_on"),
+            selection=m.get("selection"), selection_examples=m.get("selection_examples"),
+            best_step=m.get("best_step"), planned_steps=m.get("planned_steps"),
+            stopped_early=m.get("stopped_early"), paused=bool(m.get("paused")),
+            evaluations=[{k: v for k, v in e.items()} for e in m.get("evaluations", [])])
     record["wall_time_s"] = time.perf_counter() - started
     record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(out / "cells" / f"{cell.id}.json", record)  # the moment the cell counts as done
-    shutil.rmtree(work, ignore_errors=True)
+    if not record.get("paused"):
+        shutil.rmtree(work, ignore_errors=True)
     stale = out / "failed" / f"{cell.id}.json"
     stale.unlink(missing_ok=True)
     return record
@@ -429,36 +530,118 @@ def _claim(out: Path, cell_id: str) -> bool:
     return True
 
 
-def work_through(grid: Grid, out: Path, num_threads: int = 0, label: str = "") -> None:
-    """Run every cell that is neither done nor claimed by another worker."""
-    cells, _ = expand(grid)
+def selection_score(record: Mapping[str, Any], higher_is_better: bool) -> float | None:
+    """A record's score on the selection split (its kept checkpoint's), signed so that larger
+    is better; None for a skipped record. Never its dev score."""
+    if record.get("status") != "ok" or not record.get("selection"):
+        return None
+    value = record["selection"][record["metric"]]
+    return value if higher_is_better else -value
+
+
+def survivors(records: Mapping[float | None, Mapping[str, Any]], eta: int,
+              higher_is_better: bool) -> list[float | None]:
+    """Successive halving's cut: of one cell's lrs at one rung ({lr: record}), the best
+    ceil(n / eta) by selection score (ties: the smaller lr)."""
+    scored = [(selection_score(r, higher_is_better), lr) for lr, r in records.items()]
+    ranked = sorted([(s, lr) for s, lr in scored if s is not None],
+                    key=lambda t: (-t[0], t[1] if t[1] is not None else 0.0))
+    keep = math.ceil(len(scored) / eta)
+    return [lr for _, lr in ranked[:keep]]
+
+
+def next_step(cell: Cell, cells_by_key: Mapping[tuple, Cell], done: Mapping[str, Any],
+              grid: Grid, higher_is_better: bool) -> str:
+    """For a cell not done yet: "run", "wait" (its lr search's previous rung is not complete)
+    or "pruned" (its lr did not survive the previous rung)."""
+    if not cell.rung:
+        return "run"
+    previous = {lr: cells_by_key[(*cell.group(), lr, cell.rung - 1)]
+                for lr in grid.lrs_of(cell.method)}
+    if any(c.id not in done for c in previous.values()):
+        return "wait"
+    kept = survivors({lr: done[c.id] for lr, c in previous.items()}, grid.eta,
+                     higher_is_better)
+    return "run" if cell.lr in kept else "pruned"
+
+
+def search_cells(grid: Grid, model: str, method: str, rank: int | None, fraction: float,
+                 seed: int, scaling: str | None = None) -> list[Cell]:
+    """Every cell of one lr search (all lrs, all rungs), at any seed: what a backtest re-runs
+    to replicate the protocol, selection included, on fresh seeds."""
+    searched = bool(grid.lrs or grid.method_lrs)
+    return [cell_for(grid, model, method, rank, fraction, seed=seed, scaling=scaling, lr=lr,
+                     rung=rung)
+            for rung in (range(grid.rungs) if searched else [None])
+            for lr in grid.lrs_of(method)]
+
+
+def work_through(grid: Grid, out: Path, num_threads: int = 0, label: str = "",
+                 cells: Sequence[Cell] | None = None) -> None:
+    """Run every cell (of the grid, or the given ones) that is neither done nor claimed by
+    another worker, each rung of an lr search once the previous rung of its cell is complete;
+    lrs cut by successive halving are not run (their work folders are removed)."""
+    from adaptune.tasks import task_class
+
+    cells = list(cells) if cells is not None else expand(grid)[0]
+    higher = task_class(grid.task).higher_is_better
+    by_key = {(*c.group(), c.lr, c.rung): c for c in cells}
     environment = {"code_version": code_version(), "libraries": library_versions(),
                    "device": device_name(), "grid": grid.name}
     total = len(cells)
-    done = set(finished(out, cells))
-    for index, cell in enumerate(cells, 1):
-        # Done before this worker started (any version's record), or since, by another worker.
-        if cell.id in done or (out / "cells" / f"{cell.id}.json").exists() \
-                or not _claim(out, cell.id):
-            continue
-        try:
-            record = run_cell(cell, out, num_threads, environment)
-        except Interrupted:  # SIGTERM/SIGINT: stop the sweep, the cell is not a failure
-            raise
-        except Exception as exc:  # one bad cell must not stop the sweep
-            write_json(out / "failed" / f"{cell.id}.json",
-                       {"id": cell.id, "axes": cell.axes(), "error": f"{type(exc).__name__}: "
-                        f"{exc}", "traceback": traceback.format_exc(), **environment})
-            print(f"{label}[{index}/{total}] {cell.id}: FAILED ({type(exc).__name__}: {exc})",
-                  flush=True)
-        else:
-            shown = (f"{record['metric']} {record['value']:.4f}" if record["status"] == "ok"
-                     else f"skipped ({record['reason']})")
-            print(f"{label}[{index}/{total}] {cell.id}: {shown} ({record['wall_time_s']:.1f} s)",
-                  flush=True)
-        finally:
-            (out / "locks" / cell.id).unlink(missing_ok=True)
-            gc.collect()
+    failed_here: set[str] = set()  # failed in this sweep: a cut treats them as unscored
+    while True:
+        done = {cid: record for cid, (_, record) in finished(out, cells).items()}
+        done.update({cid: {"status": "failed"} for cid in failed_here if cid not in done})
+        ran = waiting = False
+        for index, cell in enumerate(cells, 1):
+            if cell.id in done or (out / "cells" / f"{cell.id}.json").exists():
+                continue
+            step = next_step(cell, by_key, done, grid, higher)
+            if step == "pruned":
+                shutil.rmtree(out / "work" / cell.arm_id, ignore_errors=True)
+                continue
+            if step == "wait" or not _claim(out, cell.id):  # another worker has it
+                waiting = True
+                continue
+            ran = True
+            _run_claimed(cell, grid, out, num_threads, environment, f"{label}[{index}/{total}]")
+            record_path = out / "cells" / f"{cell.id}.json"
+            if record_path.exists():
+                done[cell.id] = json.loads(record_path.read_text())
+            else:
+                failed_here.add(cell.id)
+                done[cell.id] = {"status": "failed"}
+        if not waiting:
+            return
+        if not ran:
+            clear_dead_claims(out)  # a worker killed meanwhile leaves its cell to us
+            time.sleep(2.0)  # other workers are finishing what the rest depends on
+
+
+def _run_claimed(cell: Cell, grid: Grid, out: Path, num_threads: int,
+             environment: Mapping[str, Any], where: str) -> None:
+    pause = grid.rung_fraction(cell.rung) if cell.rung is not None else 1.0
+    try:
+        record = run_cell(cell, out, num_threads, environment,
+                          pause_at_fraction=0.0 if pause >= 1 else pause)
+    except Interrupted:  # SIGTERM/SIGINT: stop the sweep, the cell is not a failure
+        raise
+    except Exception as exc:  # one bad cell must not stop the sweep
+        write_json(out / "failed" / f"{cell.id}.json",
+                   {"id": cell.id, "axes": cell.axes(), "error": f"{type(exc).__name__}: "
+                    f"{exc}", "traceback": traceback.format_exc(), **environment})
+        print(f"{where} {cell.id}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+    else:
+        shown = (f"{record['metric']} {record['value']:.4f}" if record["status"] == "ok"
+                 else f"skipped ({record['reason']})")
+        if record.get("selection"):
+            shown = f"selection {record['selection'][record['metric']]:.4f}, dev {shown}"
+        print(f"{where} {cell.id}: {shown} ({record.get('wall_time_s', 0.0):.1f} s)",
+              flush=True)
+    finally:
+        (out / "locks" / cell.id).unlink(missing_ok=True)
+        gc.collect()
 
 
 @dataclass
@@ -467,9 +650,12 @@ class SweepSummary:
     done: int
     skipped_axes: list[str]
     failed: list[str]
+    pruned: int = 0  # lr candidates cut by successive halving (not run, not counted in total)
 
     def __str__(self) -> str:
-        lines = [f"{self.done} of {self.total} cells done"]
+        lines = [f"{self.done} of {self.total} cells done"
+                 + (f" ({self.pruned} lr runs cut by successive halving)" if self.pruned
+                    else "")]
         lines += [f"not applicable: {s}" for s in self.skipped_axes]
         lines += [f"failed (see failed/<id>.json; retried on the next start): {f}"
                   for f in self.failed]
@@ -508,9 +694,14 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1) -> SweepSummary:
         if path not in kept:
             (out / "stale").mkdir(exist_ok=True)
             os.replace(path, out / "stale" / path.name)
-    todo = len(cells) - len(found)
-    print(f"grid {grid.name}: {len(cells)} cells, {len(cells) - todo} already done, {todo} to run"
-          f", {workers} worker(s)", flush=True)
+    states = cell_states(grid, cells, out)
+    todo = sum(state == "pending" for state in states.values())
+    pruned = sum(state == "pruned" for state in states.values())
+    print(f"grid {grid.name}: {len(cells)} cells, {len(found)} already done, "
+          + (f"{pruned} cut by successive halving, " if pruned else "")
+          + f"{todo} to run" + (" (at most: a search's later rungs are cut as it goes)"
+                                if grid.rungs > 1 and todo else "")
+          + f", {workers} worker(s)", flush=True)
     if workers <= 1:
         work_through(grid, out)
     else:
@@ -534,7 +725,21 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1) -> SweepSummary:
                     proc.kill()
     failed = sorted(p.stem for p in (out / "failed").glob("*.json")) \
         if (out / "failed").is_dir() else []
-    return SweepSummary(len(cells), len(finished(out, cells)), skipped, failed)
+    states = cell_states(grid, cells, out)
+    pruned = sum(state == "pruned" for state in states.values())
+    return SweepSummary(len(cells) - pruned, len(finished(out, cells)), skipped, failed, pruned)
+
+
+def cell_states(grid: Grid, cells: Sequence[Cell], out: Path) -> dict[str, str]:
+    """Each cell's state: "done", "pruned" (an lr cut by successive halving), "pending"."""
+    from adaptune.tasks import task_class
+
+    higher = task_class(grid.task).higher_is_better
+    by_key = {(*c.group(), c.lr, c.rung): c for c in cells}
+    done = {cid: record for cid, (_, record) in finished(out, cells).items()}
+    return {c.id: "done" if c.id in done else
+            "pruned" if next_step(c, by_key, done, grid, higher) == "pruned" else "pending"
+            for c in cells}
 
 
 def _worker_main(argv: Sequence[str]) -> None:

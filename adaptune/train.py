@@ -84,6 +84,10 @@ class Prepared:
     dev_examples: list = field(default_factory=list)
     train_features: list = field(default_factory=list)
     dev_features: list = field(default_factory=list)
+    # The selection split (data.selection_examples, carved from train): what picks the kept
+    # checkpoint and stops early when present. Empty: dev does (the flow's older behaviour).
+    selection_examples: list = field(default_factory=list)
+    selection_features: list = field(default_factory=list)
 
     @property
     def task(self) -> Task:
@@ -95,11 +99,13 @@ class Prepared:
                                 self.run.config.model.quantization)
 
     def evaluate(self, model: nn.Module, device: torch.device | str | None = None, *,
-                 with_stats: bool = False) -> Any:
-        """Dev metrics (and, `with_stats`, the per-example statistics of the main metric)."""
-        return evaluate(model, self.task, self.dev_examples, self.dev_features, self.labels,
-                        self.tokenizer, self.run.config.train.eval_batch_size, device,
-                        with_stats=with_stats)
+                 with_stats: bool = False, split: str = "dev") -> Any:
+        """Metrics on dev (or on the selection split), and, `with_stats`, the per-example
+        statistics of the main metric."""
+        examples, features = ((self.selection_examples, self.selection_features)
+                              if split == "selection" else (self.dev_examples, self.dev_features))
+        return evaluate(model, self.task, examples, features, self.labels, self.tokenizer,
+                        self.run.config.train.eval_batch_size, device, with_stats=with_stats)
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -110,10 +116,14 @@ def prepare(config: RunConfig) -> Prepared:
     tokenizer = load_tokenizer(run.model.path)
     train = task.load(config.data, "train", seed)
     dev = task.load(config.data, "dev", seed)
+    selection = task.load(config.data, "selection", seed) if config.data.selection_examples \
+        else []
     labels = task.label_space(train, dev)
     return Prepared(run, tokenizer, labels, train, dev,
                     task.encode(train, tokenizer, labels, max_len, "train"),
-                    task.encode(dev, tokenizer, labels, max_len, "dev"))
+                    task.encode(dev, tokenizer, labels, max_len, "dev"), selection,
+                    task.encode(selection, tokenizer, labels, max_len, "dev") if selection
+                    else [])
 
 
 BF16_MIN_PARAMS = 50_000_000  # non-embedding parameters from which bf16 autocast pays
@@ -218,7 +228,7 @@ def fingerprint(p: Prepared) -> str:
 
     digest = hashlib.sha256(json.dumps(_strip_resumable(to_dict(p.run.config)),
                                        sort_keys=True).encode())
-    for features in (p.train_features, p.dev_features):
+    for features in (p.train_features, p.dev_features, p.selection_features):
         for f in features:
             digest.update(repr((f["input_ids"], f.get("labels"), f.get("start_positions"),
                                 f.get("end_positions"))).encode())
@@ -285,7 +295,8 @@ def _same_run(a: dict, b: dict) -> bool:
 
 
 # Resuming may change when to evaluate/log/checkpoint and how fast, never what is trained.
-RESUMABLE = {"overwrite", "log_every", "checkpoint_every", "num_threads", "compile"}
+RESUMABLE = {"overwrite", "log_every", "checkpoint_every", "num_threads", "compile",
+             "pause_at_fraction"}
 
 
 def _strip_resumable(d: dict) -> dict:
@@ -347,6 +358,12 @@ def _run_in_folder(config: RunConfig, p: Prepared, out: Path, action: str) -> Ru
             "to start over, or restore the data")
     wall = _train(p, tr, out, state)
     metrics = _final_metrics(p, tr, state, wall, resumed_from)
+    if state.step < tr.plan.total_steps and not state.stopped_early:
+        # Paused (train.pause_at_fraction): the checkpoint stays, no metrics.json, so the same
+        # run continues from here when asked for more.
+        ckpt.save(out, tr.accelerator, tr.model, tr.optimizer, tr.scheduler, state,
+                  p.run.method)
+        return RunResult(out, {**metrics, "paused": True}, config)
     if main:
         try:
             write_json(out / "metrics.json", metrics)
@@ -483,8 +500,10 @@ def _loop(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState",
     t, plan, accelerator, model = p.run.config.train, tr.plan, tr.accelerator, tr.model
     progress = _progress(plan.total_steps, accelerator, initial=state.step)
     started = time.perf_counter() - state.elapsed
+    pause_at = math.ceil(t.pause_at_fraction * plan.total_steps) if t.pause_at_fraction \
+        else plan.total_steps
     model.train()
-    while state.step < plan.total_steps:
+    while state.step < pause_at and not state.stopped_early:
         tr.sampler.use_epoch(state.epoch)
         epoch_loader = accelerator.skip_first_batches(tr.loader, state.batch_in_epoch) \
             if state.batch_in_epoch else tr.loader
@@ -521,7 +540,7 @@ def _loop(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState",
             if state.step % t.log_every == 0:
                 progress.set_postfix(loss=f"{state.loss_sum / state.loss_count:.4f}",
                                      lr=f"{tr.scheduler.get_last_lr()[0]:.2e}")
-            if state.step % plan.eval_every == 0 or state.step == plan.total_steps:
+            if state.step % plan.eval_every == 0 or state.step in (pause_at, plan.total_steps):
                 paused = time.perf_counter()
                 metrics = _evaluate_and_keep_best(p, tr, out, state)
                 state.overhead += time.perf_counter() - paused
@@ -538,7 +557,7 @@ def _loop(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState",
             if _any_rank(accelerator, bool(stop)):  # every rank stops at the same step
                 progress.close()
                 _stop(out, tr, p, state, started, stop[0] if stop else "a signal to a peer")
-            if state.step >= plan.total_steps:
+            if state.step >= pause_at or state.stopped_early:
                 break
         else:
             state.epoch += 1
@@ -550,10 +569,19 @@ def _loop(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState",
 def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: float,
                    resumed_from: str | None) -> dict[str, Any]:
     sign = 1 if p.task.higher_is_better else -1
-    best = max(state.evals, key=lambda e: sign * e[p.task.main_metric])
+    main, selecting = p.task.main_metric, bool(p.selection_features)
+    # The kept checkpoint: the best evaluation on the selection split when there is one (its
+    # dev scores were taken for reporting only), else on dev.
+    best = max(state.evals, key=lambda e: sign * (e["selection"][main] if selecting else e[main]))
     processes = tr.accelerator.num_processes
     return {
-        "dev": {k: v for k, v in best.items() if k not in ("step", "train_loss", "lr")},
+        "dev": dict(state.best_dev) if selecting else
+        {k: v for k, v in best.items() if k not in ("step", "train_loss", "lr")},
+        "selected_on": "selection" if selecting else "dev",
+        "selection": best.get("selection"),
+        "selection_examples": len(p.selection_examples),
+        "stopped_early": state.stopped_early,
+        "planned_steps": tr.plan.total_steps,
         "best_step": best["step"],
         "evaluations": state.evals,
         "main_metric": p.task.main_metric,
@@ -605,21 +633,34 @@ def _evaluate_and_keep_best(p: Prepared, tr: Trainer, out: Path,
     from accelerate.utils import broadcast_object_list
 
     accelerator = tr.accelerator
-    metrics: dict[str, float] = {}
+    split = "selection" if p.selection_features else "dev"
+    metrics: dict[str, Any] = {}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(tr.model)
         with accelerator.autocast():
-            metrics, stats = p.evaluate(unwrapped, accelerator.device, with_stats=True)
-        if _improves(p.task, metrics[p.task.main_metric], state.best):
+            scores, stats = p.evaluate(unwrapped, accelerator.device, with_stats=True,
+                                       split=split)
+        if _improves(p.task, scores[p.task.main_metric], state.best):
             write_adapter(unwrapped, p.run, p.labels, out / ADAPTER_DIR)
+            if split == "selection":
+                # Dev is scored for the kept checkpoint only, to be reported; no decision of
+                # the run (kept checkpoint, early stop) or of a sweep (lr) reads it.
+                with accelerator.autocast():
+                    state.best_dev, stats = p.evaluate(unwrapped, accelerator.device,
+                                                       with_stats=True)
             state.best_example_stats = stats
-        accelerator.print(f"step {state.step}: " + ", ".join(
-            f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        metrics = {"selection": scores} if split == "selection" else scores
+        accelerator.print(f"step {state.step}: {split} " + ", ".join(
+            f"{k}={v:.4f}" for k, v in scores.items() if isinstance(v, float)))
     if accelerator.num_processes > 1:
         metrics = broadcast_object_list([metrics])[0]
-    value = metrics[p.task.main_metric]
+    value = (metrics["selection"] if split == "selection" else metrics)[p.task.main_metric]
     if _improves(p.task, value, state.best):
-        state.best = value
+        state.best, state.since_best = value, 0
+    else:
+        state.since_best += 1
+        patience = p.run.config.train.early_stopping_patience
+        state.stopped_early = bool(patience) and state.since_best >= patience
     accelerator.wait_for_everyone()
     return metrics
 

@@ -164,7 +164,7 @@ def test_backtest_reruns_pick_and_rivals_on_fresh_seeds(tmp_path, monkeypatch):
                    ("lora", 1): 0.79, ("head", None): 0.70, ("lora", 8): 0.875}
     ran = []
 
-    def fake_run_cell(cell, out, num_threads=0, environment=None):
+    def fake_run_cell(cell, out, num_threads=0, environment=None, **_):
         ran.append((cell.method, cell.rank, cell.seed))
         value = fresh_means[(cell.method, cell.rank)]
         record = {"id": cell.id, "axes": cell.axes(), "status": "ok", "value": value,

@@ -56,13 +56,15 @@ class Task:
     # -- data ---------------------------------------------------------------------------------
 
     def load(self, cfg: DataConfig, split: str, seed: int) -> list:
-        """The examples of one split ("train" or "dev"): the user's file if given, else the
-        named data set's; split if the set has one file; subset as configured."""
+        """The examples of one split ("train", "dev", or "selection": carved from train): the
+        user's file if given, else the named data set's; split if the set has one file; subset
+        as configured."""
         named = self.datasets.get(cfg.dataset)
-        path = split_paths(cfg, named)[split]
-        explicit = cfg.train_path if split == "train" else cfg.dev_path
+        source = "dev" if split == "dev" else "train"
+        path = split_paths(cfg, named)[source]
+        explicit = cfg.train_path if source == "train" else cfg.dev_path
         spec = None if explicit else named
-        examples = self.split(self.read(path, cfg, spec), split, spec)
+        examples = self.split(self.read(path, cfg, spec), source, spec)
         examples = take_subset(examples, cfg, seed, split)
         require_nonempty(examples, path, split)
         return examples

@@ -248,7 +248,7 @@ class LanguageModelTask(Task):
             random.Random(1234).shuffle(order)  # fixed: every run holds out the same documents
             n_held = max(1, int(HELDOUT_FRACTION * len(docs)))
             held = set(order[:n_held])
-            if split == "train" and not cfg.dev_path:
+            if split in ("train", "selection") and not cfg.dev_path:
                 docs = [d for i, d in enumerate(docs) if i not in held]
             elif split == "dev":
                 docs = [d for i, d in enumerate(docs) if i in held]
