@@ -4,6 +4,7 @@ A checkpoint is a folder `checkpoints/step-N/` written atomically (a temporary f
 into place when complete, with a `COMPLETE` marker written last), holding:
 
   weights.safetensors    the trainable parameters
+  best-weights.safetensors  those of the kept checkpoint, in runs with a selection split
   optimizer.safetensors  AdamW moments (tensors) + optimizer.json (param groups, structure)
   extra.safetensors      the method's own state (AdaLoRA's importance scores) + extra.json
   rng.safetensors        torch CPU/CUDA generator states
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
+BEST_WEIGHTS = "best-weights.safetensors"
 
 
 @dataclass
@@ -81,7 +83,8 @@ def latest(out: Path) -> Path | None:
 
 
 def save(out: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-         state: TrainState, method: "Method") -> Path | None:
+         state: TrainState, method: "Method",
+         best_weights: dict[str, torch.Tensor] | None = None) -> Path | None:
     accelerator.wait_for_everyone()
     final = _dir(out) / f"step-{state.step}"
     # Every process's own random state (dropout masks differ per process): gathered here, each
@@ -89,7 +92,8 @@ def save(out: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, sc
     rng_states = _gather_rng(accelerator)
     if accelerator.is_main_process:
         try:
-            _write(final, accelerator, model, optimizer, scheduler, state, method, rng_states)
+            _write(final, accelerator, model, optimizer, scheduler, state, method, rng_states,
+                   best_weights)
         except OSError as exc:  # disk full, quota, permissions: the previous one is intact
             from adaptune.errors import OutputDirError
 
@@ -106,7 +110,8 @@ def save(out: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, sc
 
 def _write(final: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any,
            scheduler: Any, state: TrainState, method: "Method",
-           rng_states: list[dict[str, Any]]) -> None:
+           rng_states: list[dict[str, Any]],
+           best_weights: dict[str, torch.Tensor] | None) -> None:
     from safetensors.torch import save_file
 
     unwrapped = accelerator.unwrap_model(model)
@@ -116,6 +121,9 @@ def _write(final: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any
         tensors, structure = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "optimizer.json", structure)
+        if best_weights is not None:  # the kept checkpoint's weights (selection runs)
+            save_file({n: t.contiguous() for n, t in best_weights.items()},
+                      str(tmp / BEST_WEIGHTS))
         extra_tensors, extra_meta = method.checkpoint_state(unwrapped)
         save_file(extra_tensors, str(tmp / "extra.safetensors"))
         write_json(tmp / "extra.json", extra_meta)
@@ -167,6 +175,12 @@ def restore_latest(out: Path, accelerator: Any, model: torch.nn.Module, optimize
                                       if k.startswith(prefix + "cuda")])
     accelerator.print(f"resumed from {path} (step {state.step})")
     return str(path)
+
+
+def restore_best_weights(path: Path) -> dict[str, torch.Tensor] | None:
+    """The kept checkpoint's weights saved with checkpoint `path`, if it has them."""
+    file = Path(path) / BEST_WEIGHTS
+    return load_safetensors(file) if file.exists() else None
 
 
 def remove_all(out: Path) -> None:

@@ -457,7 +457,7 @@ def run_cell(cell: Cell, out: Path, num_threads: int = 0,
     else:
         m = result.metrics
         record.update(
-            status="ok", metric=m["main_metric"], value=m["dev"][m["main_metric"]],
+            status="ok", metric=m["main_metric"], value=m["dev"].get(m["main_metric"]),
             dev=m["dev"], trainable_params=m["trainable_params"], total_params=m["total_params"],
             backbone_params=m["backbone_params"],
             non_embedding_params=m["backbone_non_embedding_params"],
@@ -633,8 +633,9 @@ def _run_claimed(cell: Cell, grid: Grid, out: Path, num_threads: int,
                     f"{exc}", "traceback": traceback.format_exc(), **environment})
         print(f"{where} {cell.id}: FAILED ({type(exc).__name__}: {exc})", flush=True)
     else:
-        shown = (f"{record['metric']} {record['value']:.4f}" if record["status"] == "ok"
-                 else f"skipped ({record['reason']})")
+        shown = (f"{record['metric']} {record['value']:.4f}" if record.get("value") is not None
+                 else "paused" if record.get("paused")
+                 else f"skipped ({record.get('reason')})")
         if record.get("selection"):
             shown = f"selection {record['selection'][record['metric']]:.4f}, dev {shown}"
         print(f"{where} {cell.id}: {shown} ({record.get('wall_time_s', 0.0):.1f} s)",

@@ -322,6 +322,9 @@ class Trainer:
     labelled_per_batch: float  # labelled positions in an average full batch (loss weighting)
     precision: str
     params: dict[str, int]  # trainable, total, backbone, backbone non-embedding
+    # The kept checkpoint's trainable weights (runs with a selection split): dev is scored on
+    # them once, when the run has finished.
+    best_weights: dict[str, torch.Tensor] | None = None
 
 
 def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
@@ -351,19 +354,24 @@ def _run_in_folder(config: RunConfig, p: Prepared, out: Path, action: str) -> Ru
     state = ckpt.TrainState(fingerprint=expected)
     resumed_from = ckpt.restore_latest(out, tr.accelerator, tr.model, tr.optimizer,
                                        tr.scheduler, state, p.run.method)
+    if resumed_from:
+        tr.best_weights = ckpt.restore_best_weights(Path(resumed_from))
     if resumed_from and state.fingerprint not in ("", expected):
         raise OutputDirError(
             f"{out}: the training or dev data (or their tokenization) changed since the "
             f"checkpoint {resumed_from}; resuming would mix two data sets. Set overwrite=true "
             "to start over, or restore the data")
     wall = _train(p, tr, out, state)
-    metrics = _final_metrics(p, tr, state, wall, resumed_from)
     if state.step < tr.plan.total_steps and not state.stopped_early:
         # Paused (train.pause_at_fraction): the checkpoint stays, no metrics.json, so the same
-        # run continues from here when asked for more.
+        # run continues from here when asked for more. Dev is not scored.
         ckpt.save(out, tr.accelerator, tr.model, tr.optimizer, tr.scheduler, state,
-                  p.run.method)
-        return RunResult(out, {**metrics, "paused": True}, config)
+                  p.run.method, tr.best_weights)
+        return RunResult(out, {**_final_metrics(p, tr, state, wall, resumed_from),
+                               "paused": True}, config)
+    if p.selection_features:
+        _score_kept_checkpoint_on_dev(p, tr, state)
+    metrics = _final_metrics(p, tr, state, wall, resumed_from)
     if main:
         try:
             write_json(out / "metrics.json", metrics)
@@ -378,6 +386,23 @@ def _run_in_folder(config: RunConfig, p: Prepared, out: Path, action: str) -> Ru
     # launched script may call run() again (domain adaptation does). The entry points tear the
     # group down once, at exit (recipe.release_process_group).
     return RunResult(out, metrics, config)
+
+
+def _score_kept_checkpoint_on_dev(p: Prepared, tr: Trainer, state: "ckpt.TrainState") -> None:
+    """Dev scores of the checkpoint the selection split kept: the only time dev is read in a
+    run with a selection split, after every decision of the run is made."""
+    accelerator = tr.accelerator
+    unwrapped = accelerator.unwrap_model(tr.model)
+    if tr.best_weights is not None:
+        own = dict(unwrapped.named_parameters())
+        with torch.no_grad():
+            for name, tensor in tr.best_weights.items():
+                own[name].copy_(tensor.to(own[name].device))
+    if accelerator.is_main_process:
+        with accelerator.autocast():
+            state.best_dev, state.best_example_stats = p.evaluate(
+                unwrapped, accelerator.device, with_stats=True)
+    accelerator.wait_for_everyone()
 
 
 def _setup(p: Prepared) -> Trainer:
@@ -472,7 +497,7 @@ def _stop(out: Path, tr: Trainer, p: Prepared, state: "ckpt.TrainState", started
     if t.checkpoint_every:
         state.elapsed = time.perf_counter() - started
         path = ckpt.save(out, tr.accelerator, tr.model, tr.optimizer, tr.scheduler, state,
-                         p.run.method)
+                         p.run.method, tr.best_weights)
         raise Interrupted(f"{signal_name} at optimizer step {state.step}: checkpoint saved to "
                           f"{path}; run the same command again to resume from it")
     latest = ckpt.latest(out)
@@ -552,7 +577,7 @@ def _loop(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState",
                 paused = time.perf_counter()
                 state.elapsed = paused - started
                 ckpt.save(out, accelerator, model, tr.optimizer, tr.scheduler, state,
-                          p.run.method)
+                          p.run.method, tr.best_weights)
                 state.overhead += time.perf_counter() - paused
             if _any_rank(accelerator, bool(stop)):  # every rank stops at the same step
                 progress.close()
@@ -575,7 +600,7 @@ def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: flo
     best = max(state.evals, key=lambda e: sign * (e["selection"][main] if selecting else e[main]))
     processes = tr.accelerator.num_processes
     return {
-        "dev": dict(state.best_dev) if selecting else
+        "dev": dict(state.best_dev or {}) if selecting else
         {k: v for k, v in best.items() if k not in ("step", "train_loss", "lr")},
         "selected_on": "selection" if selecting else "dev",
         "selection": best.get("selection"),
@@ -642,13 +667,8 @@ def _evaluate_and_keep_best(p: Prepared, tr: Trainer, out: Path,
                                        split=split)
         if _improves(p.task, scores[p.task.main_metric], state.best):
             write_adapter(unwrapped, p.run, p.labels, out / ADAPTER_DIR)
-            if split == "selection":
-                # Dev is scored for the kept checkpoint only, to be reported; no decision of
-                # the run (kept checkpoint, early stop) or of a sweep (lr) reads it.
-                with accelerator.autocast():
-                    state.best_dev, stats = p.evaluate(unwrapped, accelerator.device,
-                                                       with_stats=True)
-            state.best_example_stats = stats
+            if split == "dev":
+                state.best_example_stats = stats
         metrics = {"selection": scores} if split == "selection" else scores
         accelerator.print(f"step {state.step}: {split} " + ", ".join(
             f"{k}={v:.4f}" for k, v in scores.items() if isinstance(v, float)))
@@ -657,6 +677,12 @@ def _evaluate_and_keep_best(p: Prepared, tr: Trainer, out: Path,
     value = (metrics["selection"] if split == "selection" else metrics)[p.task.main_metric]
     if _improves(p.task, value, state.best):
         state.best, state.since_best = value, 0
+        if split == "selection":
+            # Dev is scored for the kept checkpoint only, once the run has finished; no
+            # decision of the run (kept checkpoint, early stop) or of a sweep (lr) reads it.
+            tr.best_weights = {n: t.detach().to("cpu", copy=True) for n, t in
+                               accelerator.unwrap_model(tr.model).named_parameters()
+                               if t.requires_grad}
     else:
         state.since_best += 1
         patience = p.run.config.train.early_stopping_patience

@@ -90,14 +90,20 @@ def _spy_on_evaluations(monkeypatch, scores=None):
 def test_decisions_read_the_selection_split_and_dev_only_for_the_kept_checkpoint(
         tiny_encoder, unique_files, tmp_path, monkeypatch):
     train, dev = unique_files
-    # Selection scores that rise, fall, then rise again: kept = the best, dev scored only when
-    # the selection score improved.
+    # Selection scores that rise, fall, then rise again: kept = the best; dev is scored once,
+    # after training, on the kept checkpoint's weights.
     calls = _spy_on_evaluations(monkeypatch, [0.5, 0.7, 0.6, 0.8, 0.75, 0.7])
     cfg = tiny_config(tiny_encoder, train, dev, tmp_path / "run",
                       data={"selection_examples": 10}, train={"max_steps": 12, "eval_every": 2})
-    m = run(cfg).metrics
-    assert calls == ["selection", "dev", "selection", "dev", "selection", "selection", "dev",
-                     "selection", "selection"]
+    result = run(cfg)
+    m = result.metrics
+    assert calls == ["selection"] * 6 + ["dev"]
+    # The reported dev score is the kept (step-8) adapter's, as a user reloading it sees it.
+    import adaptune
+    from conftest import dev_accuracy_of_predictions
+
+    assert dev_accuracy_of_predictions(adaptune.load(result.adapter_dir), dev) == \
+        pytest.approx(m["dev"]["accuracy"])
     assert m["selected_on"] == "selection" and m["best_step"] == 8
     assert m["selection"]["accuracy"] == 0.8
     assert m["selection_examples"] == 10
