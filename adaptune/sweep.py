@@ -589,13 +589,18 @@ def work_through(grid: Grid, out: Path, num_threads: int = 0, label: str = "",
     environment = {"code_version": code_version(), "libraries": library_versions(),
                    "device": device_name(), "grid": grid.name}
     total = len(cells)
-    failed_here: set[str] = set()  # failed in this sweep: a cut treats them as unscored
+    done = {cid: record for cid, (_, record) in finished(out, cells).items()}
     while True:
-        done = {cid: record for cid, (_, record) in finished(out, cells).items()}
-        done.update({cid: {"status": "failed"} for cid in failed_here if cid not in done})
-        ran = waiting = False
+        # Records other workers wrote meanwhile (a cut needs every lr of the previous rung).
+        for cell in cells:
+            path = out / "cells" / f"{cell.id}.json"
+            if cell.id not in done and path.exists():
+                done[cell.id] = json.loads(path.read_text())
+        # The first runnable cell from the top, every time: a search's next rung runs as soon
+        # as it can, so a sweep stopped early has whole searches of its first cells.
+        picked, waiting = None, False
         for index, cell in enumerate(cells, 1):
-            if cell.id in done or (out / "cells" / f"{cell.id}.json").exists():
+            if cell.id in done:
                 continue
             step = next_step(cell, by_key, done, grid, higher)
             if step == "pruned":
@@ -604,19 +609,18 @@ def work_through(grid: Grid, out: Path, num_threads: int = 0, label: str = "",
             if step == "wait" or not _claim(out, cell.id):  # another worker has it
                 waiting = True
                 continue
-            ran = True
-            _run_claimed(cell, grid, out, num_threads, environment, f"{label}[{index}/{total}]")
-            record_path = out / "cells" / f"{cell.id}.json"
-            if record_path.exists():
-                done[cell.id] = json.loads(record_path.read_text())
-            else:
-                failed_here.add(cell.id)
-                done[cell.id] = {"status": "failed"}
-        if not waiting:
-            return
-        if not ran:
+            picked = index, cell
+            break
+        if picked is None:
+            if not waiting:
+                return
             clear_dead_claims(out)  # a worker killed meanwhile leaves its cell to us
             time.sleep(2.0)  # other workers are finishing what the rest depends on
+            continue
+        index, cell = picked
+        _run_claimed(cell, grid, out, num_threads, environment, f"{label}[{index}/{total}]")
+        if not (out / "cells" / f"{cell.id}.json").exists():
+            done[cell.id] = {"status": "failed"}  # in this sweep: a cut treats it as unscored
 
 
 def _run_claimed(cell: Cell, grid: Grid, out: Path, num_threads: int,
