@@ -552,17 +552,15 @@ def survivors(records: Mapping[float | None, Mapping[str, Any]], eta: int,
 
 def next_step(cell: Cell, cells_by_key: Mapping[tuple, Cell], done: Mapping[str, Any],
               grid: Grid, higher_is_better: bool) -> str:
-    """For a cell not done yet: "run", "wait" (its lr search's previous rung is not complete)
-    or "pruned" (its lr did not survive the previous rung)."""
-    if not cell.rung:
-        return "run"
-    previous = {lr: cells_by_key[(*cell.group(), lr, cell.rung - 1)]
-                for lr in grid.lrs_of(cell.method)}
-    if any(c.id not in done for c in previous.values()):
-        return "wait"
-    kept = survivors({lr: done[c.id] for lr, c in previous.items()}, grid.eta,
-                     higher_is_better)
-    return "run" if cell.lr in kept else "pruned"
+    """For a cell not done yet: "run", "wait" (a rung before it in its lr search is not
+    complete) or "pruned" (its lr was cut at an earlier rung)."""
+    alive = list(grid.lrs_of(cell.method))
+    for rung in range(cell.rung or 0):  # replay the search's cuts up to this cell's rung
+        ran = {lr: cells_by_key[(*cell.group(), lr, rung)] for lr in alive}
+        if any(c.id not in done for c in ran.values()):
+            return "wait" if cell.lr in alive else "pruned"
+        alive = survivors({lr: done[c.id] for lr, c in ran.items()}, grid.eta, higher_is_better)
+    return "run" if cell.lr in alive else "pruned"
 
 
 def search_cells(grid: Grid, model: str, method: str, rank: int | None, fraction: float,

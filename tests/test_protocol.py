@@ -230,6 +230,23 @@ def test_lr_search_by_successive_halving_end_to_end(tiny_encoder, unique_files, 
     assert res.missing == []
 
 
+def test_three_rungs_cut_twice_and_finish(tiny_encoder, unique_files, tmp_path):
+    from adaptune.report import load_results
+
+    grid = sweep.grid_from_dict(_grid(tiny_encoder, unique_files, halving={"rungs": 3, "eta": 2},
+                                      lrs=[1e-5, 1e-3, 5e-3, 3e-2]))
+    out = tmp_path / "sweep"
+    summary = sweep.run_grid(grid, out)
+    # 4 lrs at rung 0, the best 2 at rung 1, the best 1 at rung 2; 12 cells, 5 cut.
+    assert (summary.done, summary.pruned, summary.total) == (7, 5, 7)
+    rungs = sorted(json.loads(p.read_text())["axes"]["rung"] for p in (out / "cells").glob("*"))
+    assert rungs == [0, 0, 0, 0, 1, 1, 2]
+    steps = {json.loads(p.read_text())["axes"]["rung"]: json.loads(p.read_text())["optimizer_steps"]
+             for p in (out / "cells").glob("*")}
+    assert steps == {0: 2, 1: 3, 2: 6}  # ceil(6/4), ceil(6/2), all 6
+    assert len(load_results(out).records) == 1
+
+
 def test_grids_that_select_lrs_need_a_selection_split(tiny_encoder, unique_files):
     bad = _grid(tiny_encoder, unique_files)
     del bad["overrides"]["data"]["selection_examples"]
