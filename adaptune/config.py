@@ -64,6 +64,75 @@ class AdaLoraOptions:
                self.orth_reg_weight)
 
 
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "eva")
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """Options of LoRA and DoRA (`method.lora.*`)."""
+
+    # How A and B start (peft's init_lora_weights): "default" (A Kaiming-uniform, B zero),
+    # "gaussian", "pissa" (principal singular vectors; the base keeps the residual), "olora"
+    # (QR), "eva" (singular vectors of activations, from a pass over training batches).
+    init: str = "default"
+    # LoRA+ (Hayou et al., 2024): B learns this many times faster than A; 0 = off (the paper
+    # suggests 16). peft's create_loraplus_optimizer builds the optimizer.
+    loraplus_lr_ratio: float = 0.0
+    eva_rho: float = 2.0  # EVA's rank redistribution limit (peft's EvaConfig.rho)
+
+    def __post_init__(self) -> None:
+        _check(self.init in LORA_INITS, "method.lora.init", f"one of {', '.join(LORA_INITS)}",
+               self.init)
+        _check(self.loraplus_lr_ratio == 0 or self.loraplus_lr_ratio >= 1,
+               "method.lora.loraplus_lr_ratio", "0 (off) or a ratio >= 1", self.loraplus_lr_ratio)
+        _check(self.eva_rho >= 1, "method.lora.eva_rho", "a number >= 1", self.eva_rho)
+
+
+@dataclass(frozen=True)
+class VeraOptions:
+    """VeRA's own options (`method.vera.*`); its rank is method.rank (VeRA uses large ones,
+    e.g. 256: the shared random matrices are frozen, only two vectors per layer train)."""
+
+    d_initial: float = 0.1
+    projection_prng_key: int = 0  # seed of the shared random projections (saved with them)
+
+    def __post_init__(self) -> None:
+        _check(self.d_initial > 0, "method.vera.d_initial", "a positive number", self.d_initial)
+
+
+@dataclass(frozen=True)
+class OftOptions:
+    """OFT's own options (`method.oft.*`): orthogonal blocks of this size rotate each adapted
+    layer's input (peft's oft_block_size); it must divide the layers' input width."""
+
+    block_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check(self.block_size >= 2, "method.oft.block_size", "an integer >= 2",
+               self.block_size)
+
+
+@dataclass(frozen=True)
+class PeftPassThrough:
+    """Any other peft method (`method.name=peft`): `method.peft.config` is the peft config as
+    JSON or a YAML mapping, with its `peft_type` (e.g. {"peft_type": "FOURIERFT",
+    "n_frequency": 1000}). Missing `target_modules` get the model's default targets and the task
+    head is added to `modules_to_save`."""
+
+    config: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.config:
+            return
+        try:
+            data = json.loads(self.config)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"method.peft.config: expected a JSON mapping, got "
+                              f"{self.config!r} ({exc})") from None
+        _check(isinstance(data, dict) and "peft_type" in data, "method.peft.config",
+               "a mapping with a peft_type, e.g. {\"peft_type\": \"FOURIERFT\"}", self.config)
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """How the frozen model is adapted. The budget fields (rank, alpha, dropout, targets) are
@@ -83,7 +152,11 @@ class MethodConfig:
     # (alpha / sqrt(rank), Kalajdzievski 2023; peft's use_rslora). With alpha fixed across ranks,
     # alpha/r shrinks a high rank's update, which then learns slower at one lr.
     scaling: str = "alpha/r"
+    lora: LoraOptions = field(default_factory=LoraOptions)
     adalora: AdaLoraOptions = field(default_factory=AdaLoraOptions)
+    vera: VeraOptions = field(default_factory=VeraOptions)
+    oft: OftOptions = field(default_factory=OftOptions)
+    peft: PeftPassThrough = field(default_factory=PeftPassThrough)
 
     def __post_init__(self) -> None:
         from adaptune.methods import METHODS  # the one registry (imported late: it imports us)
@@ -98,13 +171,18 @@ class MethodConfig:
             raise ConfigError(f"method.scaling={self.scaling} applies to LoRA-style methods "
                               f"({', '.join(n for n, m in METHODS.items() if m.has_scaling)}), "
                               f"not to method.name={self.name}")
+        own = METHODS[self.name].sections
         for section in METHOD_SECTIONS:
             options, default = getattr(self, section), type(getattr(self, section))()
-            if section != self.name and options != default:
+            if section not in own and options != default:
                 changed = [f.name for f in fields(options)
                            if getattr(options, f.name) != getattr(default, f.name)]
-                raise ConfigError(f"method.{section}.{changed[0]} is an option of the {section} "
-                                  f"method, but method.name is {self.name!r}")
+                owners = [n for n, m in METHODS.items() if section in m.sections]
+                raise ConfigError(f"method.{section}.{changed[0]} is an option of "
+                                  f"{' and '.join(owners)}, but method.name is {self.name!r}")
+        if self.name == "peft" and not self.peft.config:
+            raise ConfigError("method.peft.config: method.name=peft needs a peft config, e.g. "
+                              "method.peft.config='{\"peft_type\": \"FOURIERFT\"}'")
 
     @property
     def lora_alpha(self) -> float:
@@ -112,7 +190,7 @@ class MethodConfig:
 
 
 # Methods with a section of their own in MethodConfig.
-METHOD_SECTIONS = ("adalora",)
+METHOD_SECTIONS = ("lora", "adalora", "vera", "oft", "peft")
 SCALINGS = ("alpha/r", "rslora")
 
 
@@ -332,6 +410,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             value = int(value)
         return hint(value)
     if hint is str:
+        if isinstance(value, Mapping):  # a YAML mapping for a JSON field (method.peft.config)
+            return json.dumps(value, sort_keys=True)
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return str(value)

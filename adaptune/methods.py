@@ -7,13 +7,17 @@ the method:
 
     check(model_spec)                 refuse a model the method cannot apply to, before loading
     apply(model, model_spec, steps)   make the task model trainable (peft wrap, freezing)
-    before_train(model, batches)      a data pass before training (none of today's methods)
+    optimizer(model, lr, decay)       AdamW over the trainable parameters (LoRA+: its own)
+    before_train(model, batches)      a data pass before training (EVA's initialisation)
     after_step(model, step)           after every optimizer step (AdaLoRA's budget)
     checkpoint_state / restore_checkpoint_state   extra state a resumed run needs
     save(model, folder) / load(base, folder) / merge(model)   the trained state
 
-- lora, adalora: from peft, with the task head in `modules_to_save`, so the saved adapter folder
-  holds the head and loads with plain `peft.PeftModel.from_pretrained`.
+- lora, dora, adalora, ia3, beft, vera, loha, lokr, oft, and any other peft method through
+  `peft` (a peft config passed through): from peft, with the task head in `modules_to_save`, so
+  the saved adapter folder holds the head and loads with plain `peft.PeftModel.from_pretrained`.
+  rsLoRA is LoRA's `method.scaling=rslora`; PiSSA, OLoRA and EVA are `method.lora.init`; LoRA+
+  is `method.lora.loraplus_lr_ratio`.
 - bitfit: every bias of the backbone plus the head (Ben Zaken et al., 2022).
 - full: every parameter (baseline).
 - head: only the task head (baseline: a linear probe on frozen features).
@@ -47,6 +51,7 @@ class Method:
     description: ClassVar[str]
     has_rank: ClassVar[bool] = False  # the rank axis of a sweep applies
     has_scaling: ClassVar[bool] = False  # method.scaling (alpha/r or rslora) applies
+    sections: ClassVar[tuple[str, ...]] = ()  # its own option sections of MethodConfig
 
     def __init__(self, options: MethodConfig) -> None:
         self.options = options
@@ -56,6 +61,10 @@ class Method:
 
     def apply(self, model: nn.Module, spec: ModelSpec, total_steps: int) -> nn.Module:
         raise NotImplementedError
+
+    def optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters, without weight decay on biases and norms."""
+        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
 
     def before_train(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> None:
         """A pass over training batches before the first step."""
@@ -101,6 +110,16 @@ class Method:
     def merge(self, model: nn.Module) -> nn.Module:
         """The model with any adapter folded into the base weights (no inference overhead)."""
         return model
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and norms (the usual AdamW practice)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,24 +249,259 @@ class PeftMethod(Method):
             return PeftModel.from_pretrained(base, str(folder))
 
     def merge(self, model: nn.Module) -> nn.Module:
+        from peft.utils import ModulesToSaveWrapper
+
+        # The trained head goes back in place of its wrapper first: peft's unloading assumes a
+        # wrapped module is a Linear (IA3, VeRA, LoHa, ... fail on a head with sub-modules).
+        for name, module in list(model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+                trained = module.modules_to_save[module.active_adapters[0]]
+                setattr(parent, name.rsplit(".", 1)[-1], trained)
         return model.merge_and_unload()
 
 
 class Lora(PeftMethod):
     name, description = "lora", "LoRA (peft) on attention, plus the head"
     has_scaling = True
+    sections = ("lora",)
+    use_dora = False
+    # Initialisations that move the base weights (the base keeps the residual): the saved
+    # adapter is converted back to one for the untouched base (peft's
+    # path_initial_model_for_weight_conversion), so it loads on a freshly built base.
+    MOVES_BASE = ("pissa", "olora")
 
     def peft_config(self, targets: list[str], total_steps: int) -> Any:
-        from peft import LoraConfig
+        from peft import EvaConfig, LoraConfig
 
         o = self.options
+        init = {"default": True, "gaussian": "gaussian"}.get(o.lora.init, o.lora.init)
         return LoraConfig(r=o.rank, lora_alpha=o.lora_alpha, lora_dropout=o.dropout,
-                          use_rslora=o.scaling == "rslora", target_modules=targets,
+                          use_rslora=o.scaling == "rslora", use_dora=self.use_dora,
+                          init_lora_weights=init, target_modules=targets,
+                          # The attention mask picks the tokens EVA's SVD sees (peft's label
+                          # mask assumes one label per token, not one per sentence).
+                          eva_config=EvaConfig(rho=o.lora.eva_rho, use_label_mask=False)
+                          if init == "eva" else None,
                           modules_to_save=[HEAD], bias="none")
+
+    def apply(self, model: nn.Module, spec: ModelSpec, total_steps: int) -> nn.Module:
+        import tempfile
+
+        peft_model = super().apply(model, spec, total_steps)
+        if self.options.lora.init in self.MOVES_BASE:
+            # The adapter as initialised, before training: what the conversion subtracts.
+            self._initial = tempfile.TemporaryDirectory(prefix="adaptune-initial-adapter-")
+            config = peft_model.peft_config["default"]
+            config.init_lora_weights = True  # so the saved initial adapter reloads as-is
+            peft_model.save_pretrained(self._initial.name, safe_serialization=True)
+            config.init_lora_weights = self.options.lora.init
+        return peft_model
+
+    def optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        ratio = self.options.lora.loraplus_lr_ratio
+        if not ratio:
+            return super().optimizer(model, lr, weight_decay)
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr,
+                                         loraplus_lr_ratio=ratio, weight_decay=weight_decay)
+
+    def before_train(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> None:
+        if self.options.lora.init != "eva":
+            return
+        from peft import initialize_lora_eva_weights
+
+        # EVA: A from the singular vectors of each target's input activations, over training
+        # batches (the labels are not used; the forward pass is only observed).
+        initialize_lora_eva_weights(model, dataloader=batches)
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        initial = getattr(self, "_initial", None)
+        if initial is None:
+            return super().save(model, folder)
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import load_file, save_file
+
+        head = {k: v.detach().contiguous().cpu() for k, v in
+                get_peft_model_state_dict(model).items() if f".{HEAD}." in f".{k}"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model.save_pretrained(str(folder), safe_serialization=True,
+                                  path_initial_model_for_weight_conversion=initial.name)
+        # peft 0.21's conversion drops the modules_to_save weights (the task head): put them
+        # back, or the converted adapter would not load (KeyError on the head).
+        weights = folder / "adapter_model.safetensors"
+        state = load_file(str(weights))
+        save_file({**state, **{k: v for k, v in head.items() if k not in state}}, str(weights),
+                  metadata={"format": "pt"})
+
+
+class Dora(Lora):
+    name = "dora"
+    description = "DoRA (peft): LoRA on the direction, a trained magnitude per output"
+    use_dora = True
+
+
+class Vera(PeftMethod):
+    name, description = "vera", "VeRA (peft): shared frozen random projections, two trained vectors"
+    sections = ("vera",)
+
+    def peft_config(self, targets: list[str], total_steps: int) -> Any:
+        from peft import VeraConfig
+
+        o = self.options
+        return VeraConfig(r=o.rank, target_modules=targets, d_initial=o.vera.d_initial,
+                          projection_prng_key=o.vera.projection_prng_key, save_projection=True,
+                          vera_dropout=o.dropout, modules_to_save=[HEAD])
+
+
+class LoHa(PeftMethod):
+    name, description = "loha", "LoHa (peft): Hadamard product of two low-rank pairs"
+
+    def peft_config(self, targets: list[str], total_steps: int) -> Any:
+        from peft import LoHaConfig
+
+        o = self.options
+        return LoHaConfig(r=o.rank, alpha=o.lora_alpha, rank_dropout=0.0,
+                          module_dropout=o.dropout, target_modules=targets,
+                          modules_to_save=[HEAD])
+
+
+class LoKr(PeftMethod):
+    name, description = "lokr", "LoKr (peft): Kronecker product of two small factors"
+
+    def peft_config(self, targets: list[str], total_steps: int) -> Any:
+        from peft import LoKrConfig
+
+        o = self.options
+        return LoKrConfig(r=o.rank, alpha=o.lora_alpha, rank_dropout=0.0,
+                          module_dropout=o.dropout, target_modules=targets,
+                          modules_to_save=[HEAD])
+
+
+class Oft(PeftMethod):
+    name, description = "oft", "OFT (peft): block-diagonal orthogonal rotation of layer inputs"
+    has_rank = False
+    sections = ("oft",)
+
+    def largest_rank(self) -> int:
+        return 1  # no rank; the block size is checked against the layers instead
+
+    def resolve_targets(self, model: nn.Module, default: tuple[str, ...]) -> list[str]:
+        targets = super().resolve_targets(model, default)
+        size = self.options.oft.block_size
+        for name, layer in linear_modules(model).items():
+            if any(_matches(name, t) for t in targets) and layer.in_features % size:
+                raise NotApplicable(f"oft: method.oft.block_size={size} does not divide the "
+                                    f"input width {layer.in_features} of {name}; choose a "
+                                    "divisor of it")
+        return targets
+
+    def peft_config(self, targets: list[str], total_steps: int) -> Any:
+        from peft import OFTConfig
+
+        return OFTConfig(r=0, oft_block_size=self.options.oft.block_size,
+                         target_modules=targets, module_dropout=self.options.dropout,
+                         modules_to_save=[HEAD])
+
+
+class Ia3(PeftMethod):
+    name = "ia3"
+    description = "IA3 (peft): learned rescaling of keys, values and the feed-forward input"
+    has_rank = False
+    # IA3's own targets (Liu et al., 2022), by layer name: attention keys and values (their
+    # outputs rescaled) and the feed-forward output layer (its input rescaled).
+    KEYS_VALUES = ("key", "value", "k", "v", "k_proj", "v_proj")
+    FEED_FORWARD_OUT = ("output.dense", "down_proj", "fc2")
+
+    def largest_rank(self) -> int:
+        return 1
+
+    def feed_forward(self, model: nn.Module) -> list[str]:
+        return [name for name in linear_modules(model)
+                if any(_matches(name, t) for t in self.FEED_FORWARD_OUT)
+                and ".attention." not in name]
+
+    def resolve_targets(self, model: nn.Module, default: tuple[str, ...]) -> list[str]:
+        if self.options.targets:
+            return super().resolve_targets(model, default)
+        names = [n for n in linear_modules(model) if n.rsplit(".", 1)[-1] in self.KEYS_VALUES]
+        return names + self.feed_forward(model)
+
+    def peft_config(self, targets: list[str], total_steps: int) -> Any:
+        from peft import IA3Config
+
+        return IA3Config(target_modules=targets, modules_to_save=[HEAD],
+                         feedforward_modules=[t for t in targets if t in self._ffn])
+
+    def apply(self, model: nn.Module, spec: ModelSpec, total_steps: int) -> nn.Module:
+        self._ffn = set(self.feed_forward(model))
+        return super().apply(model, spec, total_steps)
+
+
+class Beft(PeftMethod):
+    name = "beft"
+    description = "BEFT (peft): trained bias vectors on chosen layers (default: the values)"
+    has_rank = False
+    refusal = ("beft: {model} has no bias parameters; BEFT trains additions to existing biases "
+               "(peft refuses layers without one). Use lora, or ia3.")
+
+    def largest_rank(self) -> int:
+        return 1
+
+    def check(self, model: ModelSpec) -> None:
+        if model.has_biases is False:
+            raise NotApplicable(self.refusal.format(model=model.name))
+
+    def resolve_targets(self, model: nn.Module, default: tuple[str, ...]) -> list[str]:
+        if self.options.targets:
+            targets = super().resolve_targets(model, default)
+        else:  # BEFT's finding (and peft's default): the value projection's bias
+            targets = [n for n in linear_modules(model)
+                       if n.rsplit(".", 1)[-1] in ("value", "v", "v_proj")]
+        layers = linear_modules(model)
+        if any(layers[n].bias is None for n in layers if any(_matches(n, t) for t in targets)):
+            raise NotApplicable(self.refusal.format(model="this model"))
+        return targets
+
+    def peft_config(self, targets: list[str], total_steps: int) -> Any:
+        from peft import BeftConfig
+
+        return BeftConfig(target_modules=targets, modules_to_save=[HEAD])
+
+
+class PeftPassThrough(PeftMethod):
+    name = "peft"
+    description = "any other peft method: method.peft.config holds its peft config"
+    has_rank = False
+    sections = ("peft",)
+
+    def largest_rank(self) -> int:
+        return 1
+
+    def peft_config(self, targets: list[str], total_steps: int) -> Any:
+        import dataclasses
+        import json
+
+        from peft import get_peft_config
+
+        data = json.loads(self.options.peft.config)
+        try:
+            config = get_peft_config(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"method.peft.config: peft refused it: {exc}") from None
+        names = {f.name for f in dataclasses.fields(config)}
+        if "target_modules" in names and not data.get("target_modules"):
+            config.target_modules = set(targets)
+        if "modules_to_save" in names:
+            config.modules_to_save = sorted(set(config.modules_to_save or []) | {HEAD})
+        return config
 
 
 class AdaLora(PeftMethod):
     name = "adalora"
+    sections = ("adalora",)
     description = "AdaLoRA (peft) with its rank-budget schedule driven by the flow, plus the head"
 
     @property
@@ -310,7 +564,8 @@ class AdaLora(PeftMethod):
 # ----------------------------------------------------------------------------------------------
 # The registry: one line per method. The config, the CLI, the sweep and the report read it.
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Lora, AdaLora, BitFit, Full, Head)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (
+    Lora, Dora, AdaLora, Ia3, Beft, Vera, LoHa, LoKr, Oft, PeftPassThrough, BitFit, Full, Head)}
 RANKED_METHODS = tuple(name for name, m in METHODS.items() if m.has_rank)
 
 

@@ -442,7 +442,7 @@ def _setup(p: Prepared) -> Trainer:
         warnings.warn(f"train.compile: found no repeated blocks in {p.run.model.name} to "
                       "compile; training without torch.compile", stacklevel=3)
 
-    optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr)
+    optimizer = p.run.method.optimizer(model, t.lr, t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(plan))
     sampler = LengthGroupedBatches([len(f["input_ids"]) for f in p.train_features],
                                    t.batch_size, t.seed, t.group_by_length)
@@ -705,16 +705,6 @@ def _labelled_in(batch: dict[str, torch.Tensor]) -> float:
     if labels is not None and labels.dim() > 1:
         return float((labels != -100).sum())
     return float(batch["input_ids"].size(0))
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and norms (the usual AdamW practice)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _warmup_linear(plan: Plan):

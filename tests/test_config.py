@@ -39,7 +39,8 @@ def test_yaml_then_cli(tmp_path):
     ("train.lr=fast", "train.lr: expected a number"),
     ("train.batch_size=2.5", "train.batch_size: expected an integer"),
     ("method.rank=0", "method.rank: expected a positive integer"),
-    ("method.name=prefix", "method.name: expected one of lora, adalora, bitfit, full, head"),
+    ("method.name=prefix", "method.name: expected one of lora, dora, adalora, ia3, beft, vera, "
+                           "loha, lokr, oft, peft, bitfit, full, head"),
     ("train.precision=fp8", "train.precision: expected one of auto, fp32, bf16"),
     ("train.group_by_length=maybe", "train.group_by_length: expected true or false"),
     ("data.train_fraction=1.5", "data.train_fraction"),
@@ -82,8 +83,8 @@ def test_compose_layers_in_order_and_presets_state_only_what_differs(tmp_path):
 def test_each_method_owns_its_options():
     cfg = load_config(overrides=["method.name=adalora", "method.adalora.tinit=0.2"])
     assert cfg.method.adalora.tinit == 0.2
-    with pytest.raises(ConfigError, match=r"method\.adalora\.tinit is an option of the adalora "
-                                          r"method, but method\.name is 'lora'"):
+    with pytest.raises(ConfigError, match=r"method\.adalora\.tinit is an option of adalora, "
+                                          r"but method\.name is 'lora'"):
         load_config(overrides=["method.adalora.tinit=0.2"])
     with pytest.raises(ConfigError, match=r"unknown config key method\.tinit \(method\.tinit is "
                                           r"now method\.adalora\.tinit\)"):

@@ -21,23 +21,40 @@ RANK = 4
 EXPECTED_TRAINABLE = {
     "lora": 2 * L * RANK * (H + H) + HEAD,  # A (r x in) + B (out x r) on query and value
     "adalora": 2 * L * 6 * (H + H + 1) + HEAD,  # init rank ceil(1.5 r) = 6: A, B and E
+    "dora": 2 * L * RANK * (H + H) + 2 * L * H + HEAD,  # LoRA + one magnitude per output
+    "ia3": 2 * L * H + L * FFN + HEAD,  # key/value outputs rescaled, FFN-out input rescaled
+    "beft": L * H + HEAD,  # a bias vector on each value projection
+    "vera": 2 * L * (H + RANK) + HEAD,  # lambda_b (out) and lambda_d (r); A, B frozen, shared
+    "loha": 2 * L * 2 * RANK * (H + H) + HEAD,  # two (out x r, r x in) pairs
+    # Kronecker factors of 32 = 4 x 8 on both sides: w1 4 x 4 full, w2 8 x 8 full (r=4 is not
+    # below max(8, 8) / 2, so peft does not decompose it).
+    "lokr": 2 * L * (4 * 4 + 8 * 8) + HEAD,
+    "oft": 2 * L * (32 * 31 // 2) + HEAD,  # one 32-block: a skew-symmetric 32 x 32, upper part
+    "peft": 2 * L * 10 + HEAD,  # FourierFT, n_frequency 10 spectral coefficients per layer
     "bitfit": BIASES + HEAD,
     "full": BACKBONE + HEAD,
     "head": HEAD,
 }
 
 
+# Options each method needs on the tiny model (its layers are 32 wide).
+OPTIONS = {"peft": {"peft": {"config": '{"peft_type": "FOURIERFT", "n_frequency": 10}'}}}
+# Frozen adapter tensors that count in the total (VeRA's shared random projections; AdaLoRA's
+# `ranknum` scalars; OFT's and FourierFT's frozen buffers are not parameters).
+FROZEN_EXTRA = {"adalora": 2 * L, "vera": 0}
+PEFT_METHODS = [m for m in EXPECTED_TRAINABLE if m not in ("bitfit", "full", "head")]
+
+
 @pytest.mark.parametrize("method", list(EXPECTED_TRAINABLE))
 def test_exact_parameter_counts_and_save_load_round_trip(method, tiny_encoder, cls_files,
                                                          tmp_path):
     cfg = tiny_config(tiny_encoder, *cls_files, tmp_path / method,
-                      method={"name": method, "rank": RANK})
+                      method={"name": method, "rank": RANK, **OPTIONS.get(method, {})})
     result = run(cfg)
     m = result.metrics
     assert m["trainable_params"] == EXPECTED_TRAINABLE[method]
-    adapter_params = m["trainable_params"] - HEAD if method in ("lora", "adalora") else 0
-    if method == "adalora":
-        adapter_params += 2 * L  # one frozen `ranknum` scalar per adapted module
+    adapter_params = m["trainable_params"] - HEAD if method in PEFT_METHODS else 0
+    adapter_params += FROZEN_EXTRA.get(method, 0)
     assert m["total_params"] == BACKBONE + HEAD + adapter_params
     assert m["backbone_params"] == BACKBONE
 
@@ -55,12 +72,16 @@ def _logits(predictor, texts):
         return predictor.model(**batch).logits
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora"])
+MERGEABLE = {"lora", "adalora", "dora", "ia3", "beft", "vera", "loha", "lokr", "oft"}
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
 def test_plain_peft_loading_and_merge_match_adaptune(method, tiny_encoder, cls_files, tmp_path):
     from peft import PeftModel
 
     result = run(tiny_config(tiny_encoder, *cls_files, tmp_path / "run",
-                             method={"name": method, "rank": RANK}, train={"max_steps": 8}))
+                             method={"name": method, "rank": RANK, **OPTIONS.get(method, {})},
+                             train={"max_steps": 8}))
     texts = ["good fun", "a bore", "so bad", "great film"]
     ours = api.load(result.adapter_dir)
     expected = _logits(ours, texts)
@@ -71,8 +92,12 @@ def test_plain_peft_loading_and_merge_match_adaptune(method, tiny_encoder, cls_f
     plain = PeftModel.from_pretrained(api.build_base(result.adapter_dir), str(result.adapter_dir))
     torch.testing.assert_close(_logits(api.Predictor(plain, ours.tokenizer, ours.meta), texts),
                                expected)
+    if method not in MERGEABLE:
+        return
     merged = api.load(result.adapter_dir, merge=True)
-    assert not any("lora_" in n for n, _ in merged.model.named_parameters())
+    from peft import PeftModel as _Peft
+
+    assert not isinstance(merged.model, _Peft)
     torch.testing.assert_close(_logits(merged, texts), expected, atol=1e-5, rtol=1e-4)
 
 
@@ -171,3 +196,101 @@ def test_compile_blocks_finds_the_repeated_blocks():
     assert all(layer._compiled_call_impl is not None for layer in bert.encoder.layer)
     assert bert.embeddings._compiled_call_impl is None
     assert compile_blocks(MPNetModel(MPNetConfig(**small))) == 3
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_base_moving_inits_save_an_adapter_for_the_untouched_base(init, tiny_encoder, cls_files,
+                                                                 tmp_path):
+    """PiSSA and OLoRA move the base weights (the base keeps the residual). The saved adapter
+    is converted to one for the original base (rank 2r), head included, and reproduces the
+    trained model's outputs on a freshly built base."""
+    import json
+
+    from adaptune.train import _setup
+
+    cfg = tiny_config(tiny_encoder, *cls_files, tmp_path / init,
+                      method={"rank": RANK, "lora": {"init": init}})
+    p = prepare(cfg)
+    tr = _setup(p)
+    model = tr.model
+    torch.manual_seed(1)
+    with torch.no_grad():  # stand-in for training: move every trainable tensor
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    model.eval()
+    texts = ["good fun", "a bore", "so bad", "great film"]
+    from adaptune.artifact import write_adapter
+
+    folder = tmp_path / "adapter"
+    write_adapter(model, p.run, p.labels, folder)
+    loaded = api.load(folder)
+    features = loaded.task.encode(loaded.task.make_examples(texts), loaded.tokenizer,
+                                  loaded.labels, 32, "predict")
+    batch = loaded.task.collate(features, loaded.tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    torch.testing.assert_close(_logits(loaded, texts), expected, atol=1e-5, rtol=1e-4)
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 2 * RANK
+
+
+def test_eva_initialises_from_a_pass_over_training_batches(tiny_encoder, cls_files, tmp_path,
+                                                          monkeypatch):
+    import peft
+
+    seen = []
+    real = peft.initialize_lora_eva_weights
+
+    def spy(model, dataloader=None, **kwargs):
+        seen.append(dataloader)
+        return real(model, dataloader=dataloader, **kwargs)
+
+    monkeypatch.setattr(peft, "initialize_lora_eva_weights", spy)
+    result = run(tiny_config(tiny_encoder, *cls_files, tmp_path / "eva",
+                             method={"rank": RANK, "lora": {"init": "eva"}}))
+    assert len(seen) == 1 and seen[0] is not None
+    assert result.metrics["trainable_params"] == EXPECTED_TRAINABLE["lora"]
+    predictor = api.load(result.adapter_dir)
+    assert prepare(result.config).evaluate(predictor.model) == pytest.approx(
+        result.metrics["dev"], abs=1e-9)
+
+
+def test_loraplus_gives_b_its_own_learning_rate(tiny_encoder, cls_files, tmp_path):
+    from adaptune.train import _setup
+
+    cfg = tiny_config(tiny_encoder, *cls_files, tmp_path / "lp",
+                      method={"rank": RANK, "lora": {"loraplus_lr_ratio": 16}},
+                      train={"lr": 1e-3})
+    tr = _setup(prepare(cfg))
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    lrs = {}
+    for group in tr.optimizer.param_groups:
+        for param in group["params"]:
+            lrs[names[id(param)]] = group["initial_lr"] if "initial_lr" in group else group["lr"]
+    b = [v for k, v in lrs.items() if "lora_B" in k]
+    a = [v for k, v in lrs.items() if "lora_A" in k]
+    assert b and a and b == pytest.approx([16e-3] * len(b)) and a == pytest.approx([1e-3] * len(a))
+
+
+def test_methods_refuse_what_they_cannot_apply_to(tiny_encoder, tiny_decoder, cls_files,
+                                                 tmp_path):
+    from adaptune.config import compose
+    from adaptune.errors import ConfigError, NotApplicable
+
+    with pytest.raises(NotApplicable, match="beft: .* has no bias parameters"):
+        run(tiny_config(tiny_decoder, *cls_files, tmp_path / "b", method={"name": "beft"}))
+    with pytest.raises(NotApplicable, match="block_size=5 does not divide the input width 32"):
+        run(tiny_config(tiny_encoder, *cls_files, tmp_path / "o",
+                        method={"name": "oft", "oft": {"block_size": 5}}))
+    with pytest.raises(ConfigError, match="method.vera.d_initial is an option of vera, but "
+                                          "method.name is 'lora'"):
+        compose({"method": {"vera": {"d_initial": 0.5}}})
+    with pytest.raises(ConfigError, match="method.lora.init is an option of lora and dora"):
+        compose({"method": {"name": "ia3", "lora": {"init": "pissa"}}})
+    with pytest.raises(ConfigError, match="method.peft.config: expected a JSON mapping"):
+        compose({"method": {"name": "peft", "peft": {"config": "{not json"}}})
+    with pytest.raises(ConfigError, match="method.name=peft needs a peft config"):
+        compose({"method": {"name": "peft"}})
+    # A YAML mapping is taken as the JSON config.
+    cfg = compose({"method": {"name": "peft", "peft": {"config": {"peft_type": "FOURIERFT"}}}})
+    assert cfg.method.peft.config == '{"peft_type": "FOURIERFT"}'

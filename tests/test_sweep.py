@@ -72,7 +72,7 @@ def test_model_overrides_change_only_that_models_cells():
 
 @pytest.mark.parametrize("change, message", [
     ({"colour": "red"}, r"unknown key\(s\) \['colour'\]"),
-    ({"methods": ["lora", "dora"]}, r"methods: 'dora' is not one of"),
+    ({"methods": ["lora", "prefix"]}, r"methods: 'prefix' is not one of"),
     ({"ranks": [4, 4]}, r"ranks lists a value twice"),
     ({"fractions": [0.0]}, r"fractions must be in \(0, 1\]"),
     ({"seeds": "x"}, r"seeds: expected a list of int"),
