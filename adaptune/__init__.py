@@ -7,12 +7,14 @@ from adaptune.api import Predictor, build_base, finetune, load
 from adaptune.config import (DataConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig,
                              compose, load_config)
 from adaptune.errors import AdaptuneError, ConfigError, DataError, ModelError
+from adaptune.merging import MultiAdapterPredictor, merge_adapters
 from adaptune.spec import ModelSpec, ResolvedRun, resolve
 from adaptune.train import RunResult, run
 
 __version__ = "0.1.0"
 
-__all__ = ["run", "finetune", "load", "build_base", "Predictor", "RunResult", "RunConfig",
+__all__ = ["run", "finetune", "load", "build_base", "Predictor", "MultiAdapterPredictor",
+           "merge_adapters", "RunResult", "RunConfig",
            "ModelConfig", "MethodConfig", "DataConfig", "TrainConfig", "load_config",
            "compose", "resolve", "ResolvedRun", "ModelSpec",
            "AdaptuneError", "ConfigError", "DataError", "ModelError", "__version__"]

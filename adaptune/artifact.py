@@ -139,6 +139,13 @@ def load_adapter(folder: Path, *, merge: bool = False, trusted: bool = False
     """(model, tokenizer, meta, run): the base rebuilt, the trained state (head included) put
     back on it, optionally merged into the weights."""
     meta = read_meta(folder, trusted=trusted)
+    if merge and meta.config.model.quantization != "none":
+        # Folding an adapter into 4/8-bit weights rounds it away or corrupts them (peft #2321);
+        # the quantized base keeps the adapter beside it instead.
+        raise ModelError(f"{folder}: the base is loaded in {meta.config.model.quantization} "
+                         "(model.quantization); merging the adapter into quantized weights "
+                         "is refused: predict without merge (the adapter stays beside the "
+                         "base), or merge into a full-precision base and quantize that")
     run = resolved_run(meta)
     model = run.method.load(_base(run, meta), Path(folder))
     if merge:

@@ -35,6 +35,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     pred_p.add_argument("--merge", action="store_true", help="merge LoRA into the weights first")
     pred_p.add_argument("--trusted", action="store_true",
                         help="load an adapter folder that records no checksums")
+    merge_p = sub.add_parser("merge", help="combine LoRA adapters trained on one base")
+    merge_p.add_argument("out", help="folder for the merged adapter")
+    merge_p.add_argument("adapters", nargs="+", help="adapter folders (two or more)")
+    merge_p.add_argument("--combination", default="cat",
+                         help="cat (exact weighted sum of the updates; ranks add up), linear "
+                         "(peft: averaged factors, equal ranks), ties, dare_linear, dare_ties")
+    merge_p.add_argument("--weights", default="", help="comma-separated (default: equal)")
+    merge_p.add_argument("--density", type=float, default=0.5, help="ties/dare: share kept")
+    merge_p.add_argument("--head", type=int, default=None,
+                         help="keep the task head of adapter number HEAD (0-based)")
     sweep_p = sub.add_parser("sweep", help="run (or finish) a benchmark grid")
     sweep_p.add_argument("grid", help="grid YAML file (see benchmarks/grids/)")
     sweep_p.add_argument("--out", required=True, help="results folder")
@@ -77,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                               + args.overrides)
             finally:
                 release_process_group()
+        elif args.command == "merge":
+            from adaptune.merging import merge_adapters
+
+            weights = [float(w) for w in args.weights.split(",") if w] or None
+            print(merge_adapters(args.adapters, args.out, combination=args.combination,
+                                 weights=weights, density=args.density, head=args.head))
         elif args.command == "sweep":
             from adaptune.sweep import load_grid, run_grid
 
