@@ -325,6 +325,7 @@ class Trainer:
     # The kept checkpoint's trainable weights (runs with a selection split): dev is scored on
     # them once, when the run has finished.
     best_weights: dict[str, torch.Tensor] | None = None
+    memory: Any = None  # MemoryPeak of the training loop
 
 
 def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
@@ -361,7 +362,9 @@ def _run_in_folder(config: RunConfig, p: Prepared, out: Path, action: str) -> Ru
             f"{out}: the training or dev data (or their tokenization) changed since the "
             f"checkpoint {resumed_from}; resuming would mix two data sets. Set overwrite=true "
             "to start over, or restore the data")
-    wall = _train(p, tr, out, state)
+    with MemoryPeak() as memory:
+        wall = _train(p, tr, out, state)
+    tr.memory = memory
     if state.step < tr.plan.total_steps and not state.stopped_early:
         # Paused (train.pause_at_fraction): the checkpoint stays, no metrics.json, so the same
         # run continues from here when asked for more. Dev is not scored.
@@ -372,6 +375,9 @@ def _run_in_folder(config: RunConfig, p: Prepared, out: Path, action: str) -> Ru
     if p.selection_features:
         _score_kept_checkpoint_on_dev(p, tr, state)
     metrics = _final_metrics(p, tr, state, wall, resumed_from)
+    # What a user stores and ships per task: the adapter's weight files.
+    metrics["adapter_bytes"] = sum(f.stat().st_size for f in (out / ADAPTER_DIR).glob(
+        "*.safetensors")) if main else None
     if main:
         try:
             write_json(out / "metrics.json", metrics)
@@ -624,7 +630,11 @@ def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: flo
         "train_real_tokens": state.real_tokens * processes,
         "train_padded_tokens": state.padded_tokens * processes,
         "real_tokens_per_s": state.real_tokens * processes / max(1e-9, wall - state.overhead),
-        "peak_memory_mb": peak_memory_mb(),
+        "peak_memory_mb": peak_memory_mb(),  # the process's, since it started
+        # This run's training loop: its peak, and how far above the memory held before it.
+        "train_peak_memory_mb": tr.memory.peak_mb if tr.memory else None,
+        "train_memory_increase_mb": (tr.memory.peak_mb - tr.memory.baseline_mb)
+        if tr.memory else None,
         "precision": tr.precision,
         "num_processes": processes,
         "resumed_from": resumed_from,
@@ -718,9 +728,58 @@ def _warmup_linear(plan: Plan):
 
 
 def peak_memory_mb() -> float:
+    """The process's peak memory so far: GPU memory allocated, else resident set size."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class MemoryPeak:
+    """The peak memory of one run, above what the process held when it started: on a GPU the
+    allocator's peak (reset at the start); on a CPU the resident set, sampled every 20 ms by a
+    thread (the process-wide ru_maxrss would carry an earlier, larger run of the same sweep
+    worker). Not exact on a CPU (a peak shorter than 20 ms is missed; freed memory the
+    allocator keeps counts), but comparable between runs of one machine."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread: Any = None
+        self.baseline_mb = self.peak_mb = 0.0
+
+    @staticmethod
+    def _rss_mb() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+            return peak_memory_mb()
+
+    def __enter__(self) -> "MemoryPeak":
+        import threading
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline_mb = torch.cuda.memory_allocated() / 2**20
+            return self
+        self.baseline_mb = self.peak_mb = self._rss_mb()
+
+        def sample() -> None:
+            while not self._stop.wait(0.02):
+                self.peak_mb = max(self.peak_mb, self._rss_mb())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+        elif torch.cuda.is_available():
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
 
 
 def _progress(total: int, accelerator: Any, initial: int = 0):

@@ -279,3 +279,26 @@ def test_rslora_scales_by_the_square_root_of_the_rank(tiny_encoder, unique_files
     assert sorted((c.method, c.scaling) for c in cells) == [
         ("head", None), ("lora", "alpha/r"), ("lora", "rslora")]
     assert "head: the scaling axis does not apply" in skipped
+
+
+def test_memory_peak_sees_an_allocation_inside_the_run_only():
+    import time
+
+    from adaptune.train import MemoryPeak
+
+    before = torch.ones(8 * 2**20)  # 32 MiB held before: part of the baseline, not the increase
+    with MemoryPeak() as memory:
+        block = torch.ones(64 * 2**20)  # 256 MiB
+        time.sleep(0.1)
+        del block
+    assert memory.peak_mb - memory.baseline_mb >= 200
+    assert memory.baseline_mb >= 32
+    del before
+
+
+def test_runs_record_their_adapter_size_and_memory(tiny_encoder, unique_files, tmp_path):
+    train, dev = unique_files
+    m = run(tiny_config(tiny_encoder, train, dev, tmp_path / "run")).metrics
+    files = sum(f.stat().st_size for f in (tmp_path / "run" / "adapter").glob("*.safetensors"))
+    assert m["adapter_bytes"] == files > 0
+    assert m["train_peak_memory_mb"] > 0 and m["train_memory_increase_mb"] >= 0
