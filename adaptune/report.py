@@ -427,6 +427,146 @@ def summary_rows(res: Results) -> list[dict[str, Any]]:
     return rows
 
 
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """95% t interval of the mean over seeds ((nan, nan) with fewer than 2)."""
+    from scipy.stats import t
+
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    mean, sd = float(np.mean(values)), float(np.std(values, ddof=1))
+    half = float(t.ppf(0.975, len(values) - 1)) * sd / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def _mean_of(records: list[dict[str, Any]], field_name: str) -> float | None:
+    values = [r[field_name] for r in records if r.get(field_name) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def method_rows(res: Results, reference: tuple[str, int] = ("lora", 8)) -> list[dict[str, Any]]:
+    """Per model and method (and rank), at the largest data fraction: the dev metric's mean and
+    95% t interval over seeds, trainable parameters, the training loop's memory above the
+    frozen model, training time, adapter file size, and a Welch test against the reference
+    (LoRA r=8 of the same model). `beats_reference`: higher (lower for perplexity) beyond seed
+    noise (p < 0.05) with at most the reference's trainable parameters."""
+    frac = max(res.grid.fractions)
+    sign = 1.0 if res.higher_is_better else -1.0
+    rows = []
+    for model in res.grid.models:
+        ref = res.groups.get((model, reference[0], reference[1], frac), [])
+        ref_values = [r["value"] for r in ref]
+        for (m, method, rank, f), recs in sorted(res.groups.items(), key=str):
+            if m != model or f != frac:
+                continue
+            values = [r["value"] for r in recs]
+            p = welch_p(values, ref_values) if ref and recs is not ref else None
+            trainable = recs[0]["trainable_params"]
+            beats = (p is not None and p < 0.05 and bool(ref)
+                     and sign * (np.mean(values) - np.mean(ref_values)) > 0
+                     and trainable <= ref[0]["trainable_params"])
+            rows.append({
+                "model": model, "method": method, "rank": rank, "seeds": len(recs),
+                "mean": float(np.mean(values)), "interval": t_interval(values),
+                "trainable_params": trainable,
+                "memory_increase_mb": _mean_of(recs, "train_memory_increase_mb"),
+                "train_time_s": _mean_of(recs, "train_time_s"),
+                "adapter_bytes": _mean_of(recs, "adapter_bytes"),
+                "lr": sorted({r.get("selected_lr") or r["config"]["train"]["lr"] for r in recs}),
+                "p_vs_reference": p, "beats_reference": beats})
+    return rows
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def method_lines(res: Results, rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "## Methods compared", "",
+             f"Dev {res.metric}: mean and 95% t interval over seeds; memory: the training "
+             "loop's peak above the frozen model it started with (CPU: resident set sampled "
+             "every 20 ms); time: training steps only; Welch test against LoRA r=8 of the same "
+             "model. 'beats' = better beyond seed noise (p < 0.05) at no more trainable "
+             "parameters.", "",
+             f"| model | method | rank | seeds | {res.metric} [95%] | trainable | memory MB | "
+             "train s | adapter KB | lr | vs LoRA r=8 | beats |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["interval"]
+        lines.append(
+            f"| {r['model']} | {r['method']} | {_rank_label(r['rank'])} | {r['seeds']} | "
+            f"{r['mean']:.4f} [{lo:.4f}, {hi:.4f}] | {r['trainable_params']:,} | "
+            f"{_fmt(r['memory_increase_mb'], '.0f')} | {_fmt(r['train_time_s'], '.1f')} | "
+            f"{_fmt(None if r['adapter_bytes'] is None else r['adapter_bytes'] / 1024, '.0f')} | "
+            f"{', '.join(f'{v:g}' for v in r['lr'])} | "
+            f"{format_p(r['p_vs_reference']) if r['p_vs_reference'] is not None else '-'} | "
+            f"{'yes' if r['beats_reference'] else ''} |")
+    return lines + [""]
+
+
+def peft_comparison_record(res: Results, record: dict[str, Any]) -> dict[str, Any]:
+    """One record in the layout of peft's method_comparison results (run_info, train_info,
+    meta_info), so that it could be contributed upstream. The "valid" metric is the selection
+    split's (what chose the checkpoint and the lr), the "test" metric is dev (what this report
+    reports; the sets' own test splits are held back)."""
+    cfg, axes, metric = record["config"], record["axes"], record["metric"]
+    evals = []
+    for e in record.get("evaluations") or []:
+        valid = (e.get("selection") or {}).get(metric, e.get(metric))
+        evals.append({"step": e["step"], f"valid {metric}": valid,
+                      "train loss": e.get("train_loss")})
+    evals.append({"step": record["optimizer_steps"], f"test {metric}": record["value"],
+                  "train loss": None, "train total tokens": record.get("tokens_seen")})
+    name = f"{axes['method']}/{Path(axes['model']).name}" + (
+        f"-rank{axes['rank']}" if axes.get("rank") else "") + (
+        f"-data{axes['fraction']:g}" if axes["fraction"] < 1 else "") + f"-seed{axes['seed']}"
+    return {
+        "run_info": {
+            "created_at": record.get("finished_at"), "total_time": record.get("wall_time_s"),
+            "experiment_name": name, "peft_branch": None,
+            "train_config": {
+                "model_id": cfg["model"]["name"], "dtype": record.get("precision"),
+                "max_seq_length": cfg["model"]["max_length"],
+                "batch_size": cfg["train"]["batch_size"],
+                "batch_size_eval": cfg["train"]["eval_batch_size"],
+                "max_steps": record.get("planned_steps") or record["optimizer_steps"],
+                "eval_steps": cfg["train"]["eval_every"], "compile": cfg["train"]["compile"],
+                "seed": cfg["train"]["seed"], "grad_norm_clip": cfg["train"]["max_grad_norm"],
+                "optimizer_type": "AdamW",
+                "optimizer_kwargs": {"lr": record.get("selected_lr") or cfg["train"]["lr"],
+                                     "weight_decay": cfg["train"]["weight_decay"]},
+                "lr_scheduler": "linear (warm-up, then decay)",
+                "lr_selected_on": f"{record.get('selection_examples') or 0} examples carved "
+                                  "from train" if record.get("selected_on") == "selection"
+                                  else "none (fixed lr)",
+                "early_stopping_patience": cfg["train"].get("early_stopping_patience", 0)},
+            "peft_config": {"adaptune_method": cfg["method"]},
+            "error_msg": ""},
+        "train_info": {
+            "accelerator_memory_max": (record.get("train_peak_memory_mb") or 0) * 2**20,
+            "train_time": record.get("train_time_s"), "file_size": record.get("adapter_bytes"),
+            "num_trainable_params": record["trainable_params"],
+            "num_total_params": record["total_params"], "status": "success",
+            "metrics": evals},
+        "meta_info": {
+            "model_info": {"name": axes["model"]},
+            "dataset_info": {res.grid.dataset or "own data": {"task": res.grid.task}},
+            "package_info": {f"{k}-version": v for k, v in (record.get("libraries") or {})
+                             .items()},
+            "system_info": {"accelerator": record.get("device")},
+            "adaptune_commit": (record.get("code_version") or {}).get("commit")}}
+
+
+def write_peft_comparison(res: Results, out: Path) -> Path:
+    """peft_method_comparison/<method>--<model>-...json, one per finished cell."""
+    folder = Path(out) / "peft_method_comparison"
+    folder.mkdir(parents=True, exist_ok=True)
+    for record in res.records:
+        data = peft_comparison_record(res, record)
+        write_json(folder / (data["run_info"]["experiment_name"].replace("/", "--") + ".json"),
+                   data)
+    return folder
+
+
 def write_report(results: str | Path, out: str | Path | None = None, n_boot: int = 1000) -> str:
     """Write report.md, report.html (self-contained), results.csv, fits.json and plots/*.png;
     returns the Markdown report's path."""
@@ -441,6 +581,8 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
     print(f"report: {len(res.records)} cells; fitting laws ({n_boot} bootstrap replicates)",
           flush=True)
     fits = fit_all(res, n_boot) if res.records else {}
+    if res.records and len(res.methods) >= 3:
+        write_peft_comparison(res, out)
     write_json(out / "fits.json", fits_to_json(fits) if fits else {})
     plots = make_plots(res, fits, out / "plots") if res.records else []
     from adaptune.advisor import load_backtests
@@ -519,6 +661,8 @@ def render_markdown(res: Results, rows: list[dict[str, Any]], fits: dict[str, di
                      f"{r['train_flops'] / 1e15:.3g} | {r['wall_time_s']:.0f} |")
     if res.searches:
         lines += lr_search_lines(res)
+    if len(res.methods) >= 3 and res.records:
+        lines += method_lines(res, method_rows(res))
     if fits:
         covered, checked = held_out_coverage(fits)
         supported = [f"{axis} {name}" for axis, by_name in fits.items()

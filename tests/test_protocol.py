@@ -302,3 +302,25 @@ def test_runs_record_their_adapter_size_and_memory(tiny_encoder, unique_files, t
     files = sum(f.stat().st_size for f in (tmp_path / "run" / "adapter").glob("*.safetensors"))
     assert m["adapter_bytes"] == files > 0
     assert m["train_peak_memory_mb"] > 0 and m["train_memory_increase_mb"] >= 0
+
+
+def test_method_comparison_table_and_peft_layout(tiny_encoder, unique_files, tmp_path):
+    from adaptune.report import write_report
+
+    grid = sweep.grid_from_dict(_grid(tiny_encoder, unique_files, methods=["lora", "ia3", "head"],
+                                      ranks=[8], seeds=[0, 1, 2], lrs=[5e-3], halving={}))
+    out = tmp_path / "methods"
+    sweep.run_grid(grid, out)
+    text = open(write_report(out, n_boot=20)).read()
+    section = text.split("## Methods compared")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith(f"| {tiny_encoder} |")]
+    assert [row.split(" | ")[1] for row in rows] == ["head", "ia3", "lora"]
+    assert all(" [" in row for row in rows)  # an interval for every method (3 seeds)
+    files = sorted((out / "peft_method_comparison").glob("*.json"))
+    assert len(files) == 9
+    data = json.loads(files[0].read_text())
+    assert set(data) == {"run_info", "train_info", "meta_info"}
+    info = data["train_info"]
+    assert info["num_trainable_params"] > 0 and info["file_size"] > 0
+    assert info["metrics"][-1]["test accuracy"] is not None
+    assert "valid accuracy" in info["metrics"][0]
