@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from adaptune.errors import ConfigError
-from adaptune.report import Key, _label, fit_rank, load_results, ranked
+from adaptune.report import Key, _label, base_method, fit_rank, load_results, ranked
 from adaptune.safe_io import write_json
 
 
@@ -85,7 +85,7 @@ def advise(results: str | Path, model: str, within: float = 0.01, fraction: floa
         confidence = float(np.mean([sign * (row.max() if sign > 0 else row.min()) - sign * row[i]
                                     <= within + 1e-12 for row in sims]))
     note = ""
-    if ranked(chosen[1]) and len(res.grid.ranks) > 1:
+    if ranked(chosen[1]) and len(res.grid.ranks_of(base_method(chosen[1]))) > 1:
         fit = fit_rank(res, model, chosen[1], fraction, n_boot=300)
         note = (f"Rank law for {model} {chosen[1]}: {fit.describe()}."
                 if fit is not None else "")

@@ -250,6 +250,9 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast where the hardware has it, else fp32
     seed: int = 42
     eval_every: int = 0  # optimizer steps between evaluations; 0: at the end of each epoch
+    # Instead of eval_every: this many evaluations per epoch, whatever the data size (a data
+    # sweep then checks every size as often per pass over its data). 0: use eval_every.
+    evals_per_epoch: int = 0
     # Early stopping: stop after this many evaluations of the selection split
     # (data.selection_examples) without improvement; train.epochs is then the maximum. 0: off.
     early_stopping_patience: int = 0
@@ -283,6 +286,10 @@ class TrainConfig:
         _check(self.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}",
                self.precision)
         _check(self.eval_every >= 0, "train.eval_every", "an integer >= 0", self.eval_every)
+        _check(self.evals_per_epoch >= 0, "train.evals_per_epoch", "an integer >= 0",
+               self.evals_per_epoch)
+        _check(not (self.evals_per_epoch and self.eval_every), "train.evals_per_epoch",
+               "0 when train.eval_every is set (one or the other)", self.evals_per_epoch)
         _check(self.early_stopping_patience >= 0, "train.early_stopping_patience",
                "an integer >= 0", self.early_stopping_patience)
         _check(0 <= self.pause_at_fraction < 1, "train.pause_at_fraction",

@@ -267,12 +267,13 @@ def fit_all(res: Results, n_boot: int = 1000) -> dict[str, dict[str, Fit]]:
                                             dev_var=v, dev=dev, n_boot=max(100, n_boot // 2))
                         fits[form][label] = fit if len(lineages) == 1 else \
                             _descriptive(fit, across)
-        if ranked(method) and len(g.ranks) > 1:
+        if ranked(method) and len(g.ranks_of(base_method(method))) > 1:
             for model in g.models:
                 fit = fit_rank(res, model, method, full_fraction, n_boot)
                 if fit is not None:
                     fits["rank"][f"{model} {method}"] = fit
-                keys = [(model, method, r, full_fraction) for r in g.ranks]
+                keys = [(model, method, r, full_fraction)
+                        for r in g.ranks_of(base_method(method))]
                 x, y, v, dev = gather(res, keys, lambda r: r["trainable_params"])
                 if x:
                     fits["trainable"][f"{model} {method}"] = fit_power_law(
@@ -349,7 +350,7 @@ def axis_gains(res: Results) -> list[dict[str, Any]]:
                     res.first(keys[-1], "non_embedding_params"))
     for model in g.models:
         for method in [m for m in res.methods if ranked(m)]:
-            keys = [(model, method, r, frac) for r in sorted(g.ranks)
+            keys = [(model, method, r, frac) for r in sorted(g.ranks_of(base_method(method)))
                     if res.values((model, method, r, frac))]
             if len(keys) > 1:
                 add("rank", f"{model} {method}: r={keys[0][2]} -> r={keys[-1][2]}", keys[0],
@@ -890,7 +891,7 @@ def make_plots(res: Results, fits: dict[str, dict[str, Fit]], folder: Path) -> l
                                  squeeze=False)
         for ax, model in zip(axes[0], g.models):
             for method in res.methods:
-                ranks = g.ranks if ranked(method) else [None]
+                ranks = g.ranks_of(base_method(method)) if ranked(method) else [None]
                 pts = [(res.first(k, "trainable_params"), *_mean_std(res.values(k)))
                        for r in ranks if res.values(k := (model, method, r, frac))]
                 if pts:
@@ -936,7 +937,7 @@ def _series_points(res: Results, axis: str, name: str) -> tuple[list[float], lis
         field_name = "non_embedding_params"
     elif axis == "rank":
         model, method = name.rsplit(" ", 1)
-        keys = [(model, method, r, frac) for r in g.ranks]
+        keys = [(model, method, r, frac) for r in g.ranks_of(base_method(method))]
         field_name = None
     else:
         model, label = name.split(" ", 1)
@@ -1031,6 +1032,6 @@ def markdown_to_html(text: str, folder: Path, title: str) -> str:
 def fit_rank(res: Results, model: str, method: str, fraction: float,
              n_boot: int = 1000) -> Fit | None:
     """The rank law of one model and ranked method at one data fraction (None: no cells)."""
-    keys = [(model, method, r, fraction) for r in res.grid.ranks]
+    keys = [(model, method, r, fraction) for r in res.grid.ranks_of(base_method(method))]
     x, y, v, dev = gather(res, keys, lambda r: r["axes"]["rank"])
     return fit_power_law(x, y, dev_var=v, dev=dev, n_boot=n_boot) if x else None

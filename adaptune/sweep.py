@@ -72,6 +72,9 @@ class Grid:
     lrs: tuple[float, ...] = ()
     # Per method, its own candidates instead of `lrs` (full fine-tuning wants lower ones).
     method_lrs: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    # Per ranked method, its own ranks instead of `ranks` (e.g. VeRA's large ones, or AdaLoRA
+    # at the rank whose trainable parameters equal a LoRA rank's).
+    method_ranks: Mapping[str, Sequence[int]] = field(default_factory=dict)
     # Successive halving over the lr candidates: {"rungs": R, "eta": e}. Default: one rung,
     # every candidate trained to the end.
     halving: Mapping[str, int] = field(default_factory=dict)
@@ -105,7 +108,7 @@ class Grid:
             if m not in self.models:
                 raise ConfigError(f"{where}: lineages: {m!r} is not in models "
                                   f"{list(self.models)}")
-        for key in ("method_overrides", "method_lrs"):
+        for key in ("method_overrides", "method_lrs", "method_ranks"):
             for m in getattr(self, key):
                 if m not in self.methods:
                     raise ConfigError(f"{where}: {key}: {m!r} is not in methods "
@@ -126,8 +129,13 @@ class Grid:
         if self.rungs < 1 or self.eta < 2:
             raise ConfigError(f"{where}: halving: expected rungs >= 1 and eta >= 2, got "
                               f"{dict(self.halving)}")
-        if any(r < 1 for r in self.ranks):
-            raise ConfigError(f"{where}: ranks must be positive integers, got {list(self.ranks)}")
+        for m, values in {"": self.ranks, **self.method_ranks}.items():
+            if not values or any(not isinstance(r, int) or isinstance(r, bool) or r < 1
+                                 for r in values) or len(set(values)) != len(values):
+                raise ConfigError(f"{where}: {'method_ranks.' + m if m else 'ranks'} must be "
+                                  f"distinct positive integers, got {list(values)}")
+            if m and m not in RANKED_METHODS:
+                raise ConfigError(f"{where}: method_ranks: {m} has no rank")
         if any(not 0 < f <= 1 for f in self.fractions):
             raise ConfigError(f"{where}: fractions must be in (0, 1], got {list(self.fractions)}")
         for section in ("model", "method", "data"):
@@ -144,6 +152,9 @@ class Grid:
     @property
     def eta(self) -> int:
         return int(self.halving.get("eta", 2))
+
+    def ranks_of(self, method: str) -> tuple[int, ...]:
+        return tuple(int(r) for r in self.method_ranks.get(method, self.ranks))
 
     def lrs_of(self, method: str) -> tuple[float | None, ...]:
         """The lr candidates of a method (None: no search, the config's lr)."""
@@ -194,7 +205,7 @@ def grid_from_dict(data: Mapping[str, Any], where: str = "grid") -> Grid:
                 raise ConfigError(f"{where}: {key}: expected a list of {kind.__name__}, got "
                                   f"{data[key]!r}") from None
         elif key in ("overrides", "model_overrides", "method_overrides", "lineages",
-                     "method_lrs", "halving"):
+                     "method_lrs", "method_ranks", "halving"):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
         elif not isinstance(value, str):
@@ -360,7 +371,8 @@ def expand(grid: Grid) -> tuple[list[Cell], list[str]]:
         skipped += [f"{method}: the scaling axis does not apply" for method in grid.methods
                     if not METHODS[method].has_scaling]
     for seed, model, method in itertools.product(grid.seeds, grid.models, grid.methods):
-        ranks: Sequence[int | None] = grid.ranks if method in RANKED_METHODS else [None]
+        ranks: Sequence[int | None] = grid.ranks_of(method) if method in RANKED_METHODS \
+            else [None]
         for rank, scaling, fraction in itertools.product(ranks, grid.scalings_of(method),
                                                          grid.fractions):
             # One lr search after another, rung by rung: a worker finds the next rung's lrs

@@ -161,8 +161,10 @@ def make_plan(config: RunConfig, n_train: int, num_processes: int) -> Plan:
     batches = math.ceil(math.ceil(n_train / t.batch_size) / num_processes)
     steps_per_epoch = max(1, batches // t.grad_accum)
     total = t.max_steps or max(1, round(steps_per_epoch * t.epochs))
-    return Plan(batches, steps_per_epoch, total, int(t.warmup_ratio * total),
-                t.eval_every or steps_per_epoch, math.ceil(total / steps_per_epoch))
+    every = t.eval_every or (max(1, steps_per_epoch // t.evals_per_epoch) if t.evals_per_epoch
+                             else steps_per_epoch)
+    return Plan(batches, steps_per_epoch, total, int(t.warmup_ratio * total), every,
+                math.ceil(total / steps_per_epoch))
 
 
 # What a run writes into its folder; anything else there is the user's and is never touched.

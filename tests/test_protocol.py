@@ -324,3 +324,13 @@ def test_method_comparison_table_and_peft_layout(tiny_encoder, unique_files, tmp
     assert info["num_trainable_params"] > 0 and info["file_size"] > 0
     assert info["metrics"][-1]["test accuracy"] is not None
     assert "valid accuracy" in info["metrics"][0]
+
+
+def test_evals_per_epoch_follow_the_data_size():
+    from adaptune.train import make_plan
+
+    cfg = compose({"train": {"epochs": 3, "batch_size": 10, "evals_per_epoch": 3}})
+    assert make_plan(cfg, 300, 1).eval_every == 10  # 30 steps an epoch
+    assert make_plan(cfg, 3000, 1).eval_every == 100
+    with pytest.raises(ConfigError, match="one or the other"):
+        compose({"train": {"eval_every": 5, "evals_per_epoch": 3}})

@@ -239,3 +239,15 @@ def test_workers_die_with_a_killed_sweep(tiny_encoder, cls_files, tmp_path):
     while workers():
         assert time.time() < deadline, f"workers outlived the sweep: {workers()}"
         time.sleep(0.5)
+
+
+def test_method_ranks_give_a_method_its_own_rank_axis():
+    grid = sweep.grid_from_dict({"name": "g", "task": "classification", "dataset": "sst2",
+                                 "methods": ["lora", "adalora", "vera"], "ranks": [4, 8],
+                                 "method_ranks": {"vera": [256], "adalora": [8]}})
+    cells, _ = sweep.expand(grid)
+    assert sorted((c.method, c.rank) for c in cells) == [
+        ("adalora", 8), ("lora", 4), ("lora", 8), ("vera", 256)]
+    with pytest.raises(ConfigError, match="method_ranks: head has no rank"):
+        sweep.grid_from_dict({"name": "g", "task": "classification", "methods": ["lora", "head"],
+                              "method_ranks": {"head": [4]}})
