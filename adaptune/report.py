@@ -356,10 +356,11 @@ def axis_gains(res: Results) -> list[dict[str, Any]]:
                 add("rank", f"{model} {method}: r={keys[0][2]} -> r={keys[-1][2]}", keys[0],
                     keys[-1], res.first(keys[0], "trainable_params"),
                     res.first(keys[-1], "trainable_params"))
-        lo, hi = (model, "head", None, frac), (model, "full", None, frac)
-        if res.values(lo) and res.values(hi):
-            add("method", f"{model}: head -> full", lo, hi, res.first(lo, "trainable_params"),
-                res.first(hi, "trainable_params"))
+        for start in ("head", "bitfit"):  # a linear probe, and BitFit, against full tuning
+            lo, hi = (model, start, None, frac), (model, "full", None, frac)
+            if res.values(lo) and res.values(hi):
+                add("method", f"{model}: {start} -> full", lo, hi,
+                    res.first(lo, "trainable_params"), res.first(hi, "trainable_params"))
     return rows
 
 
