@@ -457,7 +457,8 @@ def method_rows(res: Results, reference: tuple[str, int] = ("lora", 8)) -> list[
     for model in res.grid.models:
         ref = res.groups.get((model, reference[0], reference[1], frac), [])
         ref_values = [r["value"] for r in ref]
-        for (m, method, rank, f), recs in sorted(res.groups.items(), key=str):
+        for (m, method, rank, f), recs in sorted(res.groups.items(),
+                                                 key=lambda kv: (kv[0][1], kv[0][2] or 0)):
             if m != model or f != frac:
                 continue
             values = [r["value"] for r in recs]
@@ -757,7 +758,8 @@ def lr_search_lines(res: Results) -> list[str]:
     for search in res.searches:
         key = (search["model"], search["method"], search["rank"], search["fraction"])
         by_cell.setdefault(key, []).append(search)
-    for (model, method, rank, fraction), searches in sorted(by_cell.items(), key=str):
+    for (model, method, rank, fraction), searches in sorted(
+            by_cell.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0, kv[0][3])):
         chosen = ", ".join(f"{s['selected_lr']:g}" for s in sorted(searches,
                                                                    key=lambda s: s["seed"]))
         steps = np.mean([s["steps"] for s in searches])
