@@ -26,9 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     zoo_p.add_argument("action", choices=["list", "prepare"])
     zoo_p.add_argument("names", nargs="*", help="zoo models to prepare (default: all)")
     sub.add_parser("methods", help="list the adapter methods")
-    train_p = sub.add_parser("train", help="run the training flow")
-    train_p.add_argument("--config", help="YAML file of config overrides")
-    train_p.add_argument("overrides", nargs="*", metavar="section.field=value")
+    # `train` takes the recipes' own arguments (handled before this parser, below).
+    sub.add_parser("train", help="run the training flow (adaptune train --help: every field)",
+                   add_help=False)
     pred_p = sub.add_parser("predict", help="predict with a trained adapter")
     pred_p.add_argument("adapter_dir")
     pred_p.add_argument("texts", nargs="+")
@@ -65,7 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "say whether the pick held (records under RESULTS/backtest/)")
     advise_p.add_argument("--seeds", default="1000,1001,1002",
                           help="fresh seeds for --backtest (comma-separated)")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv[1:] if argv[:1] == ["train"] else []
+    args = parser.parse_args(argv[:1] if argv[:1] == ["train"] else argv)
     try:
         if args.command == "zoo":
             from adaptune import zoo
@@ -82,9 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "train":
             from adaptune.recipe import release_process_group, run_from_args
 
-            try:
-                run_from_args({}, ([f"--config={args.config}"] if args.config else [])
-                              + args.overrides)
+            try:  # the recipes' own arguments, --help (every config field) included
+                run_from_args({}, rest, "the training flow on defaults < --config YAML < "
+                              "section.field=value overrides", prog="adaptune train")
             finally:
                 release_process_group()
         elif args.command == "merge":

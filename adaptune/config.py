@@ -29,7 +29,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 class ModelConfig:
     """Which base model to adapt: a zoo short name, a Hub id or a local folder."""
 
-    name: str = "minilm-l6"
+    name: str = "minilm-l6"  # a zoo name (adaptune zoo list), a Hub id or a local folder
     max_length: int = 128  # tokens per sequence (or per window, for QA)
     # Frozen base weights in 4-bit NF4 or 8-bit (bitsandbytes, CUDA only), as in QLoRA.
     quantization: str = "none"
@@ -48,10 +48,10 @@ class AdaLoraOptions:
     what peft users most often get wrong."""
 
     init_rank: int = 0  # 0 means ceil(1.5 * method.rank), the AdaLoRA paper's setting
-    tinit: float = 0.1
-    tfinal: float = 0.2
-    delta_t: int = 10
-    orth_reg_weight: float = 0.1
+    tinit: float = 0.1  # share of the run at the initial rank, before pruning starts
+    tfinal: float = 0.2  # share of the run at the final budget, after pruning
+    delta_t: int = 10  # optimizer steps between budget re-allocations
+    orth_reg_weight: float = 0.1  # weight of the orthogonality penalty on P and Q
 
     def __post_init__(self) -> None:
         _check(self.init_rank >= 0, "method.adalora.init_rank", "an integer >= 0",
@@ -93,7 +93,7 @@ class VeraOptions:
     """VeRA's own options (`method.vera.*`); its rank is method.rank (VeRA uses large ones,
     e.g. 256: the shared random matrices are frozen, only two vectors per layer train)."""
 
-    d_initial: float = 0.1
+    d_initial: float = 0.1  # initial value of the trained scaling vector d
     projection_prng_key: int = 0  # seed of the shared random projections (saved with them)
 
     def __post_init__(self) -> None:
@@ -105,7 +105,7 @@ class OftOptions:
     """OFT's own options (`method.oft.*`): orthogonal blocks of this size rotate each adapted
     layer's input (peft's oft_block_size); it must divide the layers' input width."""
 
-    block_size: int = 32
+    block_size: int = 32  # size of each orthogonal block (peft oft_block_size)
 
     def __post_init__(self) -> None:
         _check(self.block_size >= 2, "method.oft.block_size", "an integer >= 2",
@@ -119,7 +119,7 @@ class PeftPassThrough:
     "n_frequency": 1000}). Missing `target_modules` get the model's default targets and the task
     head is added to `modules_to_save`."""
 
-    config: str = ""
+    config: str = ""  # the peft config, JSON or a YAML mapping, with its peft_type
 
     def __post_init__(self) -> None:
         if not self.config:
@@ -139,7 +139,7 @@ class MethodConfig:
     shared by the LoRA family; options that belong to one method live in that method's own
     section (`method.adalora.tinit=0.1`), and setting them for another method is an error."""
 
-    name: str = "lora"
+    name: str = "lora"  # the method (adaptune methods lists them)
     rank: int = 8  # LoRA rank; AdaLoRA's *target* average rank
     alpha: float = 0.0  # LoRA scaling numerator; 0 means 2 * rank
     # LoRA dropout. 0 by measurement: on minilm-l6 CoNLL-2003 NER, 0.1 cost 35% of CPU step
@@ -199,8 +199,8 @@ class DataConfig:
     """Which task and data. `dataset` names a set under the data root (see adaptune.datasets) or
     is left to `train_path`/`dev_path` for your own files."""
 
-    task: str = "classification"
-    dataset: str = "sst2"
+    task: str = "classification"  # classification, ner, qa, summarization or lm
+    dataset: str = "sst2"  # a named set under the data root (README: Data sets)
     train_path: str = ""  # overrides the dataset's train file
     dev_path: str = ""  # overrides the dataset's dev file
     data_dir: str = ""  # data root; empty: $ADAPTUNE_DATA, else ../shared/data
@@ -213,11 +213,11 @@ class DataConfig:
     # pick the kept checkpoint and stop early score this split, never dev; dev is scored only
     # for the kept checkpoint, for reporting.
     selection_examples: int = 0
-    selection_seed: int = 0
+    selection_seed: int = 0  # which training examples form the selection split
     # Field names for generic CSV / TSV / JSON-lines classification files.
     text_field: str = "text"
-    text_pair_field: str = ""
-    label_field: str = "label"
+    text_pair_field: str = ""  # a second text column (sentence pairs), if any
+    label_field: str = "label"  # the label column of generic files
     # Language modelling (task "lm"): "mlm" masked LM (encoders), "clm" causal LM (decoders),
     # "auto" picks by the model.
     lm_objective: str = "auto"
@@ -239,16 +239,16 @@ class DataConfig:
 class TrainConfig:
     """Optimisation and evaluation. Steps are optimizer steps (after gradient accumulation)."""
 
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the training data (the maximum, with early stopping)
     max_steps: int = 0  # > 0 overrides epochs
     batch_size: int = 32  # per process, per micro-step
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    max_grad_norm: float = 1.0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-4  # peak learning rate (AdamW, linear warm-up then linear decay)
+    weight_decay: float = 0.01  # AdamW weight decay (none on biases and norms)
+    warmup_ratio: float = 0.06  # share of the steps spent warming the lr up
+    max_grad_norm: float = 1.0  # gradient clipping; 0: none
     precision: str = "auto"  # auto: bf16 autocast where the hardware has it, else fp32
-    seed: int = 42
+    seed: int = 42  # training order, initialisation, dropout; and the training subset
     eval_every: int = 0  # optimizer steps between evaluations; 0: at the end of each epoch
     # Instead of eval_every: this many evaluations per epoch, whatever the data size (a data
     # sweep then checks every size as often per pass over its data). 0: use eval_every.
@@ -260,9 +260,9 @@ class TrainConfig:
     # the whole run's, so rerunning with a larger fraction or 0 continues it exactly): what
     # successive halving uses to give a learning rate a first, short rung. 0: no pause.
     pause_at_fraction: float = 0.0
-    eval_batch_size: int = 128
+    eval_batch_size: int = 128  # examples per evaluation batch
     group_by_length: bool = True  # batches of similar length: far less padding
-    log_every: int = 50
+    log_every: int = 50  # optimizer steps between progress-bar updates of loss and lr
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0: none
     num_threads: int = 0  # torch intra-op threads per process; 0: the CPU's cores / processes
     # torch.compile each repeated transformer block. Off by default: it pays only in long runs.
@@ -308,7 +308,7 @@ class TrainConfig:
 class GenerationConfig:
     """Decoding for generation tasks (summarization)."""
 
-    max_new_tokens: int = 48
+    max_new_tokens: int = 48  # longest generated summary, in tokens
     num_beams: int = 1  # 1: greedy
     # {document} is replaced by the (possibly truncated) input text.
     prompt: str = "Summarize the following text in one sentence.\n\n{document}\n\nSummary:"
@@ -547,3 +547,77 @@ def load_config(yaml_path: str | Path | None = None, overrides: Sequence[str] = 
 def _check(ok: bool, field_name: str, expected: str, got: Any) -> None:
     if not ok:
         raise ConfigError(f"{field_name}: expected {expected}, got {got!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# A description of every field, for `--help`: generated from the dataclasses themselves (type,
+# default) and the comments beside or above each field in this file (its meaning), so the help
+# cannot drift from the defaults.
+
+
+def describe_fields() -> list[tuple[str, str, str, str]]:
+    """(path, type, default, meaning) for every field of RunConfig, sections expanded."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        notes = _field_comments(cls)
+        default = cls()
+        for f in fields(cls):
+            path = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], path + ".")
+                continue
+            value = getattr(default, f.name)
+            shown = ",".join(value) if isinstance(value, tuple) else json.dumps(value)
+            rows.append((path, _type_name(hints[f.name]), shown, notes.get(f.name, "")))
+
+    walk(RunConfig, "")
+    return rows
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "list"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """{field: the comment on its line, else the comment lines right above it}."""
+    import inspect
+    import re
+    import textwrap
+
+    try:
+        lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
+    except (OSError, TypeError):  # pragma: no cover - no source (frozen app)
+        return {}
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# ").strip())
+            continue
+        match = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
+        if match and not stripped.startswith(("def ", "@", "return")):
+            out[match.group(1)] = (match.group(2) or " ".join(above)).strip()
+        above = []
+    return out
+
+
+def help_text() -> str:
+    """Every config field as `--help` shows it."""
+    rows = describe_fields()
+    width = max(len(path) for path, *_ in rows)
+    lines = ["config fields (section.field=value; defaults < preset < --config YAML < these):"]
+    for path, kind, default, meaning in rows:
+        first = meaning.split(". ")[0].rstrip(".")  # the first sentence; the file has the rest
+        lines.append(f"  {path:<{width}}  {kind:<5} {default[:30]:<12} {first}")
+    return "\n".join(lines)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -11,29 +11,45 @@ import argparse
 import sys
 from typing import Any, Mapping, Sequence
 
-from adaptune.config import compose
+from adaptune.config import compose, help_text, to_yaml
 from adaptune.errors import AdaptuneError
 from adaptune.presets import PRESETS
 from adaptune.train import RunResult, run
 
 
 def run_from_args(preset: Mapping[str, Any] | str, argv: Sequence[str] | None = None,
-                  description: str = "") -> RunResult:
+                  description: str = "", prog: str | None = None) -> RunResult | None:
     """Parse `--config` and overrides over `preset` (a preset name or partial config), run,
-    print the report."""
-    parser = argparse.ArgumentParser(description=description or None)
-    parser.add_argument("--config", help="YAML file of config overrides")
-    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
-                        help="config overrides, e.g. train.lr=1e-3 method.rank=16")
+    print the report (or, with --print-config, print the resolved config only)."""
+    parser = argument_parser(description, argparse.ArgumentParser(
+        prog=prog, description=description or None))
     args = parser.parse_args(argv)
     layer = PRESETS[preset] if isinstance(preset, str) else preset
-    result = run(compose(layer, yaml_path=args.config, overrides=args.overrides))
+    config = compose(layer, yaml_path=args.config, overrides=args.overrides)
+    if args.print_config:  # the resolved config, as YAML a --config file can take
+        print(to_yaml(config), end="")
+        return None
+    result = run(config)
     report(result)
     return result
 
 
+def argument_parser(description: str = "", parser: argparse.ArgumentParser | None = None
+                    ) -> argparse.ArgumentParser:
+    """The arguments of every training entry point, with every config field in --help."""
+    parser = parser or argparse.ArgumentParser(description=description or None)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = help_text()
+    parser.add_argument("--config", help="YAML file of config overrides")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="config overrides, e.g. train.lr=1e-3 method.rank=16")
+    return parser
+
+
 def main(preset: Mapping[str, Any] | str, argv: Sequence[str] | None = None,
-         description: str = "") -> RunResult:
+         description: str = "") -> RunResult | None:
     """A recipe's entry point: user errors become one line on stderr and exit status 2."""
     try:
         return run_from_args(preset, argv, description)

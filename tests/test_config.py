@@ -120,3 +120,23 @@ def test_duplicate_yaml_keys_are_an_error(tmp_path):
 def test_values_that_would_crash_mid_run_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override])
+
+
+def test_help_lists_every_field_and_print_config_round_trips(tmp_path, capsys):
+    from adaptune import cli
+    from adaptune.config import describe_fields
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: adaptune train")
+    paths = [path for path, *_ in describe_fields()]
+    assert "method.adalora.tinit" in paths and "train.early_stopping_patience" in paths
+    assert all(f"  {path} " in text for path in paths)
+    assert cli.main(["train", "--print-config", "method.rank=16", "train.lr=2e-3"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "c.yaml").write_text(printed)
+    assert load_config(tmp_path / "c.yaml") == load_config(
+        overrides=["method.rank=16", "train.lr=2e-3"])
+    assert cli.main(["train", "--print-config", "method.rnk=16"]) == 2
+    assert "unknown config key method.rnk" in capsys.readouterr().err
