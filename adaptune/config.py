@@ -270,6 +270,12 @@ class TrainConfig:
     # cache, 69 s warm; peak memory 27% lower (benchmarks/results/throughput_cpu_compile.md).
     # Steps once compiled were 10-15% faster, so it pays after roughly 2,000 steps (cold).
     compile: bool = False
+    # Experiment tracking through accelerate: none, tensorboard, trackio, mlflow, wandb or aim
+    # (install the tracker's package; none of them needs a network).
+    report_to: str = "none"
+    tracking_dir: str = ""  # where trackers write; empty: <output_dir>/tracking
+    run_name: str = ""  # the run's name in the tracker; empty: the output folder's name
+    run_tags: tuple[str, ...] = ()  # key=value tags (a sweep tags each cell with its axes)
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0 or self.max_steps > 0, "train.epochs/max_steps",
@@ -302,6 +308,9 @@ class TrainConfig:
         _check(math.isfinite(self.epochs), "train.epochs", "a finite number", self.epochs)
         _check(self.log_every >= 1, "train.log_every", "a positive integer", self.log_every)
         _check(0 <= self.seed < 2**32, "train.seed", "an integer in [0, 2**32)", self.seed)
+        trackers = ("none", "tensorboard", "trackio", "mlflow", "wandb", "aim")
+        _check(self.report_to in trackers, "train.report_to", f"one of {', '.join(trackers)}",
+               self.report_to)
 
 
 @dataclass(frozen=True)

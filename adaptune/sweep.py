@@ -297,7 +297,9 @@ class Cell:
                 if path not in RUNNER_ONLY and config_value(stored, path, value) != value}
 
 
-RUNNER_ONLY = {"output_dir", "overwrite", "train.num_threads"}  # never part of a cell's result
+# Never part of a cell's result.
+RUNNER_ONLY = {"output_dir", "overwrite", "train.num_threads", "train.tracking_dir",
+               "train.run_name", "train.run_tags", "train.pause_at_fraction"}
 _MISSING = object()
 
 
@@ -457,8 +459,12 @@ def run_cell(cell: Cell, out: Path, num_threads: int = 0,
 
     out = Path(out)
     work = out / "work" / cell.arm_id  # every rung of one lr continues the same run
-    cfg = cell.config.replace(output_dir=str(work), train={"num_threads": num_threads,
-                                                            "pause_at_fraction": pause_at_fraction})
+    # A tracker sees every cell as a run of the grid, named by its id, tagged with its axes.
+    tags = [f"grid={(environment or {}).get('grid', '')}"] + [
+        f"{k}={v}" for k, v in cell.axes().items() if v is not None]
+    cfg = cell.config.replace(output_dir=str(work), train={
+        "num_threads": num_threads, "pause_at_fraction": pause_at_fraction,
+        "tracking_dir": str(out / "tracking"), "run_name": cell.arm_id, "run_tags": tags})
     record: dict[str, Any] = {"id": cell.id, "axes": cell.axes(), "config": to_dict(cell.config),
                               **(environment or {})}
     started = time.perf_counter()

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from adaptune import checkpoint as ckpt
+from adaptune import tracking
 from adaptune.artifact import ADAPTER_DIR, write_adapter
 from adaptune.batching import LengthGroupedBatches
 from adaptune.config import RunConfig, to_dict, upgrade_stored
@@ -168,7 +169,7 @@ def make_plan(config: RunConfig, n_train: int, num_processes: int) -> Plan:
 
 
 # What a run writes into its folder; anything else there is the user's and is never touched.
-RUN_FILES = ("config.json", "metrics.json", ADAPTER_DIR, ckpt.CHECKPOINTS, ".lock")
+RUN_FILES = ("config.json", "metrics.json", ADAPTER_DIR, ckpt.CHECKPOINTS, ".lock", "tracking")
 
 
 def _ours(path: Path) -> bool:
@@ -298,7 +299,7 @@ def _same_run(a: dict, b: dict) -> bool:
 
 # Resuming may change when to evaluate/log/checkpoint and how fast, never what is trained.
 RESUMABLE = {"overwrite", "log_every", "checkpoint_every", "num_threads", "compile",
-             "pause_at_fraction"}
+             "pause_at_fraction", "report_to", "tracking_dir", "run_name", "run_tags"}
 
 
 def _strip_resumable(d: dict) -> dict:
@@ -353,6 +354,7 @@ def _run_in_folder(config: RunConfig, p: Prepared, out: Path, action: str) -> Ru
     tr.accelerator.wait_for_everyone()
     if main:
         write_json(out / "config.json", to_dict(config))
+    tracking.start(tr.accelerator, config)  # after the folder is cleared: it writes there
     expected = fingerprint(p)
     state = ckpt.TrainState(fingerprint=expected)
     resumed_from = ckpt.restore_latest(out, tr.accelerator, tr.model, tr.optimizer,
@@ -372,11 +374,13 @@ def _run_in_folder(config: RunConfig, p: Prepared, out: Path, action: str) -> Ru
         # run continues from here when asked for more. Dev is not scored.
         ckpt.save(out, tr.accelerator, tr.model, tr.optimizer, tr.scheduler, state,
                   p.run.method, tr.best_weights)
+        tracking.close(tr.accelerator)
         return RunResult(out, {**_final_metrics(p, tr, state, wall, resumed_from),
                                "paused": True}, config)
     if p.selection_features:
         _score_kept_checkpoint_on_dev(p, tr, state)
     metrics = _final_metrics(p, tr, state, wall, resumed_from)
+    tracking.finish(tr.accelerator, config, metrics)
     # What a user stores and ships per task: the adapter's weight files.
     metrics["adapter_bytes"] = sum(f.stat().st_size for f in (out / ADAPTER_DIR).glob(
         "*.safetensors")) if main else None
@@ -433,7 +437,8 @@ def _setup(p: Prepared) -> Trainer:
                               gradient_accumulation_steps=t.grad_accum,
                               # Without a GPU, several launched processes train on the CPU
                               # with gloo (accelerate only does so when told `cpu`).
-                              cpu=not torch.cuda.is_available())
+                              cpu=not torch.cuda.is_available(),
+                              **tracking.accelerator_kwargs(p.run.config))
     # `accelerate launch` pins OMP_NUM_THREADS=1 for CPU runs; one process should still use
     # every core, several processes share them.
     torch.set_num_threads(t.num_threads or max(
@@ -536,6 +541,7 @@ def _loop(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState",
     pause_at = math.ceil(t.pause_at_fraction * plan.total_steps) if t.pause_at_fraction \
         else plan.total_steps
     model.train()
+    logged: list[float] = []  # losses since the last tracker log
     while state.step < pause_at and not state.stopped_early:
         tr.sampler.use_epoch(state.epoch)
         epoch_loader = accelerator.skip_first_batches(tr.loader, state.batch_in_epoch) \
@@ -569,13 +575,21 @@ def _loop(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState",
                 continue
             state.step += 1
             state.add_loss(loss.item())
+            logged.append(loss.item())
             progress.update(1)
             if state.step % t.log_every == 0:
                 progress.set_postfix(loss=f"{state.loss_sum / state.loss_count:.4f}",
                                      lr=f"{tr.scheduler.get_last_lr()[0]:.2e}")
+                tracking.log(accelerator, p.run.config, {
+                    "train/loss": sum(logged) / len(logged),
+                    "train/lr": tr.scheduler.get_last_lr()[0],
+                    "train/real_tokens_per_s": state.real_tokens / max(
+                        1e-9, time.perf_counter() - started - state.overhead)}, state.step)
+                logged.clear()
             if state.step % plan.eval_every == 0 or state.step in (pause_at, plan.total_steps):
                 paused = time.perf_counter()
                 metrics = _evaluate_and_keep_best(p, tr, out, state)
+                tracking.log_scores(accelerator, p.run.config, metrics, state.step)
                 state.overhead += time.perf_counter() - paused
                 state.evals = [*state.evals, {"step": state.step,
                                               "train_loss": state.take_window_loss(),
