@@ -67,6 +67,7 @@ def write_adapter(model: nn.Module, run: ResolvedRun, labels: list[str], folder:
     try:
         with atomic_dir(folder) as tmp:
             run.method.save(model, tmp)
+            _name_the_base(tmp, run)
             weights = {f.name: sha256_of(f) for f in sorted(tmp.glob("*.safetensors"))}
             if not weights or any((tmp / name).stat().st_size < 64 for name in weights):
                 # peft under DeepSpeed ZeRO-3 is known to write empty adapters (peft #286, #2892).
@@ -78,6 +79,17 @@ def write_adapter(model: nn.Module, run: ResolvedRun, labels: list[str], folder:
     except OSError as exc:
         raise OutputDirError(f"could not write the adapter to {folder}: {exc.strerror or exc}; "
                              "the previously saved adapter, if any, is unchanged") from None
+
+
+def _name_the_base(folder: Path, run: ResolvedRun) -> None:
+    """peft writes `base_model_name_or_path: null` for our task model (it has no HF config):
+    name the base (a zoo model by its prepared folder, else the Hub id or folder it was given),
+    so peft's own tools and users reading the folder know what it adapts."""
+    config_file = folder / "adapter_config.json"
+    if config_file.exists():
+        data = json.loads(config_file.read_text())
+        data["base_model_name_or_path"] = run.model.path
+        config_file.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

@@ -89,6 +89,10 @@ def test_plain_peft_loading_and_merge_match_adaptune(method, tiny_encoder, cls_f
     base = api.build_base(result.adapter_dir)
     fresh_head = _logits(api.Predictor(base, ours.tokenizer, ours.meta), texts)
     assert not torch.allclose(fresh_head, expected)
+    import json
+
+    named = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert named["base_model_name_or_path"] == tiny_encoder  # the base, not null
     plain = PeftModel.from_pretrained(api.build_base(result.adapter_dir), str(result.adapter_dir))
     torch.testing.assert_close(_logits(api.Predictor(plain, ours.tokenizer, ours.meta), texts),
                                expected)
