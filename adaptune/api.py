@@ -31,16 +31,22 @@ _SHORTCUTS = {"rank": "method", "alpha": "method", "targets": "method", "epochs"
               "max_length": "model", "dropout": "method", "group_by_length": "train"}
 
 
-def finetune(model: str = "minilm-l6", *, task: str = "classification", dataset: str = "",
+def finetune(model: str = "minilm-l6", *, task: str = "classification", dataset: Any = "",
              method: str = "lora", output_dir: str = "", config: RunConfig | None = None,
-             **overrides: Any) -> RunResult:
-    """Fine-tune `model` on `task`/`dataset` with `method`. Keyword overrides are config fields,
-    either as shortcuts (`rank=16`, `lr=1e-3`, `epochs=2`) or whole sections
+             dev_dataset: Any = None, **overrides: Any) -> RunResult:
+    """Fine-tune `model` on `task`/`dataset` with `method`. `dataset` is a named set, or a
+    `datasets.Dataset` (with `dev_dataset`) or `DatasetDict` (its "train" and "validation"
+    splits), with columns named by the `data.*_field` settings. Keyword overrides are config
+    fields, either as shortcuts (`rank=16`, `lr=1e-3`, `epochs=2`) or whole sections
     (`train={"lr": 1e-3}`); `config` is a starting RunConfig (e.g. one with a method's own
     options: `compose({"method": {"name": "adalora", "adalora": {"tinit": 0.2}}})`)."""
     changes: dict[str, Any] = {"model": {"name": model}, "method": {"name": method},
                                "data": {"task": task}}
-    if dataset:
+    if dataset is not None and not isinstance(dataset, str):
+        train_path, dev_path = _tables_on_disk(dataset, dev_dataset)
+        changes["data"].update(dataset="custom", format="disk", train_path=train_path,
+                               dev_path=dev_path)
+    elif dataset:
         changes["data"]["dataset"] = dataset
     elif not config:
         changes["data"]["dataset"] = task_class(task).default_dataset
@@ -54,6 +60,38 @@ def finetune(model: str = "minilm-l6", *, task: str = "classification", dataset:
         else:
             changes[key] = value
     return run(compose(config, changes))
+
+
+def _tables_on_disk(dataset: Any, dev_dataset: Any) -> tuple[str, str]:
+    """In-memory `datasets` tables as save_to_disk folders, so the run's config stays plain
+    data (and resumable): under the cache, named by each table's content fingerprint, written
+    once."""
+    import datasets
+
+    from adaptune.errors import ConfigError
+    from adaptune.safe_io import atomic_dir
+    from adaptune.zoo import cache_dir
+
+    if isinstance(dataset, datasets.DatasetDict):
+        dev_name = next((n for n in ("validation", "dev") if n in dataset), None)
+        if "train" not in dataset or (dev_dataset is None and dev_name is None):
+            raise ConfigError(f"finetune: a DatasetDict needs a 'train' and a 'validation' (or "
+                              f"'dev') split; it has {list(dataset)} (a held-back test split "
+                              "is never used: pass dev_dataset=...)")
+        dataset, dev_dataset = dataset["train"], dev_dataset or dataset[dev_name]
+    if not isinstance(dataset, datasets.Dataset) or not isinstance(dev_dataset,
+                                                                    datasets.Dataset):
+        raise ConfigError("finetune: dataset= takes a name, a datasets.Dataset (with "
+                          "dev_dataset=) or a DatasetDict")
+    paths = []
+    for table in (dataset, dev_dataset):
+        folder = cache_dir() / "datasets" / table._fingerprint
+        if not folder.exists():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_dir(folder) as tmp:
+                table.save_to_disk(str(tmp))
+        paths.append(str(folder))
+    return paths[0], paths[1]
 
 
 class Predictor:

@@ -218,6 +218,18 @@ class DataConfig:
     text_field: str = "text"
     text_pair_field: str = ""  # a second text column (sentence pairs), if any
     label_field: str = "label"  # the label column of generic files
+    # How train_path / dev_path are read: "auto" (by the file: .parquet and .arrow files and
+    # save_to_disk folders through `datasets`, everything else by adaptune's own readers), or
+    # through a `datasets` builder: json, csv, parquet, arrow, disk (a save_to_disk folder).
+    format: str = "auto"
+    # Column names of `datasets` tables, per task (the Hugging Face hub's usual names).
+    tokens_field: str = "tokens"  # NER: the words of a sentence
+    tags_field: str = "ner_tags"  # NER: one tag per word (names, or ClassLabel ids)
+    question_field: str = "question"  # QA
+    context_field: str = "context"  # QA
+    answers_field: str = "answers"  # QA: {"text": [...], "answer_start": [...]}
+    document_field: str = "document"  # summarization
+    summary_field: str = "summary"  # summarization: a text or a list of references
     # Language modelling (task "lm"): "mlm" masked LM (encoders), "clm" causal LM (decoders),
     # "auto" picks by the model.
     lm_objective: str = "auto"
@@ -233,6 +245,9 @@ class DataConfig:
                self.selection_examples)
         _check(self.lm_objective in ("auto", "mlm", "clm"), "data.lm_objective",
                "one of auto, mlm, clm", self.lm_objective)
+        formats = ("auto", "json", "csv", "parquet", "arrow", "disk")
+        _check(self.format in formats, "data.format", f"one of {', '.join(formats)}",
+               self.format)
 
 
 @dataclass(frozen=True)

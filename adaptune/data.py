@@ -11,7 +11,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 from adaptune.config import DataConfig
 from adaptune.errors import ConfigError, DataError
@@ -91,6 +91,70 @@ def read_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]
                             f"{MAX_LINE_CHARS:,} allowed for one example (a file without line "
                             "breaks?)", path, number)
         yield number, line
+
+
+DATASETS_BUILDERS = ("json", "csv", "parquet", "arrow")
+
+
+def datasets_format(path: Path, cfg: DataConfig) -> str | None:
+    """The `datasets` way to read `path` ("json", "csv", "parquet", "arrow", "disk"), or None
+    for adaptune's own readers: they stay where `datasets` has no builder for the format (CoNLL
+    columns, nested SQuAD JSON, the TSV variants of the shared sets) and give file:line errors."""
+    if cfg.format != "auto":
+        return cfg.format
+    path = Path(path)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        return "disk"
+    return {".parquet": "parquet", ".arrow": "arrow"}.get(path.suffix)
+
+
+def read_table(path: Path, cfg: DataConfig, fields: Sequence[str]) -> tuple[list[dict], Any]:
+    """The rows of a table read through `datasets` (and its features, for ClassLabel names),
+    checked for the columns the task needs: a missing one is a DataError naming the file, the
+    column and the columns there are."""
+    import datasets
+
+    kind = datasets_format(path, cfg)
+    try:
+        if kind == "disk":
+            table = datasets.load_from_disk(str(path))
+            if isinstance(table, datasets.DatasetDict):
+                raise DataError(f"is a DatasetDict with splits {list(table)}; point "
+                                "data.train_path / data.dev_path at one split's folder", path)
+        else:
+            if not Path(path).exists():
+                raise DataError("file not found", path)
+            table = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many kinds; say which file and why
+        raise DataError(f"could not be read as {kind} by datasets: {type(exc).__name__}: "
+                        f"{str(exc)[:300]}", path) from None
+    missing = [f for f in fields if f and f not in table.column_names]
+    if missing:
+        raise DataError(f"has no column {missing[0]!r} (columns: {', '.join(table.column_names)}"
+                        f"); name it with data.{_field_setting(missing[0], cfg)}", path)
+    if len(table) == 0:
+        raise DataError("has no rows", path)
+    return table.to_list(), table.features
+
+
+def _field_setting(column: str, cfg: DataConfig) -> str:
+    for name in ("text_field", "text_pair_field", "label_field", "tokens_field", "tags_field",
+                 "question_field", "context_field", "answers_field", "document_field",
+                 "summary_field"):
+        if getattr(cfg, name) == column:
+            return name
+    return "<task>_field"
+
+
+def class_names(features: Any, column: str) -> list[str] | None:
+    """The names of a ClassLabel column (or of a sequence of ClassLabels), if it is one."""
+    feature = features.get(column) if features is not None else None
+    feature = getattr(feature, "feature", feature)  # Sequence(ClassLabel) -> ClassLabel
+    if isinstance(feature, list) and feature:  # datasets >= 4: List(ClassLabel) as [feature]
+        feature = feature[0]
+    return list(feature.names) if hasattr(feature, "names") else None
 
 
 def read_jsonl_rows(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, dict]]:

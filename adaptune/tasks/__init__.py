@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from adaptune.config import DataConfig, RunConfig
-from adaptune.data import (DatasetSpec, pad_collate, require_nonempty, split_paths,
+from adaptune.data import (DatasetSpec, datasets_format, pad_collate, read_table,
+                           require_nonempty, split_paths,
                            split_single_file, take_subset)
 from adaptune.errors import ConfigError
 
@@ -64,13 +65,27 @@ class Task:
         path = split_paths(cfg, named)[source]
         explicit = cfg.train_path if source == "train" else cfg.dev_path
         spec = None if explicit else named
-        examples = self.split(self.read(path, cfg, spec), source, spec)
+        if datasets_format(path, cfg):  # a parquet/arrow/save_to_disk table, or data.format
+            rows, features = read_table(path, cfg, self.table_fields(cfg))
+            examples = self.from_rows(rows, features, cfg, path)
+        else:
+            examples = self.read(path, cfg, spec)
+        examples = self.split(examples, source, spec)
         examples = take_subset(examples, cfg, seed, split)
         require_nonempty(examples, path, split)
         return examples
 
     def read(self, path: Path, cfg: DataConfig, spec: DatasetSpec | None) -> list:
         """Every example of one file (`spec` is the named set's entry, None for a user file)."""
+        raise NotImplementedError
+
+    def table_fields(self, cfg: DataConfig) -> list[str]:
+        """The columns a `datasets` table must have for this task."""
+        raise ConfigError(f"the {self.name} task does not read datasets tables; give a file of "
+                          "its own format")
+
+    def from_rows(self, rows: list[dict], features: Any, cfg: DataConfig, path: Path) -> list:
+        """Examples from the rows of a `datasets` table (`features` names ClassLabel ids)."""
         raise NotImplementedError
 
     def split(self, examples: list, split: str, spec: DatasetSpec | None) -> list:

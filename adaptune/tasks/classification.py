@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from adaptune.config import DataConfig
-from adaptune.data import DatasetSpec, read_jsonl_rows, read_lines
+from adaptune.data import DatasetSpec, class_names, read_jsonl_rows, read_lines
 from adaptune.errors import DataError
 from adaptune.modeling import TaskOutput, last_token_pool, mean_pool
 from adaptune.spec import ModelSpec
@@ -154,6 +154,25 @@ class ClassificationTask(Task):
             if not ex.text:
                 raise DataError("empty text", *ex.where.rsplit(":", 1))
         return examples
+
+    def table_fields(self, cfg: DataConfig) -> list[str]:
+        return [cfg.text_field, cfg.label_field, cfg.text_pair_field]
+
+    def from_rows(self, rows: list[dict], features: Any, cfg: DataConfig, path: Path
+                  ) -> list[Example]:
+        names = class_names(features, cfg.label_field)  # ClassLabel ids -> their names
+        out = []
+        for number, row in enumerate(rows, start=1):
+            text, label = row[cfg.text_field], row[cfg.label_field]
+            if not isinstance(text, str) or not text:
+                raise DataError(f"column {cfg.text_field!r} is {text!r}, expected text", path,
+                                number)
+            if label is None:
+                raise DataError(f"column {cfg.label_field!r} is empty", path, number)
+            out.append(Example(text, names[label] if names else str(label),
+                               str(row[cfg.text_pair_field]) if cfg.text_pair_field else None,
+                               f"{path}:{number}"))
+        return out
 
     def label_space(self, train: list[Example], dev: list[Example]) -> list[str]:
         labels = sorted({ex.label for ex in train})

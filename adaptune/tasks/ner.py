@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from adaptune.config import DataConfig
-from adaptune.data import DatasetSpec, read_lines
+from adaptune.data import DatasetSpec, class_names, read_lines
 from adaptune.errors import DataError
 from adaptune.modeling import TaskOutput
 from adaptune.spec import ModelSpec
@@ -120,7 +120,25 @@ class NerTask(Task):
     datasets, default_dataset = DATASETS, "conll2003"
 
     def read(self, path: Path, cfg: DataConfig, spec: DatasetSpec | None) -> list[Example]:
-        return read_conll(path)
+        return read_conll(path)  # CoNLL columns: a format `datasets` has no builder for
+
+    def table_fields(self, cfg: DataConfig) -> list[str]:
+        return [cfg.tokens_field, cfg.tags_field]
+
+    def from_rows(self, rows: list[dict], features: Any, cfg: DataConfig, path: Path
+                  ) -> list[Example]:
+        names = class_names(features, cfg.tags_field)  # e.g. conll2003's ClassLabel ids
+        out = []
+        for number, row in enumerate(rows, start=1):
+            words, tags = row[cfg.tokens_field], row[cfg.tags_field]
+            if not isinstance(words, list) or not isinstance(tags, list) or not words:
+                raise DataError(f"columns {cfg.tokens_field!r} and {cfg.tags_field!r}: expected "
+                                "two non-empty lists", path, number)
+            if len(words) != len(tags):
+                raise DataError(f"{len(words)} words but {len(tags)} tags", path, number)
+            tags = [names[t] if names else str(t) for t in tags]
+            out.append(Example(tuple(map(str, words)), tuple(tags), f"{path}:{number}"))
+        return out
 
     def label_space(self, train: list[Example], dev: list[Example]) -> list[str]:
         labels = sorted({t for ex in train for t in ex.tags}, key=lambda t: (t != "O", t[2:], t))

@@ -127,7 +127,30 @@ class QaTask(Task):
     datasets, default_dataset = DATASETS, "squad_v2_dev_part"
     target_keys = ("start_positions", "end_positions")
 
+    def table_fields(self, cfg: DataConfig) -> list[str]:
+        return [cfg.question_field, cfg.context_field, cfg.answers_field]
+
+    def from_rows(self, rows: list[dict], features: Any, cfg: DataConfig, path: Path
+                  ) -> list[Example]:
+        """The hub's flat SQuAD layout: one row per question, answers as {"text": [...],
+        "answer_start": [...]} (empty lists: no answer)."""
+        out = []
+        for number, row in enumerate(rows, start=1):
+            context, answers = row[cfg.context_field], row[cfg.answers_field] or {}
+            texts, starts = answers.get("text") or [], answers.get("answer_start") or []
+            if len(texts) != len(starts):
+                raise DataError(f"column {cfg.answers_field!r}: {len(texts)} texts but "
+                                f"{len(starts)} starts", path, number)
+            for text, start in zip(texts, starts):
+                if context[start:start + len(text)] != text:
+                    raise DataError(f"answer {text!r} is not at answer_start {start} of its "
+                                    f"context", path, number)
+            out.append(Example(str(row.get("id", number)), row[cfg.question_field], context,
+                               tuple(zip(texts, starts))))
+        return out
+
     def read(self, path: Path, cfg: DataConfig, spec: DatasetSpec | None) -> list[Example]:
+        # Nested SQuAD JSON (data -> paragraphs -> qas): no `datasets` builder reads it as such.
         examples = read_squad(path)
         if spec is not None and spec.reader == "articles-answerable":
             examples = [ex for ex in examples if ex.answers]

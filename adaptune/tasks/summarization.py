@@ -100,6 +100,22 @@ class SummarizationTask(Task):
     def read(self, path: Path, cfg: DataConfig, spec: DatasetSpec | None) -> list[Example]:
         return read_jsonl(path, spec.reader if spec else "xsum")
 
+    def table_fields(self, cfg: DataConfig) -> list[str]:
+        return [cfg.document_field, cfg.summary_field]
+
+    def from_rows(self, rows: list[dict], features: Any, cfg: DataConfig, path: Path
+                  ) -> list[Example]:
+        out = []
+        for number, row in enumerate(rows, start=1):
+            document, summary = row[cfg.document_field], row[cfg.summary_field]
+            references = tuple(summary) if isinstance(summary, list) else (summary,)
+            if not isinstance(document, str) or not document.strip() or not all(
+                    isinstance(r, str) and r.strip() for r in references):
+                raise DataError(f"columns {cfg.document_field!r} and {cfg.summary_field!r}: "
+                                "expected a non-empty document and summary", path, number)
+            out.append(Example(str(row.get("id", number)), document, references))
+        return out
+
     def check(self, model: ModelSpec) -> None:
         if model.family is not Family.DECODER:
             raise ConfigError("summarization runs decoder-only (GPT-family) models; got an "
