@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from adaptune.errors import AdaptuneError
@@ -35,6 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     pred_p.add_argument("--merge", action="store_true", help="merge LoRA into the weights first")
     pred_p.add_argument("--trusted", action="store_true",
                         help="load an adapter folder that records no checksums")
+    export_p = sub.add_parser("export", help="a trained adapter as a plain transformers "
+                              "folder (pipeline-ready) or an ONNX file")
+    export_p.add_argument("adapter", help="adapter folder, or the run folder holding adapter/")
+    export_p.add_argument("out", help="folder (transformers) or .onnx file to write")
+    export_p.add_argument("--to", choices=["transformers", "onnx"], default="transformers")
     merge_p = sub.add_parser("merge", help="combine LoRA adapters trained on one base")
     merge_p.add_argument("out", help="folder for the merged adapter")
     merge_p.add_argument("adapters", nargs="+", help="adapter folders (two or more)")
@@ -89,6 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "section.field=value overrides", prog="adaptune train")
             finally:
                 release_process_group()
+        elif args.command == "export":
+            from adaptune.export import export_onnx, export_transformers
+
+            folder = Path(args.adapter)
+            folder = folder / "adapter" if (folder / "adapter").is_dir() else folder
+            exporter = export_onnx if args.to == "onnx" else export_transformers
+            print(exporter(folder, args.out)[1])
         elif args.command == "merge":
             from adaptune.merging import merge_adapters
 

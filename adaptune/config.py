@@ -33,12 +33,19 @@ class ModelConfig:
     max_length: int = 128  # tokens per sequence (or per window, for QA)
     # Frozen base weights in 4-bit NF4 or 8-bit (bitsandbytes, CUDA only), as in QLoRA.
     quantization: str = "none"
+    # How a classification head reads an encoder's tokens: "mean" (every token averaged: the
+    # same on every model, pooler or not) or "pooler" (BERT's: dense + tanh on the first
+    # token, trained from scratch; exports as a standard *ForSequenceClassification model).
+    # "auto": mean on encoders, the last token on decoders.
+    pooling: str = "auto"
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "a zoo name, Hub id or folder", self.name)
         _check(self.quantization in ("none", "4bit", "8bit"), "model.quantization",
                "one of none, 4bit, 8bit", self.quantization)
         _check(self.max_length >= 8, "model.max_length", "an integer >= 8", self.max_length)
+        _check(self.pooling in ("auto", "mean", "pooler"), "model.pooling",
+               "one of auto, mean, pooler", self.pooling)
 
 
 @dataclass(frozen=True)

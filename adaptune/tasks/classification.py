@@ -20,7 +20,7 @@ from torch import nn
 
 from adaptune.config import DataConfig
 from adaptune.data import DatasetSpec, class_names, read_jsonl_rows, read_lines
-from adaptune.errors import DataError
+from adaptune.errors import ConfigError, DataError
 from adaptune.modeling import TaskOutput, last_token_pool, mean_pool
 from adaptune.spec import ModelSpec
 from adaptune.tasks import Task, model_inputs
@@ -143,9 +143,22 @@ def _reader_for(path: Path) -> str:
     return {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}.get(path.suffix, "tsv")
 
 
+@dataclass
 class ClassificationTask(Task):
+    """Options: how the head pools an encoder's tokens (`model.pooling`)."""
+
+    pooling: str = "auto"
     name, main_metric = "classification", "accuracy"
     datasets, default_dataset = DATASETS, "sst2"
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ClassificationTask":
+        return cls(config.model.pooling)
+
+    def check(self, model: ModelSpec) -> None:
+        if self.pooling == "pooler" and model.pooling != "mean":
+            raise ConfigError("model.pooling=pooler is BERT's first-token pooler, for encoders; "
+                              f"{model.name} is a decoder (its heads read the last token)")
 
     def read(self, path: Path, cfg: DataConfig, spec: DatasetSpec | None) -> list[Example]:
         reader = spec.reader if spec else _reader_for(path)
@@ -203,8 +216,13 @@ class ClassificationTask(Task):
 
     def build_head(self, hidden_size: int, labels: list[str], model: ModelSpec,
                    backbone_config: Any = None) -> nn.Module:
-        if model.pooling == "mean":
-            return ClassificationHead(hidden_size, len(labels), "mean", dropout=0.1)
+        encoder = model.pooling == "mean"  # the family's own way: mean (encoders), last token
+        choice = self.pooling if self.pooling != "auto" else model.pooling
+        if choice == "pooler":
+            return PoolerHead(hidden_size, len(labels))
+        if encoder or choice == "mean":
+            return ClassificationHead(hidden_size, len(labels), "mean",
+                                      dropout=0.1 if encoder else 0.0)
         # No dropout on a decoder's last-token state (as in transformers'
         # *ForSequenceClassification heads for GPT-style models): a few of its features carry
         # very large values (smollm2-135m: the largest is 30-40x the median feature and holds
@@ -258,6 +276,26 @@ class ClassificationHead(nn.Module):
                 labels: torch.Tensor | None = None, **_: Any) -> TaskOutput:
         pool = mean_pool if self.pooling == "mean" else last_token_pool
         logits = self.classifier(self.dropout(pool(hidden, attention_mask)))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        return TaskOutput(loss, logits)
+
+
+class PoolerHead(nn.Module):
+    """BERT's sequence-classification head, trained from scratch: dense + tanh on the first
+    token, dropout, a linear classifier. The same computation as transformers'
+    BertForSequenceClassification, so a trained model exports as one (adaptune export)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.pooler = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.Tanh())
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None, **_: Any) -> TaskOutput:
+        logits = self.classifier(self.dropout(self.pooler(hidden[:, 0])))
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.float(), labels)
