@@ -54,3 +54,21 @@ def test_sweep_cells_are_runs_of_one_grid_tagged_with_their_axes(tiny_encoder, c
     assert {c.arm_id for c in sweep.expand(grid)[0]} == set(runs)
     text = next((out / "tracking").rglob("hparams.yml")).read_text()
     assert "train.run_tags: grid=tiny,model=" in text and "rank=" in text
+
+
+def test_mlflow_local_file_store(tiny_encoder, cls_files, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a local file store, no server
+    result = run(tiny_config(tiny_encoder, *cls_files, tmp_path / "run",
+                             train={"report_to": "mlflow", "max_steps": 4, "log_every": 2,
+                                    "run_name": "tiny-lora", "run_tags": ["grid=g", "rank=8"]}))
+    client = mlflow.tracking.MlflowClient(tracking_uri=store.as_uri())
+    (experiment,) = [e for e in client.search_experiments() if e.name == "adaptune"]
+    (logged,) = client.search_runs([experiment.experiment_id])
+    assert logged.info.run_name == "tiny-lora"
+    assert logged.data.tags["rank"] == "8" and logged.data.params["method.rank"] == "8"
+    assert logged.data.metrics["final/dev/accuracy"] == pytest.approx(
+        result.metrics["dev"]["accuracy"])
+    assert [m.step for m in client.get_metric_history(logged.info.run_id, "train/loss")] == [2, 4]
