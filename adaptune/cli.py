@@ -56,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep_p.add_argument("--out", required=True, help="results folder")
     sweep_p.add_argument("--workers", type=int, default=1,
                          help="cells run at once (one per GPU; on a CPU they share the cores)")
+    sweep_p.add_argument("--launcher", choices=["local", "ray"], default="local",
+                         help="local worker processes, or Ray tasks (pip install adaptune[ray])")
+    sweep_p.add_argument("--address", default=None,
+                         help="with --launcher ray: an existing Ray cluster (default: local)")
     report_p = sub.add_parser("report", help="tables, CSV, plots and fits of a results folder")
     report_p.add_argument("results")
     report_p.add_argument("--out", default="", help="where to write (default: the results folder)")
@@ -111,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "sweep":
             from adaptune.sweep import load_grid, run_grid
 
-            print(run_grid(load_grid(args.grid), args.out, workers=args.workers))
+            print(run_grid(load_grid(args.grid), args.out, workers=args.workers,
+                           launcher=args.launcher, address=args.address))
         elif args.command == "report":
             from adaptune.report import write_report
 

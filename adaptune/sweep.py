@@ -37,13 +37,15 @@ import math
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from adaptune.config import RunConfig, compose, merge_dicts, to_dict, upgrade_stored
 from adaptune.errors import ConfigError, Interrupted, NotApplicable
@@ -516,12 +518,16 @@ def clear_dead_claims(out: Path) -> list[str]:
     """Remove the claims (locks/<cell id>, holding the claimant's pid) of processes that are no
     longer alive; a live process's claim is never removed. Returns the cells freed."""
     freed = []
+    here = socket.gethostname()
     for lock in sorted((out / "locks").glob("*")) if (out / "locks").is_dir() else []:
         try:
-            pid = int(lock.read_text().strip() or "0")
-        except (OSError, ValueError):
-            pid = 0
-        if not pid or not _pid_alive(pid):
+            parts = lock.read_text().split()
+            host, pid = (parts[0], int(parts[1])) if len(parts) == 2 else (here, int(parts[0]))
+            age = time.time() - lock.stat().st_mtime
+        except (OSError, ValueError, IndexError):
+            host, pid, age = here, 0, 0.0
+        dead = (not pid or not _pid_alive(pid)) if host == here else age > STALE_CLAIM_S
+        if dead:
             lock.unlink(missing_ok=True)
             freed.append(lock.name)
     return freed
@@ -540,15 +546,44 @@ def _die_with_parent() -> None:
 
 
 def _claim(out: Path, cell_id: str) -> bool:
+    """Claim a cell: create locks/<id> holding "<host> <pid>" (O_EXCL: one winner)."""
     locks = out / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(locks / cell_id, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return False
-    os.write(fd, str(os.getpid()).encode())
+    os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
     os.close(fd)
     return True
+
+
+# A claim from another machine (Ray workers share the results folder) cannot be checked by pid:
+# its worker touches it every HEARTBEAT_S while the cell runs, and a claim untouched for
+# STALE_CLAIM_S belongs to a lost node.
+HEARTBEAT_S, STALE_CLAIM_S = 60.0, 600.0
+
+
+@contextmanager
+def _heartbeat(lock: Path) -> Iterator[None]:
+    import threading
+
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(lock)
+            except OSError:
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def selection_score(record: Mapping[str, Any], higher_is_better: bool) -> float | None:
@@ -675,8 +710,9 @@ def _run_claimed(cell: Cell, grid: Grid, out: Path, num_threads: int,
              environment: Mapping[str, Any], where: str) -> None:
     pause = grid.rung_fraction(cell.rung) if cell.rung is not None else 1.0
     try:
-        record = run_cell(cell, out, num_threads, environment,
-                          pause_at_fraction=0.0 if pause >= 1 else pause)
+        with _heartbeat(out / "locks" / cell.id):
+            record = run_cell(cell, out, num_threads, environment,
+                              pause_at_fraction=0.0 if pause >= 1 else pause)
     except Interrupted:  # SIGTERM/SIGINT: stop the sweep, the cell is not a failure
         raise
     except Exception as exc:  # one bad cell must not stop the sweep
@@ -715,10 +751,12 @@ class SweepSummary:
         return "\n".join(lines)
 
 
-def run_grid(grid: Grid, out: str | Path, workers: int = 1) -> SweepSummary:
+def run_grid(grid: Grid, out: str | Path, workers: int = 1, launcher: str = "local",
+             address: str | None = None) -> SweepSummary:
     """Run (or finish) a grid into the folder `out`. With several workers each is a separate
     process that claims cells one at a time; with several GPUs each worker gets one, on a CPU
-    they split the cores."""
+    they split the cores. `launcher="ray"` runs the workers as Ray tasks instead, on a local
+    Ray or the cluster at `address` (the results folder must be on a filesystem they share)."""
     import torch
 
     out = Path(out)
@@ -755,7 +793,9 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1) -> SweepSummary:
           + f"{todo} to run" + (" (at most: a search's later rungs are cut as it goes)"
                                 if grid.rungs > 1 and todo else "")
           + f", {workers} worker(s)", flush=True)
-    if workers <= 1:
+    if launcher == "ray":
+        _run_on_ray(out, workers, address)
+    elif workers <= 1:
         work_through(grid, out)
     else:
         gpus = torch.cuda.device_count()
@@ -793,6 +833,34 @@ def cell_states(grid: Grid, cells: Sequence[Cell], out: Path) -> dict[str, str]:
     return {c.id: "done" if c.id in done else
             "pruned" if next_step(c, by_key, done, grid, higher) == "pruned" else "pending"
             for c in cells}
+
+
+def _run_on_ray(out: Path, workers: int, address: str | None) -> None:
+    """Each worker a Ray task with its resources (a GPU where the cluster has them, else CPU
+    cores), claiming cells from the shared folder like a local worker: the cell records stay
+    the source of truth, so a rerun after a lost node finishes what is missing."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("sweep --launcher ray needs Ray: pip install 'adaptune[ray]'") \
+            from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=True)
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        threads = 1 if gpus else max(1, int(resources.get("CPU", 1)) // workers)
+        task = ray.remote(_ray_worker).options(num_cpus=threads, num_gpus=1 if gpus else 0)
+        ray.get([task.remote(str(out), threads, f"ray{k} ") for k in range(workers)])
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _ray_worker(out: str, threads: int, label: str) -> None:
+    grid = grid_from_dict(json.loads((Path(out) / "grid.json").read_text()), where=out)
+    work_through(grid, Path(out), threads, label)
 
 
 def _worker_main(argv: Sequence[str]) -> None:

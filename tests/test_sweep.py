@@ -261,3 +261,35 @@ def test_a_sweep_shows_cells_complete_and_an_eta(tiny_encoder, cls_files, tmp_pa
     assert len(lines) == 3
     assert "(0/3 cells complete)" in lines[0]
     assert "(1/3 cells complete, ETA" in lines[1] and "(2/3 cells complete, ETA" in lines[2]
+
+
+@pytest.mark.integration
+def test_ray_launcher_runs_every_cell_once_on_a_local_ray(tiny_encoder, cls_files, tmp_path):
+    ray = pytest.importorskip("ray")
+    grid = sweep.grid_from_dict(_grid_dict(tiny_encoder, cls_files, seeds=[0, 1]))
+    out = tmp_path / "out"
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        summary = sweep.run_grid(grid, out, workers=2, launcher="ray")
+    finally:
+        ray.shutdown()
+    cells, _ = sweep.expand(grid)
+    assert (summary.done, summary.total) == (len(cells), len(cells))
+    records = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
+    assert sorted(r["id"] for r in records) == sorted(c.id for c in cells)  # each exactly once
+    assert not list((out / "locks").iterdir())
+
+
+def test_claims_of_other_machines_expire_only_when_untouched(tmp_path):
+    import os
+    import time
+
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    (locks / "fresh").write_text("another-host 123")
+    (locks / "lost").write_text("another-host 456")
+    old = time.time() - sweep.STALE_CLAIM_S - 5
+    os.utime(locks / "lost", (old, old))
+    (locks / "dead-here").write_text(f"{__import__('socket').gethostname()} 999999999")
+    assert sorted(sweep.clear_dead_claims(tmp_path)) == ["dead-here", "lost"]
+    assert [p.name for p in locks.iterdir()] == ["fresh"]
