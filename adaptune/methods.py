@@ -356,28 +356,28 @@ class Vera(PeftMethod):
                           vera_dropout=o.dropout, modules_to_save=[HEAD])
 
 
-class LoHa(PeftMethod):
+class _Lycoris(PeftMethod):
+    """LoHa and LoKr (peft's LyCORIS family): the same budget fields, their own config class."""
+
+    config_name: ClassVar[str]
+
+    def peft_config(self, targets: list[str], total_steps: int) -> Any:
+        import peft
+
+        o = self.options
+        return getattr(peft, self.config_name)(
+            r=o.rank, alpha=o.lora_alpha, rank_dropout=0.0, module_dropout=o.dropout,
+            target_modules=targets, modules_to_save=[HEAD])
+
+
+class LoHa(_Lycoris):
     name, description = "loha", "LoHa (peft): Hadamard product of two low-rank pairs"
-
-    def peft_config(self, targets: list[str], total_steps: int) -> Any:
-        from peft import LoHaConfig
-
-        o = self.options
-        return LoHaConfig(r=o.rank, alpha=o.lora_alpha, rank_dropout=0.0,
-                          module_dropout=o.dropout, target_modules=targets,
-                          modules_to_save=[HEAD])
+    config_name = "LoHaConfig"
 
 
-class LoKr(PeftMethod):
+class LoKr(_Lycoris):
     name, description = "lokr", "LoKr (peft): Kronecker product of two small factors"
-
-    def peft_config(self, targets: list[str], total_steps: int) -> Any:
-        from peft import LoKrConfig
-
-        o = self.options
-        return LoKrConfig(r=o.rank, alpha=o.lora_alpha, rank_dropout=0.0,
-                          module_dropout=o.dropout, target_modules=targets,
-                          modules_to_save=[HEAD])
+    config_name = "LoKrConfig"
 
 
 class Oft(PeftMethod):

@@ -44,15 +44,20 @@ def test_the_mean_pooling_head_is_refused_with_advice(tiny_encoder, cls_files, t
     assert not (tmp_path / "hf").exists()
 
 
+def _run_on_shared(base, tmp_path, task, dataset, n_train, n_dev, **sections):
+    """A 4-step run on a few examples of a shared data set."""
+    return run(tiny_config(base, "", "", tmp_path / task,
+                           data={"task": task, "dataset": dataset, "train_path": "",
+                                 "dev_path": "", "data_dir": str(DATA),
+                                 "max_train_examples": n_train, "max_dev_examples": n_dev},
+                           train={"max_steps": 4}, **sections))
+
+
 @needs_data
 def test_ner_exports_as_token_classification(tiny_encoder, tmp_path):
     import transformers
 
-    cfg = tiny_config(tiny_encoder, "", "", tmp_path / "ner",
-                      data={"task": "ner", "dataset": "conll2003", "train_path": "",
-                            "dev_path": "", "data_dir": str(DATA), "max_train_examples": 64,
-                            "max_dev_examples": 32}, train={"max_steps": 4})
-    result = run(cfg)
+    result = _run_on_shared(tiny_encoder, tmp_path, "ner", "conll2003", 64, 32)
     out, _ = export_transformers(result.adapter_dir, tmp_path / "hf")
     ours = api.load(result.adapter_dir)
     plain = transformers.AutoModelForTokenClassification.from_pretrained(out).eval()
@@ -68,11 +73,8 @@ def test_ner_exports_as_token_classification(tiny_encoder, tmp_path):
 def test_qa_exports_as_question_answering(tiny_encoder, tmp_path):
     import transformers
 
-    cfg = tiny_config(tiny_encoder, "", "", tmp_path / "qa", model={"max_length": 96},
-                      data={"task": "qa", "dataset": "squad_v2_dev_part", "train_path": "",
-                            "dev_path": "", "data_dir": str(DATA), "max_train_examples": 16,
-                            "max_dev_examples": 4}, train={"max_steps": 4})
-    result = run(cfg)
+    result = _run_on_shared(tiny_encoder, tmp_path, "qa", "squad_v2_dev_part", 16, 4,
+                            model={"max_length": 96})
     out, _ = export_transformers(result.adapter_dir, tmp_path / "hf")
     ours = api.load(result.adapter_dir)
     plain = transformers.AutoModelForQuestionAnswering.from_pretrained(out).eval()
