@@ -81,3 +81,37 @@ def test_table_errors_name_the_file_and_the_column(tiny_encoder, cls_files, tmp_
             {"train": datasets.Dataset.from_dict(_rows(train)),
              "test": datasets.Dataset.from_dict(_rows(dev))}))
     assert not (tmp_path / "x").exists()
+
+
+def test_qa_and_summarization_tables_read_as_their_files(tiny_encoder, tiny_decoder, tmp_path):
+    import json
+
+    context = "John lives in Paris with Mary."
+    squad = {"data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+        {"id": f"q{i}", "question": "Where does John live?",
+         "answers": [{"text": "Paris", "answer_start": 14}]} for i in range(8)]}]}]}
+    (tmp_path / "squad.json").write_text(json.dumps(squad))
+    flat = datasets.Dataset.from_dict({
+        "id": [f"q{i}" for i in range(8)], "question": ["Where does John live?"] * 8,
+        "context": [context] * 8, "answers": [{"text": ["Paris"], "answer_start": [14]}] * 8})
+    flat.to_parquet(str(tmp_path / "squad.parquet"))
+    qa = {"data": {"task": "qa"}, "model": {"max_length": 48}}
+    reference = run(tiny_config(tiny_encoder, str(tmp_path / "squad.json"),
+                                str(tmp_path / "squad.json"), tmp_path / "qa-json", **qa))
+    table = run(tiny_config(tiny_encoder, str(tmp_path / "squad.parquet"),
+                            str(tmp_path / "squad.parquet"), tmp_path / "qa-pq", **qa))
+    assert _dev_metrics(table) == pytest.approx(_dev_metrics(reference))
+
+    rows = [{"id": str(i), "document": f"story number {i} about a red fox", "summary": "red fox"}
+            for i in range(12)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "docs.parquet"))
+    summ = {"data": {"task": "summarization", "max_dev_examples": 2},
+            "model": {"max_length": 96},
+            "generation": {"max_new_tokens": 4, "prompt": "{document} tl;dr:"},
+            "train": {"max_steps": 2}}
+    reference = run(tiny_config(tiny_decoder, str(tmp_path / "docs.jsonl"),
+                                str(tmp_path / "docs.jsonl"), tmp_path / "s-jsonl", **summ))
+    table = run(tiny_config(tiny_decoder, str(tmp_path / "docs.parquet"),
+                            str(tmp_path / "docs.parquet"), tmp_path / "s-pq", **summ))
+    assert _dev_metrics(table) == pytest.approx(_dev_metrics(reference))

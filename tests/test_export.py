@@ -113,3 +113,26 @@ def test_cli_export(tiny_encoder, cls_files, tmp_path, capsys):
     assert cli.main(["export", str(result.output_dir), str(tmp_path / "m.onnx"),
                      "--to", "onnx"]) == 0
     assert (tmp_path / "m.onnx").exists()
+
+
+def test_summarization_exports_the_causal_lm(tiny_decoder, tmp_path):
+    import json
+
+    import transformers
+
+    rows = [{"id": str(i), "document": f"story {i} about a fox", "summary": "fox"}
+            for i in range(8)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = run(tiny_config(tiny_decoder, str(tmp_path / "d.jsonl"), str(tmp_path / "d.jsonl"),
+                             tmp_path / "run", model={"max_length": 96},
+                             data={"task": "summarization", "max_dev_examples": 2},
+                             generation={"max_new_tokens": 2, "prompt": "{document} tl;dr:"},
+                             train={"max_steps": 2}))
+    out, message = export_transformers(result.adapter_dir, tmp_path / "hf")
+    assert "ForCausalLM" in message
+    ours = api.load(result.adapter_dir)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    batch = ours.tokenizer(["story 3 about a fox"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, ours.model.backbone(**batch).logits,
+                                   rtol=1e-4, atol=1e-5)
