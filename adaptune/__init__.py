@@ -6,6 +6,7 @@ One training flow (`run`) behind recipes, this Python API and the benchmark runn
 from adaptune.api import Predictor, build_base, finetune, load
 from adaptune.config import (DataConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig,
                              compose, load_config)
+from adaptune.domain import adapt, adapt_and_finetune
 from adaptune.errors import AdaptuneError, ConfigError, DataError, ModelError
 from adaptune.merging import MultiAdapterPredictor, merge_adapters
 from adaptune.spec import ModelSpec, ResolvedRun, resolve
@@ -14,6 +15,7 @@ from adaptune.train import RunResult, run
 __version__ = "0.1.0"
 
 __all__ = ["run", "finetune", "load", "build_base", "Predictor", "MultiAdapterPredictor",
+           "adapt", "adapt_and_finetune",
            "merge_adapters", "RunResult", "RunConfig",
            "ModelConfig", "MethodConfig", "DataConfig", "TrainConfig", "load_config",
            "compose", "resolve", "ResolvedRun", "ModelSpec",

@@ -36,6 +36,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     pred_p.add_argument("--merge", action="store_true", help="merge LoRA into the weights first")
     pred_p.add_argument("--trusted", action="store_true",
                         help="load an adapter folder that records no checksums")
+    adapt_p = sub.add_parser("adapt", help="domain-adaptive pretraining: continue pretraining "
+                             "a model on in-domain text with an adapter, merge it")
+    adapt_p.add_argument("model", help="zoo name, Hub id or folder")
+    adapt_p.add_argument("corpus", help="a named corpus, text/JSONL files, 'task' (TAPT: the "
+                         "task's own training text) or '<corpus>+task' (DAPT, then TAPT)")
+    adapt_p.add_argument("--out", required=True, help="output folder")
+    adapt_p.add_argument("--task", default="", help="with 'task' corpora: the task")
+    adapt_p.add_argument("--dataset", default="", help="with 'task' corpora: its data set")
+    adapt_p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                         help="overrides of the domain stage (adaptune.presets.DOMAIN_STAGE)")
     export_p = sub.add_parser("export", help="a trained adapter as a plain transformers "
                               "folder (pipeline-ready) or an ONNX file")
     export_p.add_argument("adapter", help="adapter folder, or the run folder holding adapter/")
@@ -77,7 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                           help="fresh seeds for --backtest (comma-separated)")
     argv = list(sys.argv[1:] if argv is None else argv)
     rest = argv[1:] if argv[:1] == ["train"] else []
-    args = parser.parse_args(argv[:1] if argv[:1] == ["train"] else argv)
+    args, extra = parser.parse_known_args(argv[:1] if argv[:1] == ["train"] else argv)
+    if args.command == "adapt" and all("=" in e for e in extra):
+        args.overrides += extra  # overrides after the options (argparse stops at the first)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "zoo":
             from adaptune import zoo
@@ -99,6 +113,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "section.field=value overrides", prog="adaptune train")
             finally:
                 release_process_group()
+        elif args.command == "adapt":
+            from adaptune.config import parse_overrides
+            from adaptune.domain import adapt
+
+            folder, reports = adapt(args.model, args.corpus, args.out, task=args.task,
+                                    dataset=args.dataset,
+                                    overrides=parse_overrides(args.overrides))
+            for report in reports:
+                print(f"{report['stage']} on {report['corpus']}: held-out perplexity "
+                      f"{report['perplexity_before']:.2f} -> {report['perplexity_after']:.2f} "
+                      f"({report['steps']} steps, {report['wall_time_s']:.0f} s)")
+            print(f"adapted model: {folder} (train a task on it with model.name={folder})")
         elif args.command == "export":
             from adaptune.export import export_onnx, export_transformers
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptune.config import compose, merge_dicts
+from adaptune.errors import ConfigError
 from adaptune.presets import DOMAIN_STAGE, DOMAIN_TASK
 from adaptune.safe_io import atomic_dir, write_json
 from adaptune.spec import Family, resolve_model
@@ -86,20 +87,72 @@ def domain_stage(model: str, corpus: str, output_dir: Path, *,
     return folder, report
 
 
+TASK_CORPUS = "task"  # the corpus name that means "the task's own training text" (TAPT)
+
+
+def task_corpus(task: str, dataset: str, out: Path,
+                data_overrides: dict[str, Any] | None = None) -> Path:
+    """The task's training text, labels stripped, as a JSON-lines corpus at out/tapt-corpus.jsonl:
+    task-adaptive pretraining (Gururangan et al., 2020). Only the training split is read (after
+    any selection split is carved out): dev and test text never enter pretraining."""
+    from adaptune.tasks import build_task
+
+    cfg = compose({"data": {"task": task, "dataset": dataset, **(data_overrides or {})}})
+    task_ = build_task(cfg)
+    examples = task_.load(cfg.data, "train", cfg.train.seed)
+    path = out / "tapt-corpus.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"text": task_.corpus_text(ex)}) + "\n"
+                           for ex in examples))
+    tmp.replace(path)
+    return path
+
+
+def adapt(model: str, corpus: str, output_dir: str, *, task: str = "", dataset: str = "",
+          overrides: dict[str, Any] | None = None,
+          task_data: dict[str, Any] | None = None) -> tuple[Path, list[dict[str, Any]]]:
+    """The domain stage alone: continue pretraining `model` on `corpus` with an adapter and
+    merge it. `corpus` is a named corpus, text/JSON-lines files, "task" (TAPT: the training
+    text of `task`/`dataset`, labels stripped), or "<corpus>+task" (DAPT, then TAPT on the
+    result). Returns the merged model folder (an ordinary Hugging Face folder) and one report
+    per stage (held-out perplexity before and after, corpus statistics, steps, time)."""
+    out = Path(output_dir)
+    stages = corpus.split("+") if corpus != TASK_CORPUS else [TASK_CORPUS]
+    reports, current = [], model
+    for i, stage in enumerate(stages):
+        if stage == TASK_CORPUS:
+            if not task:
+                raise ConfigError("adapt: corpus 'task' (TAPT) needs task= and dataset=")
+            stage_corpus = str(task_corpus(task, dataset, out, task_data))
+        else:
+            stage_corpus = stage
+        where = out if len(stages) == 1 else out / f"stage{i + 1}-{stage.replace('/', '_')}"
+        folder, report = domain_stage(current, stage_corpus, where, overrides=overrides)
+        report["stage"] = "TAPT" if stage == TASK_CORPUS else "DAPT"
+        reports.append(report)
+        current = str(folder)
+    write_json(out / "domain.json", reports[-1] if len(reports) == 1 else
+               {**reports[-1], "stages": reports})
+    return Path(current), reports
+
+
 def adapt_and_finetune(model: str, corpus: str, task: str, dataset: str, *,
                        output_dir: str, domain_overrides: dict[str, Any] | None = None,
                        task_overrides: dict[str, Any] | None = None,
                        domain_model: str | Path | None = None) -> DomainResult:
-    """Both stages from a model name, a corpus (a named corpus or files), a task and its data.
-    `domain_model` reuses a merged model from an earlier stage 1 (e.g. across seeds)."""
+    """Both stages from a model name, a corpus (a named corpus, files, "task" for TAPT or
+    "<corpus>+task" for DAPT then TAPT), a task and its data. `domain_model` reuses a merged
+    model from an earlier stage 1 (e.g. across seeds)."""
     out = Path(output_dir)
     if domain_model is None:
-        folder, report = domain_stage(model, corpus, out, overrides=domain_overrides)
+        task_data = (task_overrides or {}).get("data")
+        folder, reports = adapt(model, corpus, str(out), task=task, dataset=dataset,
+                                overrides=domain_overrides, task_data=task_data)
+        report = json.loads((out / "domain.json").read_text())
     else:
         folder = Path(domain_model)
         report = json.loads((folder.parent / "domain.json").read_text())
-    if domain_model is None:
-        write_json(out / "domain.json", report)
     task_cfg = compose(DOMAIN_TASK, {"model": {"name": str(folder)},
                                      "data": {"task": task, "dataset": dataset},
                                      "output_dir": str(out / "task")}, task_overrides)

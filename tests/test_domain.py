@@ -164,3 +164,49 @@ def test_decoder_causal_lm_perplexity(tiny_decoder, tmp_path):
     # and 1 (0.95 at 8 steps, too close to call on another machine's rounding).
     assert after < 0.95 * before
     assert torch.isfinite(torch.tensor(after))
+
+
+def test_tapt_reads_only_the_training_text_and_chains_after_dapt(tiny_encoder, tmp_path,
+                                                                 monkeypatch):
+    import json
+
+    import adaptune
+    from adaptune.tasks import Task
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    rng = random.Random(3)
+    train = [f"{' '.join(rng.choice(words) for _ in range(6))}\t{i % 2}" for i in range(40)]
+    dev = [f"devonly{i} sentence never pretrained on\t{i % 2}" for i in range(8)]
+    (tmp_path / "train.tsv").write_text("text\tlabel\n" + "\n".join(train) + "\n")
+    (tmp_path / "dev.tsv").write_text("text\tlabel\n" + "\n".join(dev) + "\n")
+    data = {"train_path": str(tmp_path / "train.tsv"), "dev_path": str(tmp_path / "dev.tsv")}
+    splits = []
+    real = Task.load
+    monkeypatch.setattr(Task, "load", lambda self, cfg, split, seed: (
+        splits.append((self.name, split)), real(self, cfg, split, seed))[1])
+    stage = {"model": {"max_length": 32}, "method": {"rank": 2, "targets": ["query", "value"]},
+             "train": {"max_steps": 3, "precision": "fp32", "num_threads": 1}}
+    folder, reports = adaptune.adapt(tiny_encoder, _corpus(tmp_path) + "+task",
+                                     str(tmp_path / "dt"), task="classification",
+                                     dataset="custom", overrides=stage, task_data=data)
+    assert [r["stage"] for r in reports] == ["DAPT", "TAPT"]
+    assert ("classification", "dev") not in splits  # TAPT never reads dev
+    corpus = (tmp_path / "dt" / "tapt-corpus.jsonl").read_text()
+    assert "devonly" not in corpus
+    assert sorted(json.loads(line)["text"] for line in corpus.splitlines()) == sorted(
+        row.split("\t")[0] for row in train)  # every training text, labels stripped
+    assert (folder / "config.json").exists()
+    # The second stage continued from the first stage's merged model.
+    assert "stage1" in reports[1]["merged_model"] or "stage2" in str(folder)
+
+
+def test_cli_adapt(tiny_encoder, tmp_path, capsys):
+    from adaptune import cli
+
+    assert cli.main(["adapt", tiny_encoder, _corpus(tmp_path), "--out", str(tmp_path / "a"),
+                     "model.max_length=32", "method.rank=2", "method.targets=query,value",
+                     "train.max_steps=2", "train.precision=fp32", "train.num_threads=1"]) == 0
+    out = capsys.readouterr().out
+    assert "DAPT on" in out and "held-out perplexity" in out and "adapted model:" in out
+    assert cli.main(["adapt", tiny_encoder, "task", "--out", str(tmp_path / "b")]) == 2
+    assert "needs task= and dataset=" in capsys.readouterr().err

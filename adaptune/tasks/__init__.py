@@ -97,6 +97,11 @@ class Task:
     def label_space(self, train: list, dev: list) -> list[str]:
         return []
 
+    def corpus_text(self, example: Any) -> str:
+        """An example's text with its labels stripped: what task-adaptive pretraining (TAPT)
+        reads from the training split."""
+        raise ConfigError(f"the {self.name} task has no text to pretrain on (TAPT)")
+
     def check(self, model: "ModelSpec") -> None:
         """Raise ConfigError if the task cannot use this model."""
 

@@ -187,6 +187,9 @@ class ClassificationTask(Task):
                                f"{path}:{number}"))
         return out
 
+    def corpus_text(self, example: Example) -> str:
+        return example.text if example.pair is None else f"{example.text} {example.pair}"
+
     def label_space(self, train: list[Example], dev: list[Example]) -> list[str]:
         labels = sorted({ex.label for ex in train})
         unseen = sorted({ex.label for ex in dev} - set(labels))

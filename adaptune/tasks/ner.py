@@ -140,6 +140,9 @@ class NerTask(Task):
             out.append(Example(tuple(map(str, words)), tuple(tags), f"{path}:{number}"))
         return out
 
+    def corpus_text(self, example: Example) -> str:
+        return " ".join(example.words)
+
     def label_space(self, train: list[Example], dev: list[Example]) -> list[str]:
         labels = sorted({t for ex in train for t in ex.tags}, key=lambda t: (t != "O", t[2:], t))
         if labels == ["O"]:

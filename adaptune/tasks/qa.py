@@ -149,6 +149,9 @@ class QaTask(Task):
                                tuple(zip(texts, starts))))
         return out
 
+    def corpus_text(self, example: Example) -> str:
+        return f"{example.question} {example.context}"
+
     def read(self, path: Path, cfg: DataConfig, spec: DatasetSpec | None) -> list[Example]:
         # Nested SQuAD JSON (data -> paragraphs -> qas): no `datasets` builder reads it as such.
         examples = read_squad(path)

@@ -100,6 +100,9 @@ class SummarizationTask(Task):
     def read(self, path: Path, cfg: DataConfig, spec: DatasetSpec | None) -> list[Example]:
         return read_jsonl(path, spec.reader if spec else "xsum")
 
+    def corpus_text(self, example: Example) -> str:
+        return example.document  # not the summary: that is the label
+
     def table_fields(self, cfg: DataConfig) -> list[str]:
         return [cfg.document_field, cfg.summary_field]
 
