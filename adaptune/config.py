@@ -86,6 +86,9 @@ class LoraOptions:
     # suggests 16). peft's create_loraplus_optimizer builds the optimizer.
     loraplus_lr_ratio: float = 0.0
     eva_rho: float = 2.0  # EVA's rank redistribution limit (peft's EvaConfig.rho)
+    # Start A and B from another LoRA adapter's (a folder; e.g. a domain stage's, to continue
+    # training it on the task). Matched by layer name; the adapter's head is not taken.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         _check(self.init in LORA_INITS, "method.lora.init", f"one of {', '.join(LORA_INITS)}",

@@ -137,13 +137,26 @@ def adapt(model: str, corpus: str, output_dir: str, *, task: str = "", dataset: 
     return Path(current), reports
 
 
+CARRY = ("merge", "continue")
+
+
 def adapt_and_finetune(model: str, corpus: str, task: str, dataset: str, *,
                        output_dir: str, domain_overrides: dict[str, Any] | None = None,
                        task_overrides: dict[str, Any] | None = None,
-                       domain_model: str | Path | None = None) -> DomainResult:
+                       domain_model: str | Path | None = None,
+                       carry: str = "merge") -> DomainResult:
     """Both stages from a model name, a corpus (a named corpus, files, "task" for TAPT or
     "<corpus>+task" for DAPT then TAPT), a task and its data. `domain_model` reuses a merged
-    model from an earlier stage 1 (e.g. across seeds)."""
+    model from an earlier stage 1 (e.g. across seeds). `carry`: how the domain knowledge goes
+    into the task: "merge" (the domain adapter folded into the base, the task trains a new
+    adapter on it) or "continue" (the task trains the domain adapter further, on the original
+    base: it must have the task's targets and rank)."""
+    if carry not in CARRY:
+        raise ConfigError(f"adapt_and_finetune: carry={carry!r} is not one of {', '.join(CARRY)}")
+    if carry == "continue" and "+" in corpus:
+        raise ConfigError("adapt_and_finetune: carry='continue' takes one domain stage; with "
+                          f"{corpus!r} the last adapter was trained on the first stage's merged "
+                          "model, not on the base: use carry='merge'")
     out = Path(output_dir)
     if domain_model is None:
         task_data = (task_overrides or {}).get("data")
@@ -153,9 +166,11 @@ def adapt_and_finetune(model: str, corpus: str, task: str, dataset: str, *,
     else:
         folder = Path(domain_model)
         report = json.loads((folder.parent / "domain.json").read_text())
-    task_cfg = compose(DOMAIN_TASK, {"model": {"name": str(folder)},
-                                     "data": {"task": task, "dataset": dataset},
-                                     "output_dir": str(out / "task")}, task_overrides)
+    carried = {"model": {"name": str(folder)}} if carry == "merge" else {
+        "model": {"name": model},
+        "method": {"lora": {"init_from": str(folder.parent / "domain-adapter" / "adapter")}}}
+    task_cfg = compose(DOMAIN_TASK, carried, {"data": {"task": task, "dataset": dataset},
+                                              "output_dir": str(out / "task")}, task_overrides)
     task_result: RunResult = run(task_cfg)
     result = DomainResult(out, report, task_result.metrics)
     write_json(out / "result.json", result.to_json())

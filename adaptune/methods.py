@@ -289,6 +289,8 @@ class Lora(PeftMethod):
         import tempfile
 
         peft_model = super().apply(model, spec, total_steps)
+        if self.options.lora.init_from:
+            _start_from(peft_model, Path(self.options.lora.init_from))
         if self.options.lora.init in self.MOVES_BASE:
             # The adapter as initialised, before training: what the conversion subtracts.
             self._initial = tempfile.TemporaryDirectory(prefix="adaptune-initial-adapter-")
@@ -335,6 +337,39 @@ class Lora(PeftMethod):
         state = load_file(str(weights))
         save_file({**state, **{k: v for k, v in head.items() if k not in state}}, str(weights),
                   metadata={"format": "pt"})
+
+
+def _start_from(model: nn.Module, folder: Path) -> None:
+    """Copy the LoRA matrices of the adapter in `folder` into `model`'s, layer by layer: matched
+    on the name from the transformer layers on (`encoder.layer.3.attention.self.query.lora_A`),
+    so an adapter trained inside another task model (a masked-LM head's) fits. Every LoRA
+    matrix of `model` must be found, with its shape."""
+    from adaptune.safe_io import load_safetensors
+
+    source = {k: v for k, v in load_safetensors(folder / "adapter_model.safetensors").items()
+              if ".lora_" in k}
+
+    def layer_key(name: str) -> str:
+        name = name.replace(".default", "")
+        for anchor in (".encoder.", ".layers.", ".layer."):
+            if anchor in name:
+                return name[name.index(anchor):]
+        return name
+
+    by_layer = {layer_key(k): v for k, v in source.items()}
+    own = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    missing = [n for n in own if layer_key(n) not in by_layer]
+    if missing or not own:
+        raise ConfigError(f"method.lora.init_from: {folder} has no LoRA matrix for {missing[:2]} "
+                          "(trained on other layers, or not a LoRA adapter?)")
+    with torch.no_grad():
+        for name, param in own.items():
+            value = by_layer[layer_key(name)]
+            if value.shape != param.shape:
+                raise ConfigError(f"method.lora.init_from: {folder}: {layer_key(name)} has "
+                                  f"shape {tuple(value.shape)}, this run's is "
+                                  f"{tuple(param.shape)} (another rank?)")
+            param.copy_(value)
 
 
 class Dora(Lora):

@@ -210,3 +210,42 @@ def test_cli_adapt(tiny_encoder, tmp_path, capsys):
     assert "DAPT on" in out and "held-out perplexity" in out and "adapted model:" in out
     assert cli.main(["adapt", tiny_encoder, "task", "--out", str(tmp_path / "b")]) == 2
     assert "needs task= and dataset=" in capsys.readouterr().err
+
+
+def test_continue_carries_the_domain_adapter_into_the_task(tiny_encoder, cls_files, tmp_path):
+    from safetensors.torch import load_file
+
+    from adaptune import api
+    from adaptune.train import prepare
+
+    lora = {"rank": 2, "targets": ["query", "value"]}
+    result = adapt_and_finetune(
+        tiny_encoder, _corpus(tmp_path), task="classification", dataset="custom",
+        output_dir=str(tmp_path / "run"), carry="continue",
+        domain_overrides={"model": {"max_length": 64}, "method": lora,
+                          "train": {"max_steps": 6, "lr": 5e-3, "precision": "fp32",
+                                    "num_threads": 1}},
+        task_overrides={"data": {"train_path": cls_files[0], "dev_path": cls_files[1]},
+                        "model": {"max_length": 32}, "method": lora,
+                        "train": {"max_steps": 2, "lr": 1e-9, "warmup_ratio": 0.0,
+                                  "precision": "fp32", "num_threads": 1}})
+    domain = {k: v for k, v in load_file(str(
+        tmp_path / "run" / "domain-adapter" / "adapter" / "adapter_model.safetensors")).items()
+        if ".lora_" in k}
+    task_dir = tmp_path / "run" / "task" / "adapter"
+    task = {k: v for k, v in load_file(str(task_dir / "adapter_model.safetensors")).items()
+            if ".lora_" in k}
+    assert len(task) == len(domain) == 8  # A and B on query and value, 2 layers
+    # At lr 1e-9 the task's LoRA matrices are still the domain's: the task started from them.
+    suffix = {k.split(".encoder.")[1]: v for k, v in domain.items()}
+    for k, v in task.items():
+        torch.testing.assert_close(v, suffix[k.split(".encoder.")[1]], rtol=0, atol=1e-6)
+    assert any(v.abs().sum() > 0 for k, v in task.items() if "lora_B" in k)  # B was trained
+    # The task adapter is a plain adapter of the base: it reloads and scores as reported.
+    predictor = api.load(task_dir)
+    assert predictor.meta.model == tiny_encoder
+    assert prepare(predictor.meta.config).evaluate(predictor.model) == pytest.approx(
+        result.task["dev"], abs=1e-9)
+    with pytest.raises(Exception, match="carry='continue' takes one domain stage"):
+        adapt_and_finetune(tiny_encoder, "bio+task", task="classification", dataset="custom",
+                           output_dir=str(tmp_path / "x"), carry="continue")
