@@ -68,7 +68,8 @@ def write_adapter(model: nn.Module, run: ResolvedRun, labels: list[str], folder:
         with atomic_dir(folder) as tmp:
             run.method.save(model, tmp)
             _name_the_base(tmp, run)
-            weights = {f.name: sha256_of(f) for f in sorted(tmp.glob("*.safetensors"))}
+            weights = {f.relative_to(tmp).as_posix(): sha256_of(f)
+                       for f in sorted(tmp.rglob("*.safetensors"))}  # stacked/ too
             if not weights or any((tmp / name).stat().st_size < 64 for name in weights):
                 # peft under DeepSpeed ZeRO-3 is known to write empty adapters (peft #286, #2892).
                 raise RuntimeError(f"saving the adapter produced no weights in {folder}")

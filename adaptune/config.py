@@ -89,6 +89,10 @@ class LoraOptions:
     # Start A and B from another LoRA adapter's (a folder; e.g. a domain stage's, to continue
     # training it on the task). Matched by layer name; the adapter's head is not taken.
     init_from: str = ""
+    # Keep another LoRA adapter (a folder; e.g. a domain stage's) frozen under the one trained
+    # here: both apply, only this one trains, and the saved adapter carries the frozen one in
+    # its stacked/ subfolder, loaded with it. Matched by layer name, like init_from.
+    stack_on: str = ""
 
     def __post_init__(self) -> None:
         _check(self.init in LORA_INITS, "method.lora.init", f"one of {', '.join(LORA_INITS)}",

@@ -137,7 +137,7 @@ def adapt(model: str, corpus: str, output_dir: str, *, task: str = "", dataset: 
     return Path(current), reports
 
 
-CARRY = ("merge", "continue")
+CARRY = ("merge", "continue", "stack")
 
 
 def adapt_and_finetune(model: str, corpus: str, task: str, dataset: str, *,
@@ -149,12 +149,13 @@ def adapt_and_finetune(model: str, corpus: str, task: str, dataset: str, *,
     "<corpus>+task" for DAPT then TAPT), a task and its data. `domain_model` reuses a merged
     model from an earlier stage 1 (e.g. across seeds). `carry`: how the domain knowledge goes
     into the task: "merge" (the domain adapter folded into the base, the task trains a new
-    adapter on it) or "continue" (the task trains the domain adapter further, on the original
-    base: it must have the task's targets and rank)."""
+    adapter on it), "continue" (the task trains the domain adapter further, on the original
+    base: it must have the task's targets and rank) or "stack" (the domain adapter kept frozen
+    under a new task adapter; the saved task adapter carries it and loads with it)."""
     if carry not in CARRY:
         raise ConfigError(f"adapt_and_finetune: carry={carry!r} is not one of {', '.join(CARRY)}")
-    if carry == "continue" and "+" in corpus:
-        raise ConfigError("adapt_and_finetune: carry='continue' takes one domain stage; with "
+    if carry != "merge" and "+" in corpus:
+        raise ConfigError(f"adapt_and_finetune: carry={carry!r} takes one domain stage; with "
                           f"{corpus!r} the last adapter was trained on the first stage's merged "
                           "model, not on the base: use carry='merge'")
     out = Path(output_dir)
@@ -166,9 +167,12 @@ def adapt_and_finetune(model: str, corpus: str, task: str, dataset: str, *,
     else:
         folder = Path(domain_model)
         report = json.loads((folder.parent / "domain.json").read_text())
-    carried = {"model": {"name": str(folder)}} if carry == "merge" else {
-        "model": {"name": model},
-        "method": {"lora": {"init_from": str(folder.parent / "domain-adapter" / "adapter")}}}
+    domain_adapter = str(folder.parent / "domain-adapter" / "adapter")
+    carried = {"merge": {"model": {"name": str(folder)}},
+               "continue": {"model": {"name": model},
+                            "method": {"lora": {"init_from": domain_adapter}}},
+               "stack": {"model": {"name": model},
+                         "method": {"lora": {"stack_on": domain_adapter}}}}[carry]
     task_cfg = compose(DOMAIN_TASK, carried, {"data": {"task": task, "dataset": dataset},
                                               "output_dir": str(out / "task")}, task_overrides)
     task_result: RunResult = run(task_cfg)

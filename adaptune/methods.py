@@ -291,6 +291,8 @@ class Lora(PeftMethod):
         peft_model = super().apply(model, spec, total_steps)
         if self.options.lora.init_from:
             _start_from(peft_model, Path(self.options.lora.init_from))
+        if self.options.lora.stack_on:
+            _stack(peft_model, Path(self.options.lora.stack_on))
         if self.options.lora.init in self.MOVES_BASE:
             # The adapter as initialised, before training: what the conversion subtracts.
             self._initial = tempfile.TemporaryDirectory(prefix="adaptune-initial-adapter-")
@@ -318,9 +320,17 @@ class Lora(PeftMethod):
         # batches (the labels are not used; the forward pass is only observed).
         initialize_lora_eva_weights(model, dataloader=batches)
 
+    def load(self, base: nn.Module, folder: Path) -> nn.Module:
+        model = super().load(base, folder)
+        if (folder / STACKED).is_dir():  # the frozen adapter this one was trained on top of
+            model.load_adapter(str(folder / STACKED), adapter_name=STACKED)
+            _activate_both(model)
+        return model
+
     def save(self, model: nn.Module, folder: Path) -> None:
         initial = getattr(self, "_initial", None)
         if initial is None:
+            # With a stacked adapter, peft writes it to folder/stacked/ beside the trained one.
             return super().save(model, folder)
         from peft import get_peft_model_state_dict
         from safetensors.torch import load_file, save_file
@@ -339,7 +349,7 @@ class Lora(PeftMethod):
                   metadata={"format": "pt"})
 
 
-def _start_from(model: nn.Module, folder: Path) -> None:
+def _start_from(model: nn.Module, folder: Path, adapter: str = "default") -> None:
     """Copy the LoRA matrices of the adapter in `folder` into `model`'s, layer by layer: matched
     on the name from the transformer layers on (`encoder.layer.3.attention.self.query.lora_A`),
     so an adapter trained inside another task model (a masked-LM head's) fits. Every LoRA
@@ -350,14 +360,14 @@ def _start_from(model: nn.Module, folder: Path) -> None:
               if ".lora_" in k}
 
     def layer_key(name: str) -> str:
-        name = name.replace(".default", "")
+        name = name.replace(f".{adapter}.", ".").replace(".default.", ".")
         for anchor in (".encoder.", ".layers.", ".layer."):
             if anchor in name:
                 return name[name.index(anchor):]
         return name
 
     by_layer = {layer_key(k): v for k, v in source.items()}
-    own = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    own = {n: p for n, p in model.named_parameters() if ".lora_" in n and f".{adapter}." in n}
     missing = [n for n in own if layer_key(n) not in by_layer]
     if missing or not own:
         raise ConfigError(f"method.lora.init_from: {folder} has no LoRA matrix for {missing[:2]} "
@@ -370,6 +380,39 @@ def _start_from(model: nn.Module, folder: Path) -> None:
                                   f"shape {tuple(value.shape)}, this run's is "
                                   f"{tuple(param.shape)} (another rank?)")
             param.copy_(value)
+
+
+STACKED = "stacked"  # the peft adapter name (and subfolder) of a frozen, stacked adapter
+
+
+def _stack(model: nn.Module, folder: Path) -> None:
+    """Add the LoRA adapter in `folder` under the trained one, frozen: an adapter of the same
+    targets and rank, filled from the folder's matrices by layer name, both active."""
+    import json
+
+    from peft import LoraConfig
+
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    config = model.peft_config["default"]
+    model.add_adapter(STACKED, LoraConfig(
+        r=saved["r"], lora_alpha=saved["lora_alpha"], use_rslora=saved.get("use_rslora", False),
+        target_modules=config.target_modules, bias="none"))
+    _start_from(model, folder, adapter=STACKED)
+    _activate_both(model)
+
+
+def _activate_both(model: nn.Module) -> None:
+    """Both adapters active in every LoRA layer, only "default" trainable. (Set on the layers:
+    peft's model-level set_adapter refuses two adapters while the head is a modules_to_save
+    module.)"""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_adapter(["default", STACKED])
+    for name, param in model.named_parameters():
+        if f".{STACKED}." in name:
+            param.requires_grad_(False)
 
 
 class Dora(Lora):

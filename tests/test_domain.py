@@ -249,3 +249,39 @@ def test_continue_carries_the_domain_adapter_into_the_task(tiny_encoder, cls_fil
     with pytest.raises(Exception, match="carry='continue' takes one domain stage"):
         adapt_and_finetune(tiny_encoder, "bio+task", task="classification", dataset="custom",
                            output_dir=str(tmp_path / "x"), carry="continue")
+
+
+def test_stack_keeps_the_domain_adapter_frozen_under_the_task_adapter(tiny_encoder, cls_files,
+                                                                     tmp_path):
+    from safetensors.torch import load_file
+
+    from adaptune import api
+    from adaptune.train import prepare
+
+    lora = {"rank": 2, "targets": ["query", "value"]}
+    result = adapt_and_finetune(
+        tiny_encoder, _corpus(tmp_path), task="classification", dataset="custom",
+        output_dir=str(tmp_path / "run"), carry="stack",
+        domain_overrides={"model": {"max_length": 64}, "method": lora,
+                          "train": {"max_steps": 6, "lr": 5e-3, "precision": "fp32",
+                                    "num_threads": 1}},
+        task_overrides={"data": {"train_path": cls_files[0], "dev_path": cls_files[1]},
+                        "model": {"max_length": 32}, "method": lora,
+                        "train": {"max_steps": 4, "lr": 5e-3, "precision": "fp32",
+                                  "num_threads": 1}})
+    domain = {k.split(".encoder.")[1]: v for k, v in load_file(str(
+        tmp_path / "run" / "domain-adapter" / "adapter" / "adapter_model.safetensors")).items()
+        if ".lora_" in k}
+    task_dir = tmp_path / "run" / "task" / "adapter"
+    stacked = load_file(str(task_dir / "stacked" / "adapter_model.safetensors"))
+    assert len(stacked) == len(domain) == 8
+    for k, v in stacked.items():  # frozen: still the domain stage's matrices
+        torch.testing.assert_close(v, domain[k.split(".encoder.")[1]], rtol=0, atol=0)
+    # Only the task adapter (and the head) trained.
+    assert result.task["trainable_params"] == 2 * 2 * 2 * (32 + 32) + 32 * 2 + 2
+    predictor = api.load(task_dir)  # loads the stacked adapter with it
+    assert prepare(predictor.meta.config).evaluate(predictor.model) == pytest.approx(
+        result.task["dev"], abs=1e-9)
+    merged = api.load(task_dir, merge=True)
+    assert prepare(merged.meta.config).evaluate(merged.model) == pytest.approx(
+        result.task["dev"], abs=1e-9)
