@@ -285,3 +285,24 @@ def test_stack_keeps_the_domain_adapter_frozen_under_the_task_adapter(tiny_encod
     merged = api.load(task_dir, merge=True)
     assert prepare(merged.meta.config).evaluate(merged.model) == pytest.approx(
         result.task["dev"], abs=1e-9)
+
+
+def test_domain_budget_chosen_by_held_out_perplexity(tiny_encoder, tmp_path):
+    """Early stopping on perplexity of documents carved from the corpus (never trained on):
+    the domain budget found by measurement instead of a fixed epoch."""
+    import adaptune
+
+    stage = {"model": {"max_length": 32}, "method": {"rank": 2, "targets": ["query", "value"]},
+             "data": {"selection_examples": 10},
+             "train": {"epochs": 6, "evals_per_epoch": 1, "early_stopping_patience": 1,
+                       "lr": 5e-3, "precision": "fp32", "num_threads": 1}}
+    folder, (report,) = adaptune.adapt(tiny_encoder, _corpus(tmp_path, n=80),
+                                       str(tmp_path / "d"), overrides=stage)
+    import json
+
+    metrics = json.loads((tmp_path / "d" / "domain-adapter" / "metrics.json").read_text())
+    assert metrics["selected_on"] == "selection" and metrics["selection_examples"] == 10
+    evaluations = [e["selection"]["perplexity"] for e in metrics["evaluations"]]
+    assert metrics["best_step"] == metrics["evaluations"][
+        evaluations.index(min(evaluations))]["step"]  # the lowest held-out perplexity kept
+    assert report["perplexity_after"] > 0 and (folder / "config.json").exists()
