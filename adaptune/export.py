@@ -25,8 +25,8 @@ from adaptune.errors import ConfigError
 AUTO_CLASSES = {"ner": "AutoModelForTokenClassification",
                 "qa": "AutoModelForQuestionAnswering",
                 "classification": "AutoModelForSequenceClassification"}
-PIPELINES = {"ner": "token-classification", "qa": "question-answering",
-             "classification": "text-classification", "summarization": "text-generation"}
+PIPELINES = {"ner": "token-classification", "classification": "text-classification",
+             "summarization": "text-generation"}
 
 
 def export_transformers(adapter_dir: str | Path, out: str | Path) -> tuple[Path, str]:
@@ -71,9 +71,12 @@ def export_transformers(adapter_dir: str | Path, out: str | Path) -> tuple[Path,
         _copy_head(task, head, standard, body)
     standard.save_pretrained(out, safe_serialization=True)
     predictor.tokenizer.save_pretrained(out)
-    return out, (f"{out}: {type(standard).__name__} (adapter merged; labels "
-                 f"{', '.join(meta.labels)}) and its tokenizer; load it with "
-                 f"transformers.pipeline('{PIPELINES[task]}', model='{out}')")
+    how = (f"transformers.{AUTO_CLASSES[task]}.from_pretrained('{out}') (transformers 5 has no "
+           "question-answering pipeline)" if task == "qa" else
+           f"transformers.pipeline('{PIPELINES[task]}', model='{out}')")
+    labels = f"; labels {', '.join(meta.labels)}" if meta.labels else ""
+    return out, (f"{out}: {type(standard).__name__} (adapter merged{labels}) and its tokenizer; "
+                 f"load it with {how}")
 
 
 def _copy_head(task: str, head: Any, standard: Any, body: Any) -> None:

@@ -89,6 +89,11 @@ def test_qa_exports_as_question_answering(tiny_encoder, tmp_path):
         got, (start, end) = plain(**batch), ours.model(**batch).logits
     torch.testing.assert_close(got.start_logits, start, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.end_logits, end, rtol=1e-4, atol=1e-5)
+    # transformers 5 removed the question-answering pipeline: AutoModelForQuestionAnswering
+    # is how a user loads it, and its logits are adaptune's (above).
+    import transformers.pipelines as pipelines
+
+    assert "question-answering" not in pipelines.SUPPORTED_TASKS
 
 
 def test_onnx_export_matches_pytorch(tiny_encoder, cls_files, tmp_path):
