@@ -212,23 +212,28 @@ def test_cli_adapt(tiny_encoder, tmp_path, capsys):
     assert "needs task= and dataset=" in capsys.readouterr().err
 
 
+def _carried(model, cls_files, tmp_path, carry, task_train):
+    """Both stages on tiny data, LoRA r=2 on query/value in each, with `carry`."""
+    lora = {"rank": 2, "targets": ["query", "value"]}
+    quiet = {"precision": "fp32", "num_threads": 1}
+    return adapt_and_finetune(
+        model, _corpus(tmp_path), task="classification", dataset="custom",
+        output_dir=str(tmp_path / "run"), carry=carry,
+        domain_overrides={"model": {"max_length": 64}, "method": lora,
+                          "train": {"max_steps": 6, "lr": 5e-3, **quiet}},
+        task_overrides={"data": {"train_path": cls_files[0], "dev_path": cls_files[1]},
+                        "model": {"max_length": 32}, "method": lora,
+                        "train": {**task_train, **quiet}})
+
+
 def test_continue_carries_the_domain_adapter_into_the_task(tiny_encoder, cls_files, tmp_path):
     from safetensors.torch import load_file
 
     from adaptune import api
     from adaptune.train import prepare
 
-    lora = {"rank": 2, "targets": ["query", "value"]}
-    result = adapt_and_finetune(
-        tiny_encoder, _corpus(tmp_path), task="classification", dataset="custom",
-        output_dir=str(tmp_path / "run"), carry="continue",
-        domain_overrides={"model": {"max_length": 64}, "method": lora,
-                          "train": {"max_steps": 6, "lr": 5e-3, "precision": "fp32",
-                                    "num_threads": 1}},
-        task_overrides={"data": {"train_path": cls_files[0], "dev_path": cls_files[1]},
-                        "model": {"max_length": 32}, "method": lora,
-                        "train": {"max_steps": 2, "lr": 1e-9, "warmup_ratio": 0.0,
-                                  "precision": "fp32", "num_threads": 1}})
+    result = _carried(tiny_encoder, cls_files, tmp_path, "continue",
+                      {"max_steps": 2, "lr": 1e-9, "warmup_ratio": 0.0})
     domain = {k: v for k, v in load_file(str(
         tmp_path / "run" / "domain-adapter" / "adapter" / "adapter_model.safetensors")).items()
         if ".lora_" in k}
@@ -258,17 +263,7 @@ def test_stack_keeps_the_domain_adapter_frozen_under_the_task_adapter(tiny_encod
     from adaptune import api
     from adaptune.train import prepare
 
-    lora = {"rank": 2, "targets": ["query", "value"]}
-    result = adapt_and_finetune(
-        tiny_encoder, _corpus(tmp_path), task="classification", dataset="custom",
-        output_dir=str(tmp_path / "run"), carry="stack",
-        domain_overrides={"model": {"max_length": 64}, "method": lora,
-                          "train": {"max_steps": 6, "lr": 5e-3, "precision": "fp32",
-                                    "num_threads": 1}},
-        task_overrides={"data": {"train_path": cls_files[0], "dev_path": cls_files[1]},
-                        "model": {"max_length": 32}, "method": lora,
-                        "train": {"max_steps": 4, "lr": 5e-3, "precision": "fp32",
-                                  "num_threads": 1}})
+    result = _carried(tiny_encoder, cls_files, tmp_path, "stack", {"max_steps": 4, "lr": 5e-3})
     domain = {k.split(".encoder.")[1]: v for k, v in load_file(str(
         tmp_path / "run" / "domain-adapter" / "adapter" / "adapter_model.safetensors")).items()
         if ".lora_" in k}
