@@ -119,7 +119,7 @@ def load_results(folder: str | Path) -> Results:
     kept = {path for path, _ in found.values()}
     stale = sorted(p.stem for p in (folder / "cells").glob("*.json") if p not in kept)
     failed = sorted(p.stem for p in (folder / "failed").glob("*.json") if p.stem in ids)
-    states = cell_states(grid, cells, folder)
+    states = cell_states(grid, cells, folder, found)  # the records read once, above
     missing = sorted(i for i in ids - set(found) - set(failed) if states[i] != "pruned")
     searches: list[dict[str, Any]] = []
     if grid.lrs or grid.method_lrs:

@@ -785,7 +785,7 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1, launcher: str = "loc
         if path not in kept:
             (out / "stale").mkdir(exist_ok=True)
             os.replace(path, out / "stale" / path.name)
-    states = cell_states(grid, cells, out)
+    states = cell_states(grid, cells, out, found)
     todo = sum(state == "pending" for state in states.values())
     pruned = sum(state == "pruned" for state in states.values())
     print(f"grid {grid.name}: {len(cells)} cells, {len(found)} already done, "
@@ -823,13 +823,16 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1, launcher: str = "loc
     return SweepSummary(len(cells) - pruned, len(finished(out, cells)), skipped, failed, pruned)
 
 
-def cell_states(grid: Grid, cells: Sequence[Cell], out: Path) -> dict[str, str]:
-    """Each cell's state: "done", "pruned" (an lr cut by successive halving), "pending"."""
+def cell_states(grid: Grid, cells: Sequence[Cell], out: Path,
+                found: Mapping[str, tuple[Path, dict[str, Any]]] | None = None
+                ) -> dict[str, str]:
+    """Each cell's state: "done", "pruned" (an lr cut by successive halving), "pending".
+    `found`: the `finished(out, cells)` the caller has already read."""
     from adaptune.tasks import task_class
 
     higher = task_class(grid.task).higher_is_better
     by_key = {(*c.group(), c.lr, c.rung): c for c in cells}
-    done = {cid: record for cid, (_, record) in finished(out, cells).items()}
+    done = {cid: record for cid, (_, record) in (found if found is not None else finished(out, cells)).items()}
     return {c.id: "done" if c.id in done else
             "pruned" if next_step(c, by_key, done, grid, higher) == "pruned" else "pending"
             for c in cells}
