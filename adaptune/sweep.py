@@ -832,7 +832,8 @@ def cell_states(grid: Grid, cells: Sequence[Cell], out: Path,
 
     higher = task_class(grid.task).higher_is_better
     by_key = {(*c.group(), c.lr, c.rung): c for c in cells}
-    done = {cid: record for cid, (_, record) in (found if found is not None else finished(out, cells)).items()}
+    found = found if found is not None else finished(out, cells)
+    done = {cid: record for cid, (_, record) in found.items()}
     return {c.id: "done" if c.id in done else
             "pruned" if next_step(c, by_key, done, grid, higher) == "pruned" else "pending"
             for c in cells}
