@@ -38,6 +38,23 @@ def test_named_corpora_from_real_files():
     assert not {ex.text for ex in train} & {ex.text for ex in dev}
 
 
+@needs_data
+@pytest.mark.parametrize("corpus,dataset", [("legal", "legal_unfair_tos"),
+                                            ("finance", "financial_phrasebank")])
+def test_domain_corpora_hold_no_dev_text_of_their_tasks(corpus, dataset):
+    """The legal and finance corpora are drawn from the files of single-file task sets: only
+    the training part of the task's fixed split may enter them, never its dev or test rows."""
+    from adaptune.tasks.classification import ClassificationTask
+
+    docs, _, _ = lm.load_corpus(DataConfig(task="lm", dataset=corpus, data_dir=str(DATA)))
+    cfg = DataConfig(task="classification", dataset=dataset, data_dir=str(DATA))
+    dev = {" ".join(ex.text.split()) for ex in ClassificationTask().load(cfg, "dev", 0)}
+    train = {" ".join(ex.text.split()) for ex in ClassificationTask().load(cfg, "train", 0)}
+    kept = set(docs)
+    assert len(dev) > 100 and not (dev - train) & kept
+    assert len(train & kept) > 0.5 * len(train)
+
+
 def test_packing_into_blocks(tiny_encoder):
     tok = load_tokenizer(tiny_encoder)
     blocks = lm.pack(["abc def", "gh ij"], tok, block=4, separator=tok.sep_token_id)

@@ -77,20 +77,23 @@ def _squad_contexts(path: Path) -> list[str]:
     return [p["context"] for article in data["data"] for p in article["paragraphs"]]
 
 
+def _classification_train(dataset: str) -> Any:
+    """A reader of a single-file classification set that keeps only the training part of its
+    fixed 80/10/10 split: the dev and test rows must not leak into the domain corpus that the
+    task is later evaluated after."""
+    def read(path: Path) -> list[str]:
+        from adaptune.tasks.classification import DATASETS, ClassificationTask
+
+        task, spec = ClassificationTask(), DATASETS[dataset]
+        return [ex.text for ex in task.split(task.read(path, DataConfig(), spec), "train", spec)]
+    return read
+
+
 def _tsv_column(path: Path, column: str) -> list[str]:
     import csv
 
     with open(path, encoding="utf-8", newline="") as f:
         return [row[column] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
-
-
-def _phrasebank_train(path: Path) -> list[str]:
-    """Only the training part of the fixed split: the dev sentences must not leak into the
-    domain corpus that the task is later evaluated after."""
-    from adaptune.tasks.classification import DATASETS, ClassificationTask
-
-    task, spec = ClassificationTask(), DATASETS["financial_phrasebank"]
-    return [ex.text for ex in task.split(task.read(path, DataConfig(), spec), "train", spec)]
 
 
 # Named corpora: unlabelled in-domain text from the data root (training splits only).
@@ -99,9 +102,10 @@ CORPORA: dict[str, list[tuple[str, Any]]] = {
     "bc5cdr_text": [("ner/bc5cdr/train.tsv", _conll_sentences)],
     "ncbi_text": [("ner/ncbi_disease/train.tsv", _conll_sentences)],
     "covid": [("qa/covid_qa/covid_qa.json", _squad_contexts)],
-    "legal": [("cls/legal_unfair_tos/data.tsv", lambda p: _tsv_column(p, "text")),
+    "legal": [("cls/legal_unfair_tos/data.tsv", _classification_train("legal_unfair_tos")),
               ("cls/legal_overruling/test.tsv", lambda p: _tsv_column(p, "text"))],
-    "finance": [("cls/financial_phrasebank/Sentences_50Agree.txt", _phrasebank_train),
+    "finance": [("cls/financial_phrasebank/Sentences_50Agree.txt",
+                 _classification_train("financial_phrasebank")),
                 ("ner/sec_filings/train.txt", _conll_sentences)],
 }
 CORPORA["bio"] = CORPORA["pubmed"] + CORPORA["bc5cdr_text"] + CORPORA["ncbi_text"]
