@@ -80,7 +80,9 @@ def domain_stage(model: str, corpus: str, output_dir: Path, *,
             adapted.metrics["dev"]["perplexity"], "heldout_tokens": before.get("tokens"),
         "before_is": "fitted MLM head, frozen encoder" if family is Family.ENCODER
         else "pretrained model, untouched",
-        "steps": adapted.metrics["optimizer_steps"], "wall_time_s": adapted.metrics["wall_time_s"],
+        "steps": adapted.metrics["optimizer_steps"], "planned_steps":
+            adapted.metrics["planned_steps"], "stopped_early": adapted.metrics["stopped_early"],
+        "wall_time_s": adapted.metrics["wall_time_s"],
         "trainable_params": adapted.metrics["trainable_params"],
         "merged_model": str(folder),
     }
