@@ -112,10 +112,12 @@ class Method:
         return model
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and norms (the usual AdamW practice)."""
+def param_groups(model: nn.Module, weight_decay: float,
+                 named: Iterable[tuple[str, nn.Parameter]] | None = None) -> list[dict[str, Any]]:
+    """No weight decay on biases and norms (the usual AdamW practice). `named`: these
+    parameters instead of the model's (one adapter of a pack)."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for name, param in named if named is not None else model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay},

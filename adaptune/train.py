@@ -615,12 +615,20 @@ def _loop(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState",
 
 def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: float,
                    resumed_from: str | None) -> dict[str, Any]:
+    return final_metrics(p, state, wall, resumed_from, plan=tr.plan, params=tr.params,
+                         precision=tr.precision, memory=tr.memory,
+                         processes=tr.accelerator.num_processes)
+
+
+def final_metrics(p: Prepared, state: "ckpt.TrainState", wall: float, resumed_from: str | None,
+                  *, plan: Plan, params: dict[str, int], precision: str, memory: Any,
+                  processes: int) -> dict[str, Any]:
+    """metrics.json of a finished run (also of each adapter of a pack: adaptune.packing)."""
     sign = 1 if p.task.higher_is_better else -1
     main, selecting = p.task.main_metric, bool(p.selection_features)
     # The kept checkpoint: the best evaluation on the selection split when there is one (its
     # dev scores were taken for reporting only), else on dev.
     best = max(state.evals, key=lambda e: sign * (e["selection"][main] if selecting else e[main]))
-    processes = tr.accelerator.num_processes
     return {
         "dev": dict(state.best_dev or {}) if selecting else
         {k: v for k, v in best.items() if k not in ("step", "train_loss", "lr")},
@@ -628,19 +636,19 @@ def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: flo
         "selection": best.get("selection"),
         "selection_examples": len(p.selection_examples),
         "stopped_early": state.stopped_early,
-        "planned_steps": tr.plan.total_steps,
+        "planned_steps": plan.total_steps,
         "best_step": best["step"],
         "evaluations": state.evals,
         "main_metric": p.task.main_metric,
-        "trainable_params": tr.params["trainable"],
-        "total_params": tr.params["total"],
-        "trainable_percent": 100.0 * tr.params["trainable"] / tr.params["total"],
-        "backbone_params": tr.params["backbone"],
-        "backbone_non_embedding_params": tr.params["backbone_non_embedding"],
+        "trainable_params": params["trainable"],
+        "total_params": params["total"],
+        "trainable_percent": 100.0 * params["trainable"] / params["total"],
+        "backbone_params": params["backbone"],
+        "backbone_non_embedding_params": params["backbone_non_embedding"],
         "train_examples": len(p.train_examples),
         "dev_examples": len(p.dev_examples),
         "optimizer_steps": state.step,
-        "epochs": tr.plan.epochs,
+        "epochs": plan.epochs,
         "wall_time_s": wall,  # training, evaluations and checkpoints
         "train_time_s": wall - state.overhead,  # training steps only
         "train_real_tokens": state.real_tokens * processes,
@@ -648,10 +656,9 @@ def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: flo
         "real_tokens_per_s": state.real_tokens * processes / max(1e-9, wall - state.overhead),
         "peak_memory_mb": peak_memory_mb(),  # the process's, since it started
         # This run's training loop: its peak, and how far above the memory held before it.
-        "train_peak_memory_mb": tr.memory.peak_mb if tr.memory else None,
-        "train_memory_increase_mb": (tr.memory.peak_mb - tr.memory.baseline_mb)
-        if tr.memory else None,
-        "precision": tr.precision,
+        "train_peak_memory_mb": memory.peak_mb if memory else None,
+        "train_memory_increase_mb": (memory.peak_mb - memory.baseline_mb) if memory else None,
+        "precision": precision,
         "num_processes": processes,
         "resumed_from": resumed_from,
         "final_train_loss": state.loss_sum / max(1, state.loss_count),
@@ -686,35 +693,54 @@ def _evaluate_and_keep_best(p: Prepared, tr: Trainer, out: Path,
     accelerator = tr.accelerator
     split = "selection" if p.selection_features else "dev"
     metrics: dict[str, Any] = {}
+    unwrapped = accelerator.unwrap_model(tr.model)
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(tr.model)
         with accelerator.autocast():
             scores, stats = p.evaluate(unwrapped, accelerator.device, with_stats=True,
                                        split=split)
-        if _improves(p.task, scores[p.task.main_metric], state.best):
-            write_adapter(unwrapped, p.run, p.labels, out / ADAPTER_DIR)
-            if split == "dev":
-                state.best_example_stats = stats
-        metrics = {"selection": scores} if split == "selection" else scores
+        metrics = save_if_better(p, state, scores, stats, lambda: write_adapter(
+            unwrapped, p.run, p.labels, out / ADAPTER_DIR))
         accelerator.print(f"step {state.step}: {split} " + ", ".join(
             f"{k}={v:.4f}" for k, v in scores.items() if isinstance(v, float)))
     if accelerator.num_processes > 1:
         metrics = broadcast_object_list([metrics])[0]
-    value = (metrics["selection"] if split == "selection" else metrics)[p.task.main_metric]
-    if _improves(p.task, value, state.best):
-        state.best, state.since_best = value, 0
-        if split == "selection":
-            # Dev is scored for the kept checkpoint only, once the run has finished; no
-            # decision of the run (kept checkpoint, early stop) or of a sweep (lr) reads it.
-            tr.best_weights = {n: t.detach().to("cpu", copy=True) for n, t in
-                               accelerator.unwrap_model(tr.model).named_parameters()
-                               if t.requires_grad}
-    else:
-        state.since_best += 1
-        patience = p.run.config.train.early_stopping_patience
-        state.stopped_early = bool(patience) and state.since_best >= patience
+    kept = track_best(p, state, metrics, lambda: {
+        n: t.detach().to("cpu", copy=True) for n, t in unwrapped.named_parameters()
+        if t.requires_grad})
+    if kept is not None:
+        tr.best_weights = kept
     accelerator.wait_for_everyone()
     return metrics
+
+
+def save_if_better(p: Prepared, state: "ckpt.TrainState", scores: dict[str, Any],
+                   stats: Any, save_adapter: Any) -> dict[str, Any]:
+    """After an evaluation (main process): write the adapter (`save_adapter()`) when the main
+    metric improves on the kept checkpoint's; returns the evaluation's record."""
+    split = "selection" if p.selection_features else "dev"
+    if _improves(p.task, scores[p.task.main_metric], state.best):
+        save_adapter()
+        if split == "dev":
+            state.best_example_stats = stats
+    return {"selection": scores} if split == "selection" else scores
+
+
+def track_best(p: Prepared, state: "ckpt.TrainState", metrics: dict[str, Any],
+               trainable_weights: Any) -> dict[str, torch.Tensor] | None:
+    """After an evaluation (every process): the best score so far, early stopping's count, and,
+    in runs with a selection split, the new kept weights (`trainable_weights()`) when it
+    improved (else None)."""
+    selecting = bool(p.selection_features)
+    value = (metrics["selection"] if selecting else metrics)[p.task.main_metric]
+    if _improves(p.task, value, state.best):
+        state.best, state.since_best = value, 0
+        # Dev is scored for the kept checkpoint only, once the run has finished; no decision of
+        # the run (kept checkpoint, early stop) or of a sweep (lr) reads it.
+        return trainable_weights() if selecting else None
+    state.since_best += 1
+    patience = p.run.config.train.early_stopping_patience
+    state.stopped_early = bool(patience) and state.since_best >= patience
+    return None
 
 
 def _improves(task: Task, value: float, best: float | None) -> bool:

@@ -48,6 +48,9 @@ class Task:
     datasets: ClassVar[dict[str, DatasetSpec]] = {}
     default_dataset: ClassVar[str] = ""
     target_keys: ClassVar[tuple[str, ...]] = ("labels",)  # batch fields that are gold targets
+    # Several adapters can train in one pack (adaptune.packing): `predict` is one forward pass
+    # of the model on the batch without its targets.
+    packable: ClassVar[bool] = True
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "Task":

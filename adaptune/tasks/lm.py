@@ -232,6 +232,7 @@ class LanguageModelTask(Task):
     name, main_metric, higher_is_better = "lm", "perplexity", False
     datasets, default_dataset = CORPORA, "bio"
     lm_head = True
+    packable = False  # prediction is not one forward pass without the targets
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "LanguageModelTask":
