@@ -31,7 +31,6 @@ whose folder holds a resumable checkpoint resumes alone.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import ExitStack, contextmanager
@@ -47,7 +46,7 @@ from adaptune.artifact import ADAPTER_DIR, write_adapter
 from adaptune.batching import LengthGroupedBatches, eval_batches
 from adaptune.config import RunConfig, to_dict
 from adaptune.errors import ConfigError, TrainingDiverged
-from adaptune.methods import HEAD, Lora, count_params, param_groups
+from adaptune.methods import Lora, count_params, param_groups
 from adaptune.modeling import TaskOutput, count_backbone_params
 from adaptune.safe_io import write_json
 from adaptune.train import (MemoryPeak, Plan, Prepared, RunResult, _clear_run_files,
