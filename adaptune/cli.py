@@ -4,7 +4,7 @@
     adaptune zoo prepare minilm-l6    install and convert ahead of time
     adaptune train --config x.yaml section.field=value ...
     adaptune predict runs/x/adapter "some text" "more text"
-    adaptune sweep benchmarks/grids/sst2_encoders.yaml --out results/sst2 [--workers 2]
+    adaptune sweep benchmarks/grids/sst2_encoders.yaml --out results/sst2 [--workers 2] [--pack K]
     adaptune report results/sst2          tables, CSV, plots and scaling-law fits
     adaptune advise results/sst2 --model minilm-l6 --within 0.01 [--backtest]
 """
@@ -70,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          help="local worker processes, or Ray tasks (pip install adaptune[ray])")
     sweep_p.add_argument("--address", default=None,
                          help="with --launcher ray: an existing Ray cluster (default: local)")
+    sweep_p.add_argument("--pack", type=int, default=1,
+                         help="train up to K compatible LoRA cells at once on one copy of the "
+                         "base (each recorded as its own cell)")
     report_p = sub.add_parser("report", help="tables, CSV, plots and fits of a results folder")
     report_p.add_argument("results")
     report_p.add_argument("--out", default="", help="where to write (default: the results folder)")
@@ -142,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from adaptune.sweep import load_grid, run_grid
 
             print(run_grid(load_grid(args.grid), args.out, workers=args.workers,
-                           launcher=args.launcher, address=args.address))
+                           launcher=args.launcher, address=args.address, pack=args.pack))
         elif args.command == "report":
             from adaptune.report import write_report
 

@@ -451,6 +451,20 @@ def finished(out: Path, cells: Sequence[Cell]) -> dict[str, tuple[Path, dict[str
     return found
 
 
+def cell_run_config(cell: Cell, out: Path, num_threads: int = 0,
+                    environment: Mapping[str, Any] | None = None,
+                    pause_at_fraction: float = 0.0) -> RunConfig:
+    """The run config of a cell inside a results folder: its work folder, threads, rung, and
+    a tracker name (runner-only settings, never part of the cell's identity)."""
+    work = out / "work" / cell.arm_id  # every rung of one lr continues the same run
+    # A tracker sees every cell as a run of the grid, named by its id, tagged with its axes.
+    tags = [f"grid={(environment or {}).get('grid', '')}"] + [
+        f"{k}={v}" for k, v in cell.axes().items() if v is not None]
+    return cell.config.replace(output_dir=str(work), train={
+        "num_threads": num_threads, "pause_at_fraction": pause_at_fraction,
+        "tracking_dir": str(out / "tracking"), "run_name": cell.arm_id, "run_tags": tags})
+
+
 def run_cell(cell: Cell, out: Path, num_threads: int = 0,
              environment: Mapping[str, Any] | None = None,
              pause_at_fraction: float = 0.0) -> dict[str, Any]:
@@ -460,22 +474,39 @@ def run_cell(cell: Cell, out: Path, num_threads: int = 0,
     from adaptune.train import run
 
     out = Path(out)
-    work = out / "work" / cell.arm_id  # every rung of one lr continues the same run
-    # A tracker sees every cell as a run of the grid, named by its id, tagged with its axes.
-    tags = [f"grid={(environment or {}).get('grid', '')}"] + [
-        f"{k}={v}" for k, v in cell.axes().items() if v is not None]
-    cfg = cell.config.replace(output_dir=str(work), train={
-        "num_threads": num_threads, "pause_at_fraction": pause_at_fraction,
-        "tracking_dir": str(out / "tracking"), "run_name": cell.arm_id, "run_tags": tags})
-    record: dict[str, Any] = {"id": cell.id, "axes": cell.axes(), "config": to_dict(cell.config),
-                              **(environment or {})}
+    cfg = cell_run_config(cell, out, num_threads, environment, pause_at_fraction)
     started = time.perf_counter()
     try:
         result = run(cfg)
     except NotApplicable as exc:
-        record.update(status="skipped", reason=str(exc))
+        return record_cell(cell, out, environment, started, skipped=str(exc))
+    return record_cell(cell, out, environment, started, metrics=result.metrics)
+
+
+def run_pack(cells: Sequence[Cell], out: Path, num_threads: int = 0,
+             environment: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Train these cells as one pack (`adaptune.packing`) and record each one as `run_cell`
+    would: one atomic record per cell, written when the pack has finished."""
+    from adaptune.packing import run_packed
+
+    out = Path(out)
+    configs = [cell_run_config(c, out, num_threads, environment) for c in cells]
+    started = time.perf_counter()
+    results = run_packed(configs, log=lambda line: print(line, flush=True))
+    return [record_cell(cell, out, environment, started, metrics=result.metrics)
+            for cell, result in zip(cells, results)]
+
+
+def record_cell(cell: Cell, out: Path, environment: Mapping[str, Any] | None, started: float,
+                *, metrics: Mapping[str, Any] | None = None, skipped: str = "") -> dict[str, Any]:
+    """Write a cell's record (the moment it counts as done) from its run's metrics, or as
+    skipped with the reason; remove its work folder unless the run paused (a rung)."""
+    record: dict[str, Any] = {"id": cell.id, "axes": cell.axes(), "config": to_dict(cell.config),
+                              **(environment or {})}
+    if metrics is None:
+        record.update(status="skipped", reason=skipped)
     else:
-        m = result.metrics
+        m = metrics
         record.update(
             status="ok", metric=m["main_metric"], value=m["dev"].get(m["main_metric"]),
             dev=m["dev"], trainable_params=m["trainable_params"], total_params=m["total_params"],
@@ -494,13 +525,14 @@ def run_cell(cell: Cell, out: Path, num_threads: int = 0,
             best_step=m.get("best_step"), planned_steps=m.get("planned_steps"),
             stopped_early=m.get("stopped_early"), paused=bool(m.get("paused")),
             evaluations=[{k: v for k, v in e.items()} for e in m.get("evaluations", [])])
+        if m.get("pack"):
+            record["pack"] = m["pack"]  # trained in a pack: its time and memory are shared
     record["wall_time_s"] = time.perf_counter() - started
     record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(out / "cells" / f"{cell.id}.json", record)  # the moment the cell counts as done
     if not record.get("paused"):
-        shutil.rmtree(work, ignore_errors=True)
-    stale = out / "failed" / f"{cell.id}.json"
-    stale.unlink(missing_ok=True)
+        shutil.rmtree(out / "work" / cell.arm_id, ignore_errors=True)
+    (out / "failed" / f"{cell.id}.json").unlink(missing_ok=True)
     return record
 
 
@@ -565,7 +597,7 @@ HEARTBEAT_S, STALE_CLAIM_S = 60.0, 600.0
 
 
 @contextmanager
-def _heartbeat(lock: Path) -> Iterator[None]:
+def _heartbeat(*locks: Path) -> Iterator[None]:
     import threading
 
     stop = threading.Event()
@@ -573,7 +605,8 @@ def _heartbeat(lock: Path) -> Iterator[None]:
     def beat() -> None:
         while not stop.wait(HEARTBEAT_S):
             try:
-                os.utime(lock)
+                for lock in locks:
+                    os.utime(lock)
             except OSError:
                 return
 
@@ -631,10 +664,11 @@ def search_cells(grid: Grid, model: str, method: str, rank: int | None, fraction
 
 
 def work_through(grid: Grid, out: Path, num_threads: int = 0, label: str = "",
-                 cells: Sequence[Cell] | None = None) -> None:
+                 cells: Sequence[Cell] | None = None, pack: int = 1) -> None:
     """Run every cell (of the grid, or the given ones) that is neither done nor claimed by
     another worker, each rung of an lr search once the previous rung of its cell is complete;
-    lrs cut by successive halving are not run (their work folders are removed)."""
+    lrs cut by successive halving are not run (their work folders are removed). `pack` > 1:
+    up to that many compatible cells train together (`adaptune.packing`)."""
     from adaptune.tasks import task_class
 
     cells = list(cells) if cells is not None else expand(grid)[0]
@@ -673,10 +707,74 @@ def work_through(grid: Grid, out: Path, num_threads: int = 0, label: str = "",
             time.sleep(2.0)  # other workers are finishing what the rest depends on
             continue
         index, cell = picked
-        _run_claimed(cell, grid, out, num_threads, environment,
-                     f"{label}[{index}/{total}] {clock.line(done)}")
-        if not (out / "cells" / f"{cell.id}.json").exists():
-            done[cell.id] = {"status": "failed"}  # in this sweep: a cut treats it as unscored
+        where = f"{label}[{index}/{total}] {clock.line(done)}"
+        partners = _claim_partners(cell, cells[index:], done, by_key, grid, higher, out,
+                                   pack - 1) if pack > 1 else []
+        if partners:
+            _run_claimed_pack([cell, *partners], grid, out, num_threads, environment, where)
+        else:
+            _run_claimed(cell, grid, out, num_threads, environment, where)
+        for ran in (cell, *partners):
+            if not (out / "cells" / f"{ran.id}.json").exists():
+                done[ran.id] = {"status": "failed"}  # in this sweep: a cut treats it as unscored
+
+
+def _claim_partners(first: Cell, later: Sequence[Cell], done: Mapping[str, Any],
+                    by_key: Mapping[tuple, Cell], grid: Grid, higher: bool, out: Path,
+                    wanted: int) -> list[Cell]:
+    """Up to `wanted` runnable cells after `first` that can share its pack (same base, task
+    and tokenizer: `packing.pack_key`), claimed. Rungs of a successive-halving search pause
+    and resume alone, so such grids are not packed."""
+    from adaptune.packing import pack_key
+
+    key = pack_key(first.config) if grid.rungs == 1 else None
+    partners: list[Cell] = []
+    for cell in later if key is not None else []:
+        if len(partners) == wanted:
+            break
+        if cell.id in done or pack_key(cell.config) != key \
+                or next_step(cell, by_key, done, grid, higher) != "run":
+            continue
+        if _claim(out, cell.id):
+            partners.append(cell)
+    return partners
+
+
+def _run_claimed_pack(cells: list[Cell], grid: Grid, out: Path, num_threads: int,
+                      environment: Mapping[str, Any], where: str) -> None:
+    """A pack of claimed cells; if the pack fails, its cells run alone (each recorded as ok,
+    skipped or failed, as usual)."""
+
+    locks = [out / "locks" / c.id for c in cells]
+    try:
+        with _heartbeat(*locks):
+            records = run_pack(cells, out, num_threads, environment)
+    except Interrupted:
+        for lock in locks:
+            lock.unlink(missing_ok=True)
+        raise
+    except Exception as exc:  # e.g. a rank too large for one member: each cell decides alone
+        print(f"{where} a pack of {len(cells)} cells failed ({type(exc).__name__}: {exc}); "
+              "its cells run alone", flush=True)
+        for cell in cells:
+            if (out / "cells" / f"{cell.id}.json").exists():
+                (out / "locks" / cell.id).unlink(missing_ok=True)
+            else:
+                _run_claimed(cell, grid, out, num_threads, environment, where)
+        return
+    for cell, record in zip(cells, records):
+        (out / "locks" / cell.id).unlink(missing_ok=True)
+        print(f"{where} {cell.id}: {_shown(record)} (in a pack of {len(cells)}, "
+              f"{record.get('wall_time_s', 0.0):.1f} s)", flush=True)
+    gc.collect()
+
+
+def _shown(record: Mapping[str, Any]) -> str:
+    shown = (f"{record['metric']} {record['value']:.4f}" if record.get("value") is not None
+             else "paused" if record.get("paused") else f"skipped ({record.get('reason')})")
+    if record.get("selection"):
+        shown = f"selection {record['selection'][record['metric']]:.4f}, dev {shown}"
+    return shown
 
 
 class _Progress:
@@ -721,12 +819,7 @@ def _run_claimed(cell: Cell, grid: Grid, out: Path, num_threads: int,
                     f"{exc}", "traceback": traceback.format_exc(), **environment})
         print(f"{where} {cell.id}: FAILED ({type(exc).__name__}: {exc})", flush=True)
     else:
-        shown = (f"{record['metric']} {record['value']:.4f}" if record.get("value") is not None
-                 else "paused" if record.get("paused")
-                 else f"skipped ({record.get('reason')})")
-        if record.get("selection"):
-            shown = f"selection {record['selection'][record['metric']]:.4f}, dev {shown}"
-        print(f"{where} {cell.id}: {shown} ({record.get('wall_time_s', 0.0):.1f} s)",
+        print(f"{where} {cell.id}: {_shown(record)} ({record.get('wall_time_s', 0.0):.1f} s)",
               flush=True)
     finally:
         (out / "locks" / cell.id).unlink(missing_ok=True)
@@ -752,11 +845,15 @@ class SweepSummary:
 
 
 def run_grid(grid: Grid, out: str | Path, workers: int = 1, launcher: str = "local",
-             address: str | None = None) -> SweepSummary:
+             address: str | None = None, pack: int = 1) -> SweepSummary:
     """Run (or finish) a grid into the folder `out`. With several workers each is a separate
     process that claims cells one at a time; with several GPUs each worker gets one, on a CPU
     they split the cores. `launcher="ray"` runs the workers as Ray tasks instead, on a local
-    Ray or the cluster at `address` (the results folder must be on a filesystem they share)."""
+    Ray or the cluster at `address` (the results folder must be on a filesystem they share).
+    `pack` > 1: each worker trains up to that many compatible cells at once, on one copy of
+    the base (`adaptune.packing`); each cell is still recorded on its own."""
+    if pack < 1:
+        raise ConfigError(f"sweep --pack: expected an integer >= 1, got {pack}")
     import torch
 
     out = Path(out)
@@ -794,9 +891,9 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1, launcher: str = "loc
                                 if grid.rungs > 1 and todo else "")
           + f", {workers} worker(s)", flush=True)
     if launcher == "ray":
-        _run_on_ray(out, workers, address)
+        _run_on_ray(out, workers, address, pack)
     elif workers <= 1:
-        work_through(grid, out)
+        work_through(grid, out, pack=pack)
     else:
         gpus = torch.cuda.device_count()
         threads = 1 if gpus else max(1, (os.cpu_count() or 1) // workers)
@@ -807,7 +904,7 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1, launcher: str = "loc
                 env["CUDA_VISIBLE_DEVICES"] = str(k % gpus)
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "adaptune.sweep", "--worker", str(out),
-                 "--threads", str(threads), "--label", f"w{k} "], env=env,
+                 "--threads", str(threads), "--label", f"w{k} ", "--pack", str(pack)], env=env,
                 preexec_fn=_die_with_parent))
         try:
             for proc in procs:
@@ -839,7 +936,7 @@ def cell_states(grid: Grid, cells: Sequence[Cell], out: Path,
             for c in cells}
 
 
-def _run_on_ray(out: Path, workers: int, address: str | None) -> None:
+def _run_on_ray(out: Path, workers: int, address: str | None, pack: int = 1) -> None:
     """Each worker a Ray task with its resources (a GPU where the cluster has them, else CPU
     cores), claiming cells from the shared folder like a local worker: the cell records stay
     the source of truth, so a rerun after a lost node finishes what is missing."""
@@ -856,15 +953,15 @@ def _run_on_ray(out: Path, workers: int, address: str | None) -> None:
         gpus = int(resources.get("GPU", 0))
         threads = 1 if gpus else max(1, int(resources.get("CPU", 1)) // workers)
         task = ray.remote(_ray_worker).options(num_cpus=threads, num_gpus=1 if gpus else 0)
-        ray.get([task.remote(str(out), threads, f"ray{k} ") for k in range(workers)])
+        ray.get([task.remote(str(out), threads, f"ray{k} ", pack) for k in range(workers)])
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _ray_worker(out: str, threads: int, label: str) -> None:
+def _ray_worker(out: str, threads: int, label: str, pack: int = 1) -> None:
     grid = grid_from_dict(json.loads((Path(out) / "grid.json").read_text()), where=out)
-    work_through(grid, Path(out), threads, label)
+    work_through(grid, Path(out), threads, label, pack=pack)
 
 
 def _worker_main(argv: Sequence[str]) -> None:
@@ -874,11 +971,12 @@ def _worker_main(argv: Sequence[str]) -> None:
     parser.add_argument("--worker", required=True)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--label", default="")
+    parser.add_argument("--pack", type=int, default=1)
     args = parser.parse_args(argv)
     out = Path(args.worker)
     grid = grid_from_dict(json.loads((out / "grid.json").read_text()), where=str(out))
     try:
-        work_through(grid, out, args.threads, args.label)
+        work_through(grid, out, args.threads, args.label, pack=args.pack)
     except Interrupted as exc:
         print(f"{args.label}stopped: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

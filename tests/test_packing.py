@@ -146,3 +146,80 @@ def test_what_cannot_be_packed_is_refused_with_the_setting(tiny_encoder, cls_fil
     with pytest.raises(ConfigError, match="model.max_length differs"):
         run_packed([plain, longer])
     assert not (tmp_path / "p").exists()  # refused before anything was written
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps with --pack.
+
+
+def _grid(model, cls_files, **changes) -> dict:
+    train, dev = cls_files
+    grid = {"name": "tiny-packs", "task": "classification", "models": [model],
+            "methods": ["lora", "head"], "ranks": [2, 4, 8], "seeds": [0, 1],
+            "overrides": {"model": {"max_length": 32},
+                          "data": {"dataset": "custom", "train_path": train, "dev_path": dev},
+                          "train": {"max_steps": 4, "batch_size": 8, "lr": 5e-3,
+                                    "precision": "fp32", "warmup_ratio": 0.0}}}
+    grid.update(changes)
+    return grid
+
+
+def test_a_packed_sweep_records_every_cell_once(tiny_encoder, cls_files, tmp_path, capsys):
+    from adaptune import sweep
+
+    grid = sweep.grid_from_dict(_grid(tiny_encoder, cls_files))
+    out = tmp_path / "results"
+    summary = sweep.run_grid(grid, out, pack=3)
+    cells, _ = sweep.expand(grid)
+    assert summary.done == summary.total == len(cells) == 8 and not summary.failed
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    assert set(records) == {c.id for c in cells}
+    lora = [r for r in records.values() if r["axes"]["method"] == "lora"]
+    # Seed-major order: the ranks of one seed share a pack; head cannot be packed.
+    assert [r["pack"]["size"] for r in lora] == [3] * 6
+    assert all("pack" not in r for r in records.values() if r["axes"]["method"] == "head")
+    assert all(r["status"] == "ok" and r["optimizer_steps"] == 4 for r in records.values())
+    assert "in a pack of 3" in capsys.readouterr().out
+    assert not list((out / "locks").iterdir()) and not any((out / "work").iterdir())
+
+
+def test_a_failing_pack_falls_back_to_its_cells_alone(tiny_encoder, cls_files, tmp_path):
+    """A rank larger than the tiny model's layers (32) fails the pack; each of its cells then
+    runs alone and is recorded as it would be without --pack (that one as skipped)."""
+    from adaptune import sweep
+
+    grid = sweep.grid_from_dict(_grid(tiny_encoder, cls_files, methods=["lora"],
+                                      ranks=[2, 64], seeds=[0]))
+    out = tmp_path / "results"
+    assert sweep.run_grid(grid, out, pack=2).done == 2
+    records = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
+    assert sorted(r["status"] for r in records) == ["ok", "skipped"]
+    assert all("pack" not in r for r in records)
+
+
+@pytest.mark.integration
+def test_a_killed_packed_sweep_restarts_to_every_cell_exactly_once(tiny_encoder, cls_files,
+                                                                   tmp_path):
+    """SIGKILL inside the second pack (after the first pack's three records); the restart,
+    packed again, ends with every cell recorded exactly once and nothing left in work/."""
+    from adaptune import sweep
+    from conftest import run_victim
+
+    grid_file = tmp_path / "grid.json"
+    grid_file.write_text(json.dumps(_grid(tiny_encoder, cls_files, methods=["lora"])))
+    out = tmp_path / "results"
+    # Every pack step clips each of its three members: the first pack takes 3 x 4 calls.
+    run_victim(tmp_path, f"""
+        from adaptune import sweep
+        grid = sweep.grid_from_dict(json.loads(open({str(grid_file)!r}).read()))
+        sweep.run_grid(grid, {str(out)!r}, pack=3)
+    """, kill_at_clip=3 * 4 + 3 * 2)
+    assert len(list((out / "cells").glob("*.json"))) == 3
+    assert any((out / "work").iterdir())  # the second pack's half-done runs
+    grid = sweep.grid_from_dict(json.loads(grid_file.read_text()))
+    summary = sweep.run_grid(grid, out, pack=3)
+    ids = sorted(p.stem for p in (out / "cells").glob("*.json"))
+    assert ids == sorted(c.id for c in sweep.expand(grid)[0]) and summary.done == 6
+    assert all(json.loads(p.read_text())["pack"]["size"] == 3
+               for p in (out / "cells").glob("*.json"))
+    assert not any((out / "work").iterdir()) and not list((out / "locks").iterdir())

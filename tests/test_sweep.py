@@ -270,13 +270,15 @@ def test_ray_launcher_runs_every_cell_once_on_a_local_ray(tiny_encoder, cls_file
     out = tmp_path / "out"
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        summary = sweep.run_grid(grid, out, workers=2, launcher="ray")
+        # Packs of 2 inside the Ray tasks: the LoRA ranks of one seed train together.
+        summary = sweep.run_grid(grid, out, workers=2, launcher="ray", pack=2)
     finally:
         ray.shutdown()
     cells, _ = sweep.expand(grid)
     assert (summary.done, summary.total) == (len(cells), len(cells))
     records = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
     assert sorted(r["id"] for r in records) == sorted(c.id for c in cells)  # each exactly once
+    assert any(r.get("pack", {}).get("size") == 2 for r in records)
     assert not list((out / "locks").iterdir())
 
 
