@@ -95,6 +95,27 @@ def pack_key(config: RunConfig) -> tuple | None:
             config.data.data_dir, config.train.precision, config.train.eval_batch_size)
 
 
+def _prepare_all(configs: Sequence[RunConfig]) -> list[Prepared]:
+    """Each member's prepared run; members with the same data, model and seed (the seed draws
+    the training subset and the selection split) share one reading and tokenization."""
+    import dataclasses
+    import json
+
+    from adaptune.spec import resolve
+
+    cache: dict[str, Prepared] = {}
+    out = []
+    for cfg in configs:
+        d = to_dict(cfg)
+        key = json.dumps([d["data"], d["model"], cfg.train.seed], sort_keys=True)
+        if key in cache:
+            out.append(dataclasses.replace(cache[key], run=resolve(cfg)))
+        else:
+            cache[key] = prepare(cfg)
+            out.append(cache[key])
+    return out
+
+
 def _check(configs: Sequence[RunConfig], prepared: Sequence[Prepared]) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("packed training runs in one process; launch it without "
@@ -372,7 +393,7 @@ def run_packed(configs: Sequence[RunConfig], *, log: Any = print) -> list[RunRes
             todo.append((k, out, action))
     if not todo:
         return [results[k] for k in range(len(configs))]
-    prepared = [prepare(configs[k]) for k, _, _ in todo]  # bad input fails here, first
+    prepared = _prepare_all([configs[k] for k, _, _ in todo])  # bad input fails here, first
     _check([configs[k] for k, _, _ in todo], prepared)
     with ExitStack() as stack:
         for _, out, _ in todo:

@@ -109,6 +109,28 @@ def test_each_packed_adapter_equals_its_run_alone(tiny_encoder_no_dropout, cls_f
     assert len({r.metrics["trainable_params"] for r in packed}) == 3
 
 
+def test_members_of_one_seed_share_their_data_and_still_equal_their_runs(
+        tiny_encoder_no_dropout, cls_files, tmp_path):
+    """Two ranks at one seed read and tokenize the data once; each still equals its run."""
+    train, dev = cls_files
+
+    def configs(root):
+        return [tiny_config(tiny_encoder_no_dropout, train, dev, root / f"r{r}",
+                            method={"rank": r}, train={"seed": 3, "max_steps": 6})
+                for r in (2, 4)]
+
+    alone = [run(cfg) for cfg in configs(tmp_path / "alone")]
+    packed = run_packed(configs(tmp_path / "pack"), log=lambda _line: None)
+    for a, p in zip(alone, packed):
+        assert p.metrics["trainable_params"] == a.metrics["trainable_params"]
+        assert p.metrics["final_train_loss"] == pytest.approx(a.metrics["final_train_loss"],
+                                                              rel=1e-5)
+        wa = load_safetensors(a.adapter_dir / "adapter_model.safetensors")
+        wp = load_safetensors(p.adapter_dir / "adapter_model.safetensors")
+        for key in wa:
+            torch.testing.assert_close(wp[key], wa[key], rtol=1e-4, atol=1e-5)
+
+
 def test_a_packed_adapter_loads_and_predicts_as_its_metrics_say(tiny_encoder, cls_files,
                                                                 tmp_path):
     """With the backbone's dropout on (the usual case), a packed adapter is an ordinary
