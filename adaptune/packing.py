@@ -5,10 +5,10 @@
 
 A grid trains many adapters that share every frozen weight. A pack holds the base once and
 trains its adapters ("members") together: each step takes every member's own next micro-batch,
-concatenates them along the batch dimension (padded to the longest), runs the frozen layers once
-on the whole pack, and applies each member's low-rank update only to its own rows (peft's
-mixed-batch LoRA forward, which peft offers for inference; the pack drives it while training)
-and its own head to its own rows. Everything else stays per member, as in a run of its own:
+concatenates them along the batch dimension (padded to the longest; members whose batches
+differ much in length form separate groups of the step), runs the frozen layers once on each
+group, and applies each member's low-rank update only to its own rows (with
+peft's LoRA modules of that member; see `rows_by_adapter`) and its own head to its own rows. Everything else stays per member, as in a run of its own:
 initial weights (built by the same steps from its seed), data order, optimizer, schedule,
 clipping, evaluations (packed as well), kept checkpoint, early stopping, and the output folder,
 written as `adaptune.train.run` writes it (config.json, metrics.json, adapter/ that loads with
@@ -259,21 +259,37 @@ def _setup_member(member: Member, model: nn.Module) -> None:
 
 
 @contextmanager
-def rows_by_adapter(model: nn.Module, names: list[str]) -> Iterator[None]:
-    """Every LoRA layer applies adapter names[i] to row i (peft's mixed-batch forward: the
-    `adapter_names` argument, passed to the layers directly; peft's model-level route refuses
-    it while training)."""
+def rows_by_adapter(model: nn.Module, spans: list[tuple[str, int, int]]) -> Iterator[None]:
+    """Every LoRA layer adds adapter `name`'s update to rows start:end only, for each
+    (name, start, end) of `spans`, with peft's own modules of that adapter (its A, B, dropout
+    and scaling). peft's mixed-batch forward (`adapter_names`) does the same with index
+    gathers and in-place scatters, refuses to run while training, and its scatters cost K
+    full-size copies per layer in the backward pass of a K-adapter pack: with contiguous
+    spans, slices and one concatenation do."""
     from peft.tuners.lora import LoraLayer
 
-    def add_names(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return args, {**kwargs, "adapter_names": names}
+    sizes = [end - start for _, start, end in spans]
 
-    handles = [m.register_forward_pre_hook(add_names, with_kwargs=True)
-               for m in model.modules() if isinstance(m, LoraLayer)]
+    def add_updates(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        # split, not slicing: the backward pass of a split is one concatenation, that of K
+        # slices K zero-filled copies of the whole input.
+        rows = args[0].split(sizes)
+        deltas = [module.lora_B[name](module.lora_A[name](module.lora_dropout[name](
+            x.to(module.lora_A[name].weight.dtype)))) * module.scaling[name]
+            if name in module.lora_A else  # this member does not target this layer
+            output.new_zeros((x.size(0), *output.shape[1:]))
+            for (name, _, _), x in zip(spans, rows)]
+        return output + torch.cat(deltas).to(output.dtype)
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    handles = [m.register_forward_hook(add_updates) for m in layers]
+    for layer in layers:  # the layer itself runs only its frozen base; the hook adds the rest
+        layer._disable_adapters = True
     try:
         yield
     finally:
-        for handle in handles:
+        for layer, handle in zip(layers, handles):
+            layer._disable_adapters = False
             handle.remove()
 
 
@@ -291,17 +307,19 @@ def pack_forward(model: nn.Module, members: Sequence[Member], batches: Sequence[
     pads = {"input_ids": pad_token_id, "attention_mask": 0, "token_type_ids": 0}
     inputs = {key: torch.cat([_pad_to(b[key], width, pads[key]) for b in batches])
               for key in BACKBONE_INPUTS if key in batches[0]}
-    names = [m.name for m, b in zip(members, batches) for _ in range(b["input_ids"].size(0))]
-    with rows_by_adapter(model, names):
+    spans, start = [], 0
+    for member, batch in zip(members, batches):
+        spans.append((member.name, start, start + batch["input_ids"].size(0)))
+        start = spans[-1][2]
+    with rows_by_adapter(model, spans):
         out = task_model.backbone(**inputs)
     features = out.logits if task_model.head_uses_logits else out.last_hidden_state
     heads = task_model.task_head.modules_to_save
-    outputs, start = [], 0
+    outputs = []
     task = members[0].p.task
-    for member, batch in zip(members, batches):
-        rows, length = batch["input_ids"].shape
-        own = features[start:start + rows, :length]
-        start += rows
+    for member, batch, rows in zip(members, batches, features.split(
+            [b["input_ids"].size(0) for b in batches])):
+        own = rows[:, :batch["input_ids"].size(1)]
         extra = {k: v for k, v in batch.items() if k not in BACKBONE_INPUTS and
                  (training or k not in task.target_keys)}
         if task_model.head_ties_embeddings:
@@ -310,6 +328,26 @@ def pack_forward(model: nn.Module, members: Sequence[Member], batches: Sequence[
             outputs.append(heads[member.name](own, attention_mask=batch["attention_mask"],
                                               **extra))
     return outputs
+
+
+# A pack pads every row to its longest: members whose batches differ in length by more than
+# this share a step but not a forward pass (each group of similar lengths runs its own).
+MIN_LENGTH_RATIO = 0.8
+
+
+def length_groups(batches: Sequence[dict]) -> list[list[int]]:
+    """Positions of the batches in groups of similar length (every member of a group at least
+    MIN_LENGTH_RATIO of its longest), longest first. Members of one seed have the same batches,
+    so they always share a group."""
+    order = sorted(range(len(batches)), key=lambda i: -batches[i]["input_ids"].size(1))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and batches[i]["input_ids"].size(1) >= MIN_LENGTH_RATIO * \
+                batches[groups[-1][0]]["input_ids"].size(1):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 class _Given:
@@ -339,9 +377,14 @@ def pack_evaluate(model: nn.Module, members: Sequence[Member], split: str, devic
         batches = [{key: v.to(device) for key, v in task.collate(
             [splits[k][1][i] for i in orders[k][position]], tokenizer.pad_token_id).items()}
             for k in here]
-        with autocast():
-            outputs = pack_forward(model, [members[k] for k in here], batches,
-                                   tokenizer.pad_token_id, training=False)
+        outputs: list[Any] = [None] * len(here)
+        for group in length_groups(batches):
+            with autocast():
+                done = pack_forward(model, [members[here[g]] for g in group],
+                                    [batches[g] for g in group], tokenizer.pad_token_id,
+                                    training=False)
+            for g, output in zip(group, done):
+                outputs[g] = output
         for k, batch, output in zip(here, batches, outputs):
             for i, value in zip(orders[k][position], task.predict(_Given(output), batch,
                                                                    tokenizer)):
@@ -434,16 +477,22 @@ def _train_pack(members: list[Member], log: Any) -> list[RunResult]:
                 indices = member.next_batch()
                 batch = task.collate([member.p.train_features[i] for i in indices], pad)
                 batches.append({k: v.to(device) for k, v in batch.items()})
-            with autocast():
-                outputs = pack_forward(model, active, batches, pad, training=True)
-            losses = [out.loss * (_labelled_in(b) / m.labelled_per_batch)
-                      for m, b, out in zip(active, batches, outputs)]
-            for member, loss in zip(active, losses):
-                if not torch.isfinite(loss.detach()):
-                    raise TrainingDiverged(f"{member.out}: loss is {loss.item()} at optimizer "
-                                           f"step {member.state.step + 1} (lower train.lr, or "
-                                           "use train.precision=fp32)")
-            torch.stack(losses).sum().backward()  # members share no trainable parameter
+            losses: list[Any] = [None] * len(active)
+            for group in length_groups(batches):
+                with autocast():
+                    outputs = pack_forward(model, [active[g] for g in group],
+                                           [batches[g] for g in group], pad, training=True)
+                for g, out in zip(group, outputs):
+                    member = active[g]
+                    losses[g] = out.loss * (_labelled_in(batches[g]) / member.labelled_per_batch)
+                    if not torch.isfinite(losses[g].detach()):
+                        raise TrainingDiverged(
+                            f"{member.out}: loss is {losses[g].item()} at optimizer step "
+                            f"{member.state.step + 1} (lower train.lr, or use "
+                            "train.precision=fp32)")
+                # Members share no trainable parameter: one backward pass per group gives each
+                # its own gradient, and frees the group's activations before the next.
+                torch.stack([losses[g] for g in group]).sum().backward()
             for member, batch, loss in zip(active, batches, losses):
                 t = member.config.train
                 if t.max_grad_norm:
@@ -469,7 +518,7 @@ def _train_pack(members: list[Member], log: Any) -> list[RunResult]:
             active = [m for m in active if not m.finished]
     results = []
     for member in members:
-        results.append(_write_results(member, precision, memory, len(members)))
+        results.append(_write_results(member, members, precision, memory))
     return results
 
 
@@ -518,16 +567,16 @@ def _finish(model: nn.Module, ending: list[Member], device: Any, autocast: Any) 
         member.state.best_dev, member.state.best_example_stats = scores, stats
 
 
-def _write_results(member: Member, precision: str, memory: MemoryPeak,
-                   pack_size: int) -> RunResult:
+def _write_results(member: Member, members: list[Member], precision: str,
+                   memory: MemoryPeak) -> RunResult:
     metrics = final_metrics(member.p, member.state, member.wall, None, plan=member.plan,
                             params=member.counts, precision=precision, memory=memory,
                             processes=1)
     metrics["adapter_bytes"] = sum(f.stat().st_size for f in
                                    (member.out / ADAPTER_DIR).glob("*.safetensors"))
     # Time and memory are the pack's, shared by its members.
-    metrics["pack"] = {"size": pack_size, "adapter": member.name,
-                       "peak_memory_mb": memory.peak_mb}
+    metrics["pack"] = {"size": len(members), "adapter": member.name,
+                       "members": [m.out.name for m in members], "peak_memory_mb": memory.peak_mb}
     write_json(member.out / "metrics.json", metrics)
     return RunResult(member.out, metrics, member.config)
 
