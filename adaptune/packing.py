@@ -7,13 +7,13 @@ A grid trains many adapters that share every frozen weight. A pack holds the bas
 trains its adapters ("members") together: each step takes every member's own next micro-batch,
 concatenates them along the batch dimension (padded to the longest; members whose batches
 differ much in length form separate groups of the step), runs the frozen layers once on each
-group, and applies each member's low-rank update only to its own rows (with
-peft's LoRA modules of that member; see `rows_by_adapter`) and its own head to its own rows. Everything else stays per member, as in a run of its own:
-initial weights (built by the same steps from its seed), data order, optimizer, schedule,
-clipping, evaluations (packed as well), kept checkpoint, early stopping, and the output folder,
-written as `adaptune.train.run` writes it (config.json, metrics.json, adapter/ that loads with
-plain peft). Members may differ in rank, alpha, scaling, dropout, targets, lr, seed, data
-fraction and budget; a member that stops early leaves the pack.
+group, and applies each member's low-rank update (with peft's LoRA modules of that member; see
+`rows_by_adapter`) and head to its own rows only. Everything else stays per member, as in a
+run of its own: initial weights (built by the same steps from its seed), data order, optimizer,
+schedule, clipping, evaluations (packed as well), kept checkpoint, early stopping, and the
+output folder, written as `adaptune.train.run` writes it (config.json, metrics.json, adapter/
+that loads with plain peft). Members may differ in rank, alpha, scaling, dropout, targets, lr,
+seed, data fraction and budget; a member that stops early leaves the pack.
 
 How close a member is to its run alone: the same within fp32 rounding when the backbone's
 own dropout is off (tested with K = 3 and three ranks); each member's head draws its dropout
