@@ -127,34 +127,23 @@ def prepare(config: RunConfig) -> Prepared:
                     else [])
 
 
-BF16_MIN_PARAMS = 50_000_000  # non-embedding parameters from which bf16 autocast pays
-
-
 def resolve_precision(requested: str, device: torch.device | str = "cpu",
                       non_embedding_params: int = 0) -> str:
-    """"auto": bf16 autocast on a GPU that supports it for models of at least 50M non-embedding
-    parameters; fp32 otherwise. Measured: on this project's AVX512-BF16 CPU, bf16 autocast made
-    LoRA training of minilm-l6 *slower* (1,839 vs 2,672 real tokens/s, NER); on an H100 too
-    (7,111 vs 14,531): matrices of width 384 are too small to repay the casts. bf16 stays
-    available on request. Returns "bf16" or "fp32"."""
-    if requested != "auto":
-        return requested
-    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16" if non_embedding_params >= BF16_MIN_PARAMS else "fp32"
-    return "fp32"
+    """The precision without a probe (evaluation only, packs): "auto" is the fallback rule of
+    `adaptune.precision` (bf16 on a GPU for models of at least 50M non-embedding parameters,
+    fp32 otherwise). Training runs measure instead (`adaptune.precision.choose`)."""
+    from adaptune.precision import fallback
+
+    return requested if requested != "auto" else fallback(torch.device(device).type,
+                                                          non_embedding_params)
 
 
 def _warn_if_emulated_bf16(precision: str) -> None:
-    if precision == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
+    from adaptune.precision import native_bf16
+
+    if precision == "bf16" and not torch.cuda.is_available() and not native_bf16("cpu"):
         warnings.warn("train.precision=bf16 on a CPU without native bf16 instructions is "
                       "emulated and much slower than fp32", stacklevel=3)
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
-        return False
 
 
 def make_plan(config: RunConfig, n_train: int, num_processes: int) -> Plan:
@@ -329,6 +318,7 @@ class Trainer:
     # them once, when the run has finished.
     best_weights: dict[str, torch.Tensor] | None = None
     memory: Any = None  # MemoryPeak of the training loop
+    precision_record: dict[str, Any] = field(default_factory=dict)  # how it was chosen
 
 
 def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
@@ -423,27 +413,22 @@ def _setup(p: Prepared) -> Trainer:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
+    from accelerate import PartialState
+
+    from adaptune import precision as precisions
+
     t = p.run.config.train
     set_seed(t.seed)
     model = p.build_model()
     backbone_total, backbone_non_embedding = count_backbone_params(model.backbone)
-    precision = resolve_precision(t.precision, "cuda" if torch.cuda.is_available() else "cpu",
-                                  backbone_non_embedding)
-    _warn_if_emulated_bf16(precision)
-    # Several runs in one process (tests, sweeps) may differ in precision: forget the previous
-    # run's accelerator settings, keep the process group.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
-                              gradient_accumulation_steps=t.grad_accum,
-                              # Without a GPU, several launched processes train on the CPU
-                              # with gloo (accelerate only does so when told `cpu`).
-                              cpu=not torch.cuda.is_available(),
-                              **tracking.accelerator_kwargs(p.run.config))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Without a GPU, several launched processes train on the CPU with gloo (accelerate only does
+    # so when told `cpu`).
+    processes = PartialState(cpu=device == "cpu").num_processes
     # `accelerate launch` pins OMP_NUM_THREADS=1 for CPU runs; one process should still use
     # every core, several processes share them.
-    torch.set_num_threads(t.num_threads or max(
-        1, (os.cpu_count() or 1) // accelerator.state.num_processes))
-    plan = make_plan(p.run.config, len(p.train_features), accelerator.num_processes)
+    torch.set_num_threads(t.num_threads or max(1, (os.cpu_count() or 1) // processes))
+    plan = make_plan(p.run.config, len(p.train_features), processes)
 
     # The method makes the model trainable (and checks targets, rank, biases).
     model = p.run.method.apply(model, p.run.model, plan.total_steps)
@@ -466,6 +451,26 @@ def _setup(p: Prepared) -> Trainer:
         # dropout, or a resumed run would see different dropout masks.
         generator=torch.Generator().manual_seed(t.seed))
     p.run.method.before_train(model, loader)
+
+    # Precision: measured on this model and one of its batches when "auto" (see
+    # adaptune.precision), then handed to accelerate.
+    def probe() -> dict[str, float]:
+        return precisions.measure(model.to(device), precisions.probe_batch(
+            p.task, p.train_features, sampler, p.tokenizer.pad_token_id, device), device)
+
+    precision, precision_record = precisions.choose(
+        t.precision, device=device, non_embedding_params=backbone_non_embedding,
+        probe=probe if processes == 1 else None,
+        key_parts={"model": p.run.model.path, "method": p.run.method.name,
+                   "task": p.task.name, "batch_size": t.batch_size,
+                   "threads": torch.get_num_threads()})
+    _warn_if_emulated_bf16(precision)
+    # Several runs in one process (tests, sweeps) may differ in precision: forget the previous
+    # run's accelerator settings, keep the process group.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
+                              gradient_accumulation_steps=t.grad_accum, cpu=device == "cpu",
+                              **tracking.accelerator_kwargs(p.run.config))
     # The schedule is not handed to accelerate: its wrapper steps a schedule once per process
     # per optimizer step (it assumes one written for the whole data set), which with 2
     # processes ran warm-up and decay twice as fast and left the last half of training at lr 0
@@ -476,7 +481,8 @@ def _setup(p: Prepared) -> Trainer:
     return Trainer(accelerator, model, optimizer, scheduler, loader, sampler, plan,
                    labelled_per_batch, precision,
                    {"trainable": trainable, "total": total, "backbone": backbone_total,
-                    "backbone_non_embedding": backbone_non_embedding})
+                    "backbone_non_embedding": backbone_non_embedding},
+                   precision_record=precision_record)
 
 
 @contextmanager
@@ -615,9 +621,11 @@ def _loop(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState",
 
 def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: float,
                    resumed_from: str | None) -> dict[str, Any]:
-    return final_metrics(p, state, wall, resumed_from, plan=tr.plan, params=tr.params,
-                         precision=tr.precision, memory=tr.memory,
-                         processes=tr.accelerator.num_processes)
+    metrics = final_metrics(p, state, wall, resumed_from, plan=tr.plan, params=tr.params,
+                            precision=tr.precision, memory=tr.memory,
+                            processes=tr.accelerator.num_processes)
+    metrics["precision_choice"] = tr.precision_record
+    return metrics
 
 
 def final_metrics(p: Prepared, state: "ckpt.TrainState", wall: float, resumed_from: str | None,

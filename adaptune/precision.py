@@ -1,0 +1,155 @@
+"""`train.precision=auto`: fp32 or bf16 autocast, whichever trains this model faster on this
+device, measured rather than assumed.
+
+Whether bf16 pays is a property of the machine and the model's shapes, not of "CPUs" or
+"GPUs": on one project machine a 2048^3 bf16 product ran at half the fp32 rate, on another
+(AVX512-BF16) at 4.3x, and even there small models can lose the gain to the casts. So the
+probe times what the run will do: forward and backward passes of the run's own model (its
+method applied) on one of its own training batches of median length, in each precision,
+alternating, after one warm-up each; no optimizer step, gradients cleared and the random state
+put back, so the run trains exactly as it would have (tested). bf16 is picked when it is at
+least MARGIN faster and the device executes it natively. The answer is cached per device (CPU
+model and bf16 support, or GPU name), torch version, threads, model, method, task and batch size
+in `$ADAPTUNE_CACHE/precision.json`, so the probe (a few steps) is paid once.
+
+With several processes the probe is not run (they would time each other): a cached answer is
+used, else the rule measured on this project's machines (bf16 on GPUs for models of at least 50M
+non-embedding parameters, fp32 otherwise). bf16 is autocast: master weights, optimizer state and
+losses stay fp32; no method here has a measured accuracy loss under it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+MARGIN = 1.10  # bf16 must be at least 10% faster to be chosen
+REPEATS = 3  # timed passes per precision (after one warm-up each)
+BF16_MIN_PARAMS = 50_000_000  # the fallback rule's threshold (non-embedding parameters)
+
+
+def native_bf16(device: str) -> bool:
+    if device == "cuda":
+        try:
+            return bool(torch.cuda.is_bf16_supported())
+        except (RuntimeError, AssertionError):  # no CUDA driver
+            return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return False
+
+
+def device_key(device: str) -> str:
+    """The device as the cache knows it: GPU name, or CPU model name with its bf16 support."""
+    if device == "cuda":
+        return f"cuda: {torch.cuda.get_device_name()}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {name}, native bf16 {native_bf16('cpu')}"
+
+
+def cache_file() -> Path:
+    from adaptune.zoo import cache_dir
+
+    return cache_dir() / "precision.json"
+
+
+def measure(model: nn.Module, batch: dict[str, torch.Tensor], device: str) -> dict[str, float]:
+    """Median seconds of a forward and backward pass of `model` on `batch` in fp32 and in bf16
+    autocast. Leaves no trace: gradients cleared, random state restored."""
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if device == "cuda" else None
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    try:
+        for repeat in range(REPEATS + 1):
+            for name in ("fp32", "bf16"):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=name == "bf16"):
+                    loss = model(**batch).loss
+                loss.float().backward()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if repeat:  # the first pass of each is a warm-up
+                    times[name].append(time.perf_counter() - started)
+                model.zero_grad(set_to_none=True)
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+    return {"fp32_s": statistics.median(times["fp32"]),
+            "bf16_s": statistics.median(times["bf16"]),
+            "tokens": int(batch["attention_mask"].numel())}
+
+
+def fallback(device: str, non_embedding_params: int) -> str:
+    """The rule used without a probe (several processes, nothing cached)."""
+    if device == "cuda" and native_bf16("cuda"):
+        return "bf16" if non_embedding_params >= BF16_MIN_PARAMS else "fp32"
+    return "fp32"
+
+
+def choose(requested: str, *, device: str, key_parts: dict[str, Any],
+           probe: Callable[[], dict[str, float]] | None, non_embedding_params: int
+           ) -> tuple[str, dict[str, Any]]:
+    """(precision, record for metrics.json). `probe` runs `measure` on the run's model and
+    batch; None when it must not run (several processes)."""
+    record: dict[str, Any] = {"requested": requested}
+    if requested != "auto":
+        return requested, {**record, "picked": requested, "why": "asked for"}
+    if not native_bf16(device):
+        return "fp32", {**record, "picked": "fp32", "why": "no native bf16 on this device"}
+    key = json.dumps({"device": device_key(device), "torch": torch.__version__, **key_parts},
+                     sort_keys=True)
+    path = cache_file()
+    try:
+        cache = json.loads(path.read_text()) if path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        cache = {}  # a damaged cache is measured again, not trusted
+    figures = cache.get(key)
+    source = "cached probe"
+    if figures is None and probe is None:
+        picked = fallback(device, non_embedding_params)
+        return picked, {**record, "picked": picked,
+                        "why": "several processes and no cached probe: the fallback rule"}
+    if figures is None:
+        figures, source = probe(), "probe"
+        cache[key] = figures
+        from adaptune.safe_io import write_json
+
+        try:
+            write_json(path, cache)
+        except OSError:  # a read-only cache folder costs a probe per run, nothing else
+            pass
+    picked = "bf16" if figures["bf16_s"] * MARGIN < figures["fp32_s"] else "fp32"
+    ratio = figures["fp32_s"] / max(1e-12, figures["bf16_s"])
+    return picked, {**record, "picked": picked, "probe": figures, "source": source,
+                    "why": f"bf16 ran {ratio:.2f}x the speed of fp32 on this run's model and "
+                           f"batch ({source}); bf16 is picked from {MARGIN:.2f}x",
+                    "device": device_key(device)}
+
+
+def probe_batch(task: Any, features: list[dict], sampler: Any, pad_token_id: int,
+                device: str) -> dict[str, torch.Tensor]:
+    """A training batch of median padded length from the run's first epoch."""
+    batches = sampler.batches(0)
+    lengths = [max(len(features[i]["input_ids"]) for i in b) for b in batches]
+    median = sorted(range(len(batches)), key=lambda k: lengths[k])[len(batches) // 2]
+    batch = task.collate([features[i] for i in batches[median]], pad_token_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
