@@ -276,7 +276,9 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW weight decay (none on biases and norms)
     warmup_ratio: float = 0.06  # share of the steps spent warming the lr up
     max_grad_norm: float = 1.0  # gradient clipping; 0: none
-    precision: str = "auto"  # auto: bf16 autocast where the hardware has it, else fp32
+    # auto: fp32 or bf16 autocast, whichever a probe of this run's model and batch measures
+    # faster on this device (adaptune.precision; cached per device and model); or fp32, bf16.
+    precision: str = "auto"
     seed: int = 42  # training order, initialisation, dropout; and the training subset
     eval_every: int = 0  # optimizer steps between evaluations; 0: at the end of each epoch
     # Instead of eval_every: this many evaluations per epoch, whatever the data size (a data
@@ -294,11 +296,13 @@ class TrainConfig:
     log_every: int = 50  # optimizer steps between progress-bar updates of loss and lr
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0: none
     num_threads: int = 0  # torch intra-op threads per process; 0: the CPU's cores / processes
-    # torch.compile each repeated transformer block. Off by default: it pays only in long runs.
-    # smollm2-135m on 2 CPU cores, 125 steps: 63 s eager, 169 s compiled with a cold compile
-    # cache, 69 s warm; peak memory 27% lower (benchmarks/results/throughput_cpu_compile.md).
-    # Steps once compiled were 10-15% faster, so it pays after roughly 2,000 steps (cold).
-    compile: bool = False
+    # torch.compile each repeated transformer block: "off", "on", or "auto" (adaptune.compiling:
+    # on when the predicted saving over the run's steps exceeds the compile cost, both measured
+    # once per machine and model and cached; off for runs too short to pay). It pays only in
+    # long runs: smollm2-135m on 2 CPU cores, 125 steps: 63 s eager, 169 s compiled with a cold
+    # compile cache, 69 s warm; steps once compiled 10-15% faster, so it pays after roughly
+    # 2,000 steps cold (benchmarks/results/throughput_cpu_compile.md). true/false mean on/off.
+    compile: str = "auto"
     # Experiment tracking through accelerate: none, tensorboard, trackio, mlflow, wandb or aim
     # (install the tracker's package; none of them needs a network).
     report_to: str = "none"
@@ -340,6 +344,8 @@ class TrainConfig:
         trackers = ("none", "tensorboard", "trackio", "mlflow", "wandb", "aim")
         _check(self.report_to in trackers, "train.report_to", f"one of {', '.join(trackers)}",
                self.report_to)
+        _check(self.compile in COMPILE_MODES, "train.compile",
+               f"one of {', '.join(COMPILE_MODES)} (or true/false)", self.compile)
 
 
 @dataclass(frozen=True)
@@ -455,6 +461,9 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             value = int(value)
         return hint(value)
     if hint is str:
+        if path in ON_OFF and (isinstance(value, bool) or str(value).lower() in (
+                "true", "false")):  # a former boolean: true/false still mean on/off
+            return "on" if value is True or str(value).lower() == "true" else "off"
         if isinstance(value, Mapping):  # a YAML mapping for a JSON field (method.peft.config)
             return json.dumps(value, sort_keys=True)
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -472,9 +481,16 @@ MOVED = {f"method.{k}": f"method.adalora.{k}"
          for k in ("init_rank", "tinit", "tfinal", "delta_t", "orth_reg_weight")}
 
 
+COMPILE_MODES = ("off", "on", "auto")
+ON_OFF = {"train.compile"}  # string fields that were booleans: true/false read as on/off
+
+
 def upgrade_stored(data: Mapping[str, Any]) -> dict[str, Any]:
     """A stored config (plain data) of an older adaptune in today's layout."""
     out = json.loads(json.dumps(data))
+    train = out.get("train")
+    if isinstance(train, dict) and isinstance(train.get("compile"), bool):
+        train["compile"] = "on" if train["compile"] else "off"
     method = out.get("method")
     if isinstance(method, dict):
         for old, new in MOVED.items():

@@ -76,7 +76,7 @@ def unpackable_reason(config: RunConfig) -> str:
         (t.grad_accum != 1, f"train.grad_accum={t.grad_accum} (packs step every batch)"),
         (bool(t.pause_at_fraction), "train.pause_at_fraction is set (a rung of a search)"),
         (bool(t.checkpoint_every), "train.checkpoint_every is set (packs keep no checkpoints)"),
-        (t.compile, "train.compile is on"),
+        (t.compile == "on", "train.compile=on (packs run eager; auto is fine)"),
         (t.report_to != "none", f"train.report_to={t.report_to} (no trackers in packs)"),
         (config.model.quantization != "none",
          f"model.quantization={config.model.quantization}"),

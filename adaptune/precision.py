@@ -24,8 +24,9 @@ import json
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -62,39 +63,80 @@ def device_key(device: str) -> str:
     return f"cpu: {name}, native bf16 {native_bf16('cpu')}"
 
 
-def cache_file() -> Path:
-    from adaptune.zoo import cache_dir
-
-    return cache_dir() / "precision.json"
+CACHE_FILE = "precision.json"
 
 
-def measure(model: nn.Module, batch: dict[str, torch.Tensor], device: str) -> dict[str, float]:
-    """Median seconds of a forward and backward pass of `model` on `batch` in fp32 and in bf16
-    autocast. Leaves no trace: gradients cleared, random state restored."""
+@contextmanager
+def kept_random_state(device: str) -> Iterator[None]:
+    """Random numbers drawn inside (dropout) are given back: the run draws as if nothing ran."""
     cpu_state = torch.get_rng_state()
     cuda_state = torch.cuda.get_rng_state_all() if device == "cuda" else None
-    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     try:
-        for repeat in range(REPEATS + 1):
-            for name in ("fp32", "bf16"):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                started = time.perf_counter()
-                with torch.autocast(device, dtype=torch.bfloat16, enabled=name == "bf16"):
-                    loss = model(**batch).loss
-                loss.float().backward()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                if repeat:  # the first pass of each is a warm-up
-                    times[name].append(time.perf_counter() - started)
-                model.zero_grad(set_to_none=True)
+        yield
     finally:
         torch.set_rng_state(cpu_state)
         if cuda_state is not None:
             torch.cuda.set_rng_state_all(cuda_state)
+
+
+def timed_pass(model: nn.Module, batch: dict[str, torch.Tensor], device: str,
+               bf16: bool = False) -> float:
+    """Seconds of one forward and backward pass (gradients cleared after)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**batch).loss
+    loss.float().backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    model.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def measure(model: nn.Module, batch: dict[str, torch.Tensor], device: str) -> dict[str, float]:
+    """Median seconds of a forward and backward pass of `model` on `batch` in fp32 and in bf16
+    autocast, alternating, after one warm-up each. Leaves no trace: gradients cleared, random
+    state restored."""
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    with kept_random_state(device):
+        for repeat in range(REPEATS + 1):
+            for name in ("fp32", "bf16"):
+                elapsed = timed_pass(model, batch, device, bf16=name == "bf16")
+                if repeat:  # the first pass of each is a warm-up
+                    times[name].append(elapsed)
     return {"fp32_s": statistics.median(times["fp32"]),
             "bf16_s": statistics.median(times["bf16"]),
             "tokens": int(batch["attention_mask"].numel())}
+
+
+def cached(name: str, key: str) -> tuple[dict[str, Any], Any]:
+    """(the cache file `name` in the cache folder as a dict, its entry for `key` or None); a
+    damaged file reads as empty (measured again, not trusted)."""
+    from adaptune.zoo import cache_dir
+
+    path = cache_dir() / name
+    try:
+        cache = json.loads(path.read_text()) if path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        cache = {}
+    return cache, cache.get(key)
+
+
+def store(name: str, cache: dict[str, Any]) -> None:
+    from adaptune.safe_io import write_json
+    from adaptune.zoo import cache_dir
+
+    try:
+        write_json(cache_dir() / name, cache)
+    except OSError:  # a read-only cache folder costs a measurement per run, nothing else
+        pass
+
+
+def cache_key(device: str, key_parts: dict[str, Any]) -> str:
+    return json.dumps({"device": device_key(device), "torch": torch.__version__, **key_parts},
+                      sort_keys=True)
 
 
 def fallback(device: str, non_embedding_params: int) -> str:
@@ -114,14 +156,8 @@ def choose(requested: str, *, device: str, key_parts: dict[str, Any],
         return requested, {**record, "picked": requested, "why": "asked for"}
     if not native_bf16(device):
         return "fp32", {**record, "picked": "fp32", "why": "no native bf16 on this device"}
-    key = json.dumps({"device": device_key(device), "torch": torch.__version__, **key_parts},
-                     sort_keys=True)
-    path = cache_file()
-    try:
-        cache = json.loads(path.read_text()) if path.exists() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        cache = {}  # a damaged cache is measured again, not trusted
-    figures = cache.get(key)
+    key = cache_key(device, key_parts)
+    cache, figures = cached(CACHE_FILE, key)
     source = "cached probe"
     if figures is None and probe is None:
         picked = fallback(device, non_embedding_params)
@@ -130,12 +166,7 @@ def choose(requested: str, *, device: str, key_parts: dict[str, Any],
     if figures is None:
         figures, source = probe(), "probe"
         cache[key] = figures
-        from adaptune.safe_io import write_json
-
-        try:
-            write_json(path, cache)
-        except OSError:  # a read-only cache folder costs a probe per run, nothing else
-            pass
+        store(CACHE_FILE, cache)
     picked = "bf16" if figures["bf16_s"] * MARGIN < figures["fp32_s"] else "fp32"
     ratio = figures["fp32_s"] / max(1e-12, figures["bf16_s"])
     return picked, {**record, "picked": picked, "probe": figures, "source": source,

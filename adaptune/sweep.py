@@ -301,7 +301,8 @@ class Cell:
 
 # Never part of a cell's result.
 RUNNER_ONLY = {"output_dir", "overwrite", "train.num_threads", "train.tracking_dir",
-               "train.run_name", "train.run_tags", "train.pause_at_fraction"}
+               "train.run_name", "train.run_tags", "train.pause_at_fraction",
+               "train.compile"}  # compiled and eager runs train alike (tested)
 _MISSING = object()
 
 

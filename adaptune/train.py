@@ -43,8 +43,7 @@ from adaptune.config import RunConfig, to_dict, upgrade_stored
 from adaptune.errors import ConfigError, Interrupted, OutputDirError, TrainingDiverged
 from adaptune.inference import evaluate
 from adaptune.methods import count_params
-from adaptune.modeling import (TaskModel, build_task_model, compile_blocks,
-                               count_backbone_params, load_tokenizer)
+from adaptune.modeling import TaskModel, build_task_model, count_backbone_params, load_tokenizer
 from adaptune.safe_io import recover_interrupted_swap, write_json
 from adaptune.spec import ResolvedRun, resolve
 from adaptune.tasks import Task
@@ -319,6 +318,7 @@ class Trainer:
     best_weights: dict[str, torch.Tensor] | None = None
     memory: Any = None  # MemoryPeak of the training loop
     precision_record: dict[str, Any] = field(default_factory=dict)  # how it was chosen
+    compile_record: dict[str, Any] = field(default_factory=dict)  # whether and why compiled
 
 
 def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
@@ -415,6 +415,7 @@ def _setup(p: Prepared) -> Trainer:
 
     from accelerate import PartialState
 
+    from adaptune import compiling
     from adaptune import precision as precisions
 
     t = p.run.config.train
@@ -436,9 +437,6 @@ def _setup(p: Prepared) -> Trainer:
     if trainable == 0:
         raise ConfigError(f"method.name={p.run.method.name} leaves nothing to train for the "
                           f"{p.task.name} task (its head has no parameters); use lora or full")
-    if t.compile and not compile_blocks(model):
-        warnings.warn(f"train.compile: found no repeated blocks in {p.run.model.name} to "
-                      "compile; training without torch.compile", stacklevel=3)
 
     optimizer = p.run.method.optimizer(model, t.lr, t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(plan))
@@ -458,13 +456,22 @@ def _setup(p: Prepared) -> Trainer:
         return precisions.measure(model.to(device), precisions.probe_batch(
             p.task, p.train_features, sampler, p.tokenizer.pad_token_id, device), device)
 
+    shape = {"model": p.run.model.path, "method": p.run.method.name, "task": p.task.name,
+             "batch_size": t.batch_size, "threads": torch.get_num_threads()}
     precision, precision_record = precisions.choose(
         t.precision, device=device, non_embedding_params=backbone_non_embedding,
-        probe=probe if processes == 1 else None,
-        key_parts={"model": p.run.model.path, "method": p.run.method.name,
-                   "task": p.task.name, "batch_size": t.batch_size,
-                   "threads": torch.get_num_threads()})
+        probe=probe if processes == 1 else None, key_parts=shape)
     _warn_if_emulated_bf16(precision)
+    # Compilation: asked for, or (auto) predicted to repay its cost over this run's steps.
+    compile_record = compiling.apply(
+        t.compile, model, steps=plan.total_steps, device=device,
+        key_parts={**shape, "precision": precision},
+        measure_fn=lambda: compiling.measure(model.to(device), precisions.probe_batch(
+            p.task, p.train_features, sampler, p.tokenizer.pad_token_id, device), device,
+            bf16=precision == "bf16"))
+    if t.compile == "on" and not compile_record.get("blocks"):
+        warnings.warn(f"train.compile: found no repeated blocks in {p.run.model.name} to "
+                      "compile; training without torch.compile", stacklevel=3)
     # Several runs in one process (tests, sweeps) may differ in precision: forget the previous
     # run's accelerator settings, keep the process group.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -482,7 +489,7 @@ def _setup(p: Prepared) -> Trainer:
                    labelled_per_batch, precision,
                    {"trainable": trainable, "total": total, "backbone": backbone_total,
                     "backbone_non_embedding": backbone_non_embedding},
-                   precision_record=precision_record)
+                   precision_record=precision_record, compile_record=compile_record)
 
 
 @contextmanager
@@ -625,6 +632,7 @@ def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: flo
                             precision=tr.precision, memory=tr.memory,
                             processes=tr.accelerator.num_processes)
     metrics["precision_choice"] = tr.precision_record
+    metrics["compile_choice"] = tr.compile_record
     return metrics
 
 

@@ -1,14 +1,16 @@
 """Packed training against one cell at a time: cells per hour of a small CoNLL-2003 LoRA grid
 (minilm-l6, 4 ranks x 2 seeds = 8 cells), the same cells either way.
 
-    python benchmarks/packing.py [--train-examples 4000] [--pack 8] [--workers-arm]
+    python benchmarks/packing.py [--train-examples 4000] [--packs 8,4] [--workers-arm]
         [--out runs/bench-packing]
 
 Arms, each one `adaptune sweep` in its own subprocess (so its peak memory is its own), one
 after another on a quiet machine:
   alone     one cell at a time in one process (`adaptune sweep GRID`), every core
   workers   one process per cell, two at a time (`--workers 2`), the cores split (--workers-arm)
-  packed    `--pack K`: up to K cells trained together on one copy of the base, every core
+  pack K    `--pack K`: up to K cells trained together on one copy of the base, every core
+            (K=8: both seeds in one pack, two length groups a step; K=4: the four ranks of one
+            seed, whose batches are the same, one group)
 
 Prints the wall time, cells per hour and ratio, peak memory, where the time goes (data and
 model setup, training steps, evaluations), the model FLOP/s of the training steps as a fraction
@@ -93,7 +95,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-examples", type=int, default=4000)
     parser.add_argument("--dev-examples", type=int, default=1000)
-    parser.add_argument("--pack", type=int, default=8)
+    parser.add_argument("--packs", default="8,4", help="pack sizes, one arm each")
     parser.add_argument("--workers-arm", action="store_true",
                         help="also run one process per cell, two at a time")
     parser.add_argument("--out", default="runs/bench-packing")
@@ -109,13 +111,15 @@ def main() -> None:
     grid["overrides"]["data"]["max_dev_examples"] = args.dev_examples
     grid_file = out / "grid.json"
     grid_file.write_text(json.dumps(grid))
-    arms = {"alone": [], "packed": ["--pack", str(args.pack)]}
+    arms = {"alone": []}
     if args.workers_arm:
-        arms = {"alone": [], "workers": ["--workers", "2"], "packed": arms["packed"]}
+        arms["workers"] = ["--workers", "2"]
+    for k in args.packs.split(","):
+        arms[f"pack {k}"] = ["--pack", k]
     peak = matmul_peak()
     results = {}
     for name, extra in arms.items():
-        folder = out / name
+        folder = out / name.replace(" ", "")
         if folder.exists():
             import shutil
 
@@ -127,7 +131,7 @@ def main() -> None:
         print(f"{name}: {wall:.0f} s", flush=True)
 
     cpu = platform.processor() or platform.machine()
-    print(f"\nPacked training, {len(results['alone']['records'])} cells of minilm-l6 CoNLL-2003 "
+    print(f"\nPacked training, 8 cells of minilm-l6 CoNLL-2003 "
           f"LoRA (ranks {GRID['ranks']} x seeds {GRID['seeds']}; {args.train_examples} training "
           f"sentences, one epoch, batch 32; dev {args.dev_examples:,} sentences), {cpu} CPU, "
           f"{os.cpu_count()} cores, torch {torch.__version__}; fp32 matrix-product peak "
@@ -138,7 +142,7 @@ def main() -> None:
     base = results["alone"]["wall_s"]
     for name, r in results.items():
         rs, wall = r["records"], r["wall_s"]
-        split = where_time_goes(rs, wall, name == "packed")
+        split = where_time_goes(rs, wall, name.startswith("pack"))
         flops = sum(training_flops(x) for x in rs)
         steps_s = split["training steps"] if name != "workers" else split["training steps"] / 2
         rate = flops / max(1e-9, steps_s)
@@ -148,10 +152,12 @@ def main() -> None:
               f"{memory_note} | {split['setup']:.0f} | {split['training steps']:.0f} | "
               f"{split['evaluations']:.0f} | {rate / 1e9:.1f} | {rate / peak:.1%} |")
     alone_peak = max(x["peak_memory_mb"] for x in results["alone"]["records"])
-    packed_peak = max(x["peak_memory_mb"] for x in results["packed"]["records"])
-    print(f"\nMemory: the pack of {args.pack} held {packed_peak:,.0f} MB at its peak; "
-          f"{args.pack} separate runs at once would hold about {args.pack} x {alone_peak:,.0f} "
-          f"= {args.pack * alone_peak:,.0f} MB (one process each, the base loaded in each).")
+    for name in (n for n in results if n.startswith("pack")):
+        k = int(name.split()[1])
+        peak_k = max(x["peak_memory_mb"] for x in results[name]["records"])
+        print(f"\nMemory: a {name} held {peak_k:,.0f} MB at its peak; {k} separate runs at once "
+              f"would hold about {k} x {alone_peak:,.0f} = {k * alone_peak:,.0f} MB (one process "
+              "each, the base loaded in each).")
     print("\nDev F1 per cell (seed, rank):\n")
     print("| arm | " + " | ".join(f"s{x['axes']['seed']} r{x['axes']['rank']}"
                                   for x in results["alone"]["records"]) + " | mean |")
@@ -160,10 +166,11 @@ def main() -> None:
         values = [x["value"] for x in r["records"]]
         print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values)
               + f" | {statistics.mean(values):.4f} |")
-    diffs = [p["value"] - a["value"] for p, a in zip(results["packed"]["records"],
-                                                      results["alone"]["records"])]
-    print(f"\npacked - alone, per cell: mean {statistics.mean(diffs):+.4f}, sample std "
-          f"{statistics.stdev(diffs):.4f} (8 paired cells)")
+    for name in (n for n in results if n != "alone"):
+        diffs = [p["value"] - a["value"] for p, a in zip(results[name]["records"],
+                                                          results["alone"]["records"])]
+        print(f"\n{name} - alone, per cell: mean {statistics.mean(diffs):+.4f}, sample std "
+              f"{statistics.stdev(diffs):.4f} (8 paired cells)")
     (out / "summary.json").write_text(json.dumps(
         {name: {"wall_s": r["wall_s"], "values": [x["value"] for x in r["records"]]}
          for name, r in results.items()}, indent=2))

@@ -100,3 +100,60 @@ def test_a_run_takes_bf16_when_the_probe_says_so(tiny_encoder, cls_files, tmp_pa
     m = run(tiny_config(tiny_encoder, train, dev, tmp_path / "b",
                         train={"precision": "auto"})).metrics
     assert m["precision"] == "bf16" and m["precision_choice"]["picked"] == "bf16"
+
+
+# ---------------------------------------------------------------------------------------------
+# train.compile=auto (adaptune.compiling).
+
+
+def test_compile_auto_on_and_off_by_predicted_steps(cache):
+    from adaptune import compiling
+
+    calls: list = []
+
+    def measure():
+        calls.append(1)  # 0.1 s saved per step, 60 s to compile: pays from 600 steps
+        return {"eager_s": 1.0, "compiled_s": 0.9, "compile_s": 60.0, "blocks": 1}
+
+    shape = {"model": "m", "steps_kind": "test"}
+    on, record = compiling.decide("auto", steps=100, device="cpu", key_parts=shape,
+                                  measure_fn=measure)
+    assert not on and calls == [] and "stay eager" in record["why"]  # short: not even measured
+    on, record = compiling.decide("auto", steps=5000, device="cpu", key_parts=shape,
+                                  measure_fn=measure)
+    assert on and calls == [1] and record["predicted_saving_s"] == pytest.approx(440.0)
+    # The measurement is cached: a 300-step run of that shape is predicted to lose 30 s.
+    on, record = compiling.decide("auto", steps=300, device="cpu", key_parts=shape,
+                                  measure_fn=measure)
+    assert not on and calls == [1] and record["source"] == "cached measurement"
+    assert compiling.decide("auto", steps=700, device="cpu", key_parts=shape,
+                            measure_fn=measure)[0]
+    assert compiling.decide("on", steps=1, device="cpu", key_parts=shape,
+                            measure_fn=measure)[0]
+    assert not compiling.decide("off", steps=10**9, device="cpu", key_parts=shape,
+                                measure_fn=measure)[0]
+
+
+def test_a_measured_compile_that_does_not_pay_is_undone():
+    from transformers import BertConfig, BertModel
+
+    from adaptune import compiling
+    from adaptune.modeling import compile_blocks
+
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=32))
+    assert compile_blocks(bert) == 2
+    compiling.uncompile(bert)
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in bert.modules())
+
+
+def test_train_compile_takes_on_off_auto_and_the_former_booleans(tmp_path):
+    from adaptune.config import compose, upgrade_stored
+    from adaptune.errors import ConfigError
+
+    assert compose({"train": {"compile": True}}).train.compile == "on"
+    assert compose(overrides=["train.compile=false"]).train.compile == "off"
+    assert compose(overrides=["train.compile=auto"]).train.compile == "auto"
+    with pytest.raises(ConfigError, match="train.compile: expected one of off, on, auto"):
+        compose(overrides=["train.compile=sometimes"])
+    assert upgrade_stored({"train": {"compile": True}})["train"]["compile"] == "on"
