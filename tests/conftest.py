@@ -146,3 +146,16 @@ def metric_from_example_stats(metrics: dict, task_name: str) -> float:
 
     stats = np.asarray(metrics["dev_example_stats"], dtype=float)
     return task_class(task_name)().metric_from_stats(stats.sum(0), len(stats))
+
+
+def tiny_grid(model: str, cls_files, **changes) -> dict:
+    """A sweep grid (plain data) of few-second cells on a tiny model and the sentiment files."""
+    train, dev = cls_files
+    grid = {"name": "tiny", "task": "classification", "models": [model],
+            "methods": ["lora", "head"], "ranks": [2, 4], "seeds": [0],
+            "overrides": {"model": {"max_length": 32},
+                          "data": {"dataset": "custom", "train_path": train, "dev_path": dev},
+                          "train": {"max_steps": 4, "batch_size": 8, "lr": 5e-3,
+                                    "precision": "fp32", "warmup_ratio": 0.0}}}
+    grid.update(changes)
+    return grid

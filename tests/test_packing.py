@@ -13,7 +13,7 @@ from adaptune.errors import ConfigError
 from adaptune.packing import pack_key, run_packed, unpackable_reason
 from adaptune.safe_io import load_safetensors
 from adaptune.train import run
-from conftest import tiny_config
+from conftest import tiny_config, tiny_grid
 
 
 @pytest.fixture(scope="module")
@@ -175,15 +175,8 @@ def test_what_cannot_be_packed_is_refused_with_the_setting(tiny_encoder, cls_fil
 
 
 def _grid(model, cls_files, **changes) -> dict:
-    train, dev = cls_files
-    grid = {"name": "tiny-packs", "task": "classification", "models": [model],
-            "methods": ["lora", "head"], "ranks": [2, 4, 8], "seeds": [0, 1],
-            "overrides": {"model": {"max_length": 32},
-                          "data": {"dataset": "custom", "train_path": train, "dev_path": dev},
-                          "train": {"max_steps": 4, "batch_size": 8, "lr": 5e-3,
-                                    "precision": "fp32", "warmup_ratio": 0.0}}}
-    grid.update(changes)
-    return grid
+    return tiny_grid(model, cls_files, **{"name": "tiny-packs", "ranks": [2, 4, 8],
+                                          "seeds": [0, 1], **changes})
 
 
 def test_a_packed_sweep_records_every_cell_once(tiny_encoder, cls_files, tmp_path, capsys):

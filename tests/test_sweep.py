@@ -8,19 +8,11 @@ import pytest
 
 from adaptune import sweep
 from adaptune.errors import ConfigError
-from conftest import run_victim
+from conftest import run_victim, tiny_grid
 
 
 def _grid_dict(model: str, cls_files, **changes) -> dict:
-    train, dev = cls_files
-    grid = {"name": "tiny", "task": "classification", "models": [model],
-            "methods": ["lora", "head"], "ranks": [2, 4], "seeds": [0],
-            "overrides": {"model": {"max_length": 32},
-                          "data": {"dataset": "custom", "train_path": train, "dev_path": dev},
-                          "train": {"max_steps": 4, "batch_size": 8, "lr": 5e-3,
-                                    "precision": "fp32", "warmup_ratio": 0.0}}}
-    grid.update(changes)
-    return grid
+    return tiny_grid(model, cls_files, **changes)
 
 
 def test_expansion_counts_order_and_skipped_axes():
