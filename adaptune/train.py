@@ -452,8 +452,12 @@ def _setup(p: Prepared) -> Trainer:
 
     # Precision: measured on this model and one of its batches when "auto" (see
     # adaptune.precision), then handed to accelerate.
+    def on_device() -> nn.Module:
+        # A 4/8-bit base already sits on its GPU, and bitsandbytes models refuse `.to`.
+        return model if next(model.parameters()).device.type == device else model.to(device)
+
     def probe() -> dict[str, float]:
-        return precisions.measure(model.to(device), precisions.probe_batch(
+        return precisions.measure(on_device(), precisions.probe_batch(
             p.task, p.train_features, sampler, p.tokenizer.pad_token_id, device), device)
 
     shape = {"model": p.run.model.path, "method": p.run.method.name, "task": p.task.name,
@@ -466,7 +470,7 @@ def _setup(p: Prepared) -> Trainer:
     compile_record = compiling.apply(
         t.compile, model, steps=plan.total_steps, device=device,
         key_parts={**shape, "precision": precision},
-        measure_fn=lambda: compiling.measure(model.to(device), precisions.probe_batch(
+        measure_fn=lambda: compiling.measure(on_device(), precisions.probe_batch(
             p.task, p.train_features, sampler, p.tokenizer.pad_token_id, device), device,
             bf16=precision == "bf16"))
     if t.compile == "on" and not compile_record.get("blocks"):
