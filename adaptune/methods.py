@@ -64,7 +64,7 @@ class Method:
 
     def optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters, without weight decay on biases and norms."""
-        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
+        return torch.optim.AdamW(param_groups(model.named_parameters(), weight_decay), lr=lr)
 
     def before_train(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> None:
         """A pass over training batches before the first step."""
@@ -112,12 +112,12 @@ class Method:
         return model
 
 
-def param_groups(model: nn.Module, weight_decay: float,
-                 named: Iterable[tuple[str, nn.Parameter]] | None = None) -> list[dict[str, Any]]:
-    """No weight decay on biases and norms (the usual AdamW practice). `named`: these
-    parameters instead of the model's (one adapter of a pack)."""
+def param_groups(named: Iterable[tuple[str, nn.Parameter]],
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable ones of these named parameters: no weight decay on biases
+    and norms (the usual AdamW practice)."""
     decay, no_decay = [], []
-    for name, param in named if named is not None else model.named_parameters():
+    for name, param in named:
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay},

@@ -210,21 +210,22 @@ def _build(members: list[Member]) -> nn.Module:
     from accelerate.utils import set_seed
     from peft import get_peft_model
 
-    model = None
+    model, backbone = None, (0, 0)
     for member in members:
         p, t = member.p, member.config.train
         set_seed(t.seed)
-        alone = p.run.method.apply(p.build_model(), p.run.model, member.plan.total_steps)
+        raw = p.build_model()
+        if model is None:  # as a run alone counts them: before the adapter is injected
+            backbone = count_backbone_params(raw.backbone)
+        alone = p.run.method.apply(raw, p.run.model, member.plan.total_steps)
         member.rng = torch.get_rng_state()
         trainable, total = count_params(alone)
-        member.counts = {"trainable": trainable, "total": total}
+        member.counts = {"trainable": trainable, "total": total, "backbone": backbone[0],
+                         "backbone_non_embedding": backbone[1]}
         weights = {n: w.detach().clone() for n, w in alone.named_parameters() if w.requires_grad}
         config = alone.peft_config["default"]
         if model is None:
-            member.counts["backbone"], member.counts["backbone_non_embedding"] = \
-                count_backbone_params(alone.base_model.model.backbone)
-            base = p.build_model()
-            model = get_peft_model(base, config, adapter_name=member.name)
+            model = get_peft_model(p.build_model(), config, adapter_name=member.name)
         else:
             model.add_adapter(member.name, config)
         del alone
@@ -234,9 +235,6 @@ def _build(members: list[Member]) -> nn.Module:
                 own[name.replace(".default.", f".{member.name}.")].copy_(value)
     for name, param in model.named_parameters():
         param.requires_grad_(any(m.own(name) for m in members))
-    for member in members[1:]:
-        member.counts.update(backbone=members[0].counts["backbone"],
-                             backbone_non_embedding=members[0].counts["backbone_non_embedding"])
     return model
 
 
@@ -244,7 +242,7 @@ def _setup_member(member: Member, model: nn.Module) -> None:
     t, p = member.config.train, member.p
     named = [(n, w) for n, w in model.named_parameters() if member.own(n)]
     member.params = [w for _, w in named]
-    member.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, named), lr=t.lr)
+    member.optimizer = torch.optim.AdamW(param_groups(named, t.weight_decay), lr=t.lr)
     member.scheduler = torch.optim.lr_scheduler.LambdaLR(member.optimizer,
                                                          _warmup_linear(member.plan))
     member.sampler = LengthGroupedBatches([len(f["input_ids"]) for f in p.train_features],

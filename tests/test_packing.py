@@ -90,8 +90,9 @@ def test_each_packed_adapter_equals_its_run_alone(tiny_encoder_no_dropout, cls_f
     for a, p in zip(alone, packed):
         ma, mp = a.metrics, p.metrics
         assert mp["pack"]["size"] == 3
-        assert mp["trainable_params"] == ma["trainable_params"]
-        assert mp["optimizer_steps"] == ma["optimizer_steps"]
+        for key in ("trainable_params", "total_params", "backbone_params",
+                    "backbone_non_embedding_params", "optimizer_steps"):
+            assert mp[key] == ma[key], key
         assert mp["best_step"] == ma["best_step"]
         assert [e["train_loss"] for e in mp["evaluations"]] == pytest.approx(
             [e["train_loss"] for e in ma["evaluations"]], rel=1e-5, abs=1e-6)
