@@ -45,13 +45,14 @@ def measure(model: nn.Module, batch: dict[str, torch.Tensor], device: str,
         timed_pass(model, batch, device, bf16)  # warm-up
         eager = statistics.median(timed_pass(model, batch, device, bf16)
                                   for _ in range(REPEATS))
-        if not compile_blocks(model):
+        blocks = compile_blocks(model)
+        if not blocks:
             return {"eager_s": eager, "compiled_s": eager, "compile_s": 0.0, "blocks": 0}
         first = timed_pass(model, batch, device, bf16)
         compiled = statistics.median(timed_pass(model, batch, device, bf16)
                                      for _ in range(REPEATS))
     return {"eager_s": eager, "compiled_s": compiled, "compile_s": max(0.0, first - compiled),
-            "blocks": 1}
+            "blocks": blocks}
 
 
 def predicted_saving(figures: dict[str, float], steps: int) -> float:

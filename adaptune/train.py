@@ -409,11 +409,9 @@ def _score_kept_checkpoint_on_dev(p: Prepared, tr: Trainer, state: "ckpt.TrainSt
 
 def _setup(p: Prepared) -> Trainer:
     """Model, precision, accelerator, the method's adapter, optimizer, schedule and batches."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
-
-    from accelerate import PartialState
 
     from adaptune import compiling
     from adaptune import precision as precisions
@@ -452,13 +450,19 @@ def _setup(p: Prepared) -> Trainer:
 
     # Precision: measured on this model and one of its batches when "auto" (see
     # adaptune.precision), then handed to accelerate.
-    def on_device() -> nn.Module:
-        # A 4/8-bit base already sits on its GPU, and bitsandbytes models refuse `.to`.
-        return model if next(model.parameters()).device.type == device else model.to(device)
+    probe_batch: list[dict[str, torch.Tensor]] = []
+
+    def on_device() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """The model on the run's device (a 4/8-bit base already sits on its GPU, and
+        bitsandbytes models refuse `.to`) and the probes' batch, built once."""
+        if not probe_batch:
+            probe_batch.append(precisions.probe_batch(p.task, p.train_features, sampler,
+                                                      p.tokenizer.pad_token_id, device))
+        here = next(model.parameters()).device.type == device
+        return (model if here else model.to(device)), probe_batch[0]
 
     def probe() -> dict[str, float]:
-        return precisions.measure(on_device(), precisions.probe_batch(
-            p.task, p.train_features, sampler, p.tokenizer.pad_token_id, device), device)
+        return precisions.measure(*on_device(), device)
 
     shape = {"model": p.run.model.path, "method": p.run.method.name, "task": p.task.name,
              "batch_size": t.batch_size, "threads": torch.get_num_threads()}
@@ -470,9 +474,7 @@ def _setup(p: Prepared) -> Trainer:
     compile_record = compiling.apply(
         t.compile, model, steps=plan.total_steps, device=device,
         key_parts={**shape, "precision": precision},
-        measure_fn=lambda: compiling.measure(on_device(), precisions.probe_batch(
-            p.task, p.train_features, sampler, p.tokenizer.pad_token_id, device), device,
-            bf16=precision == "bf16"))
+        measure_fn=lambda: compiling.measure(*on_device(), device, bf16=precision == "bf16"))
     if t.compile == "on" and not compile_record.get("blocks"):
         warnings.warn(f"train.compile: found no repeated blocks in {p.run.model.name} to "
                       "compile; training without torch.compile", stacklevel=3)
