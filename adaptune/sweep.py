@@ -745,7 +745,6 @@ def _run_claimed_pack(cells: list[Cell], grid: Grid, out: Path, num_threads: int
                       environment: Mapping[str, Any], where: str) -> None:
     """A pack of claimed cells; if the pack fails, its cells run alone (each recorded as ok,
     skipped or failed, as usual)."""
-
     locks = [out / "locks" / c.id for c in cells]
     try:
         with _heartbeat(*locks):
