@@ -9,10 +9,14 @@ frozen under the task adapter) instead of merged.
         [--work runs/bench-domain] [--out benchmarks/results/domain_cpu] [--threads N]
     python benchmarks/domain_adaptation.py --report   # the table from what has run so far
 
-Resumable: every pretraining stage and every task run is skipped when its result exists, so a
-killed invocation continues where it stopped, and two invocations on disjoint --tasks can share
-the machine (the bio tasks share one DAPT stage: keep them in one invocation). Model folders and
-adapters stay under --work; --out gets summary.json and the Markdown table.
+Resumable across sessions: every finished pretraining stage and task run leaves a small record
+under --out/records (committed with the table), and a run whose record exists is skipped, so a
+killed invocation -- or a later session on a fresh checkout -- continues where it stopped. Model
+folders and adapters stay under --work (not committed); a stage whose task runs are all recorded
+is not run again, and one that must run again for missing task runs (its model folder gone) is
+checked against its record: the same held-out perplexity, or the benchmark stops. Two
+invocations on disjoint --tasks can share the machine (the bio tasks share one DAPT stage: keep
+them in one invocation). --out gets summary.json and the Markdown table.
 
 Protocol: each pretraining stage runs once (seed 0) and chooses its own budget: up to
 PRETRAIN_EPOCHS epochs, stopped by held-out perplexity on documents carved from its corpus
@@ -69,22 +73,51 @@ def _threads(n: int) -> dict[str, Any]:
     return {"train": {"num_threads": n}}
 
 
-def pretrain(model: str, corpus: str, work: Path, threads: int, dataset: str = "") -> dict:
-    """One pretraining stage (skipped when done); returns its domain.json report."""
-    report = work / "domain.json"
-    if not report.exists():
+def _code_version() -> str:
+    """The commit of the code that produced a record (cells of one table come from one code
+    version; a record says which)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def pretrain(model: str, corpus: str, work: Path, records: Path, threads: int,
+             dataset: str = "") -> dict:
+    """One pretraining stage (skipped when its model folder is there); returns its domain.json
+    report and keeps its record. A stage run again in a later session must reproduce its
+    record's held-out perplexity, or the task runs after it would not share one model."""
+    report_file = work / "domain.json"
+    record_file = records / "pretrain" / f"{work.name}.json"
+    if not report_file.exists():
         task = TASKS[dataset][0] if dataset else ""
         overrides = {**PRETRAIN, "train": {**PRETRAIN["train"], "num_threads": threads}}
         adapt(model, corpus, str(work), task=task, dataset=dataset, overrides=overrides)
-    return json.loads(report.read_text())
+    report = json.loads(report_file.read_text())
+    if record_file.exists():
+        recorded = json.loads(record_file.read_text())
+        before, now = recorded["perplexity_after"], report["perplexity_after"]
+        if abs(before - now) > 1e-3 * before:
+            raise SystemExit(f"{record_file}: the stage run again reached held-out perplexity "
+                             f"{now:.4f}, its record says {before:.4f}; the task runs recorded "
+                             "after it came from another model. Move the records away to "
+                             "start this task over.")
+    else:
+        write_json(record_file, {**_stage(report), "code": _code_version(),
+                                 "threads": threads})
+    return report
+
+
+def task_record(records: Path, dataset: str, name: str, seed: int) -> Path:
+    return records / dataset / f"{name}-s{seed}.json"
 
 
 def task_metrics(dataset: str, seed: int, out: Path, threads: int, *, domain_model: Path | None,
                  base: str, carry: str = "merge") -> dict:
-    """One task run (skipped when done); returns its metrics.json."""
-    metrics_file = out / ("metrics.json" if domain_model is None else "task/metrics.json")
-    if metrics_file.exists():
-        return json.loads(metrics_file.read_text())
+    """One task run; returns its metrics.json."""
     task = TASKS[dataset][0]
     overrides = {"train": {"seed": seed, "epochs": TASK_EPOCHS[dataset], "num_threads": threads}}
     if domain_model is None:
@@ -97,26 +130,34 @@ def task_metrics(dataset: str, seed: int, out: Path, threads: int, *, domain_mod
 
 
 def run_tasks(args: argparse.Namespace) -> None:
-    work = Path(args.work)
+    work, records = Path(args.work), Path(args.out) / "records"
     for dataset in args.tasks.split(","):
         _, domain, _ = TASKS[dataset]
-        dapt = pretrain(args.model, domain, work / "pretrain" / domain, args.threads)
-        tapt = pretrain(args.model, "task", work / "pretrain" / f"{dataset}-tapt", args.threads,
-                        dataset)
-        both = pretrain(dapt["merged_model"], "task",
-                        work / "pretrain" / f"{dataset}-dapt+tapt", args.threads, dataset)
-        models = {"general": None, "dapt": Path(dapt["merged_model"]),
-                  "tapt": Path(tapt["merged_model"]), "dapt+tapt": Path(both["merged_model"])}
         arms = [(arm, "merge") for arm in ARMS]
         if dataset == STACK_TASK:
             arms.append(("dapt", "stack"))
-        for seed in range(1, args.seeds + 1):
-            for arm, carry in arms:
-                name = arm if carry == "merge" else f"{arm}-{carry}"
-                out = work / "tasks" / dataset / f"{name}-s{seed}"
-                task_metrics(dataset, seed, out, args.threads, domain_model=models[arm],
+        todo = [(seed, arm, carry) for seed in range(1, args.seeds + 1) for arm, carry in arms
+                if not task_record(records, dataset, arm if carry == "merge" else
+                                   f"{arm}-{carry}", seed).exists()]
+        if not todo:
+            continue
+        dapt = pretrain(args.model, domain, work / "pretrain" / domain, records, args.threads)
+        tapt = pretrain(args.model, "task", work / "pretrain" / f"{dataset}-tapt", records,
+                        args.threads, dataset)
+        both = pretrain(dapt["merged_model"], "task",
+                        work / "pretrain" / f"{dataset}-dapt+tapt", records, args.threads,
+                        dataset)
+        models = {"general": None, "dapt": Path(dapt["merged_model"]),
+                  "tapt": Path(tapt["merged_model"]), "dapt+tapt": Path(both["merged_model"])}
+        for seed, arm, carry in todo:
+            name = arm if carry == "merge" else f"{arm}-{carry}"
+            out = work / "tasks" / dataset / f"{name}-s{seed}"
+            m = task_metrics(dataset, seed, out, args.threads, domain_model=models[arm],
                              base=args.model, carry=carry)
-                print(f"done {dataset} {name} seed {seed}", flush=True)
+            write_json(task_record(records, dataset, name, seed),
+                       {"dev": m["dev"], "wall_time_s": m["wall_time_s"], "seed": seed,
+                        "code": _code_version(), "threads": args.threads})
+            print(f"done {dataset} {name} seed {seed}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,33 +171,36 @@ def _stage(report: dict) -> dict:
 
 
 def collect(args: argparse.Namespace) -> dict:
-    work = Path(args.work)
+    records = Path(args.out) / "records"
     summary: dict[str, Any] = {"model": args.model, "seeds": args.seeds,
                                "task_epochs": TASK_EPOCHS, "pretrain": PRETRAIN,
                                "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
                                "tasks": {}}
+    codes: set[str] = set()
     for dataset, (task, domain, metric) in TASKS.items():
         stages = {}
         for arm, folder in (("dapt", domain), ("tapt", f"{dataset}-tapt"),
                             ("dapt+tapt", f"{dataset}-dapt+tapt")):
-            report = work / "pretrain" / folder / "domain.json"
-            if report.exists():
-                stages[arm] = _stage(json.loads(report.read_text()))
+            record = records / "pretrain" / f"{folder}.json"
+            if record.exists():
+                stages[arm] = json.loads(record.read_text())
+                codes.add(stages[arm].get("code", "unknown"))
         arms: dict[str, Any] = {}
         for name in (*ARMS, "dapt-stack"):
             scores, times, seeds = [], [], []
             for seed in range(1, args.seeds + 1):
-                out = work / "tasks" / dataset / f"{name}-s{seed}"
-                m_file = out / ("metrics.json" if name == "general" else "task/metrics.json")
-                if m_file.exists():
-                    m = json.loads(m_file.read_text())
+                record = task_record(records, dataset, name, seed)
+                if record.exists():
+                    m = json.loads(record.read_text())
                     scores.append(m["dev"][metric])
                     times.append(m["wall_time_s"])
                     seeds.append(seed)
+                    codes.add(m.get("code", "unknown"))
             if scores:
                 arms[name] = {"seeds": seeds, "dev": scores, "task_wall_s": times}
         summary["tasks"][dataset] = {"task": task, "domain": domain, "metric": metric,
                                      "pretraining": stages, "arms": arms}
+    summary["code_versions"] = sorted(codes)
     return summary
 
 
@@ -185,7 +229,9 @@ def render(summary: dict) -> str:
              f"(query/key/value/dense), lr 1e-3, batch 32, blocks of 128 tokens, at most "
              f"{PRETRAIN_EPOCHS} epochs stopped by held-out perplexity (200 documents carved "
              "from the corpus; patience 2 of three evaluations an epoch), merged. Task: LoRA r=8, "
-             "lr 1e-3, batch 32, epochs per task as listed, seeds paired across arms.", "",
+             "lr 1e-3, batch 32, epochs per task as listed, seeds paired across arms. Code: "
+             f"{', '.join(summary['code_versions']) or 'no runs yet'} (each record names its "
+             "commit).", "",
              "### Pretraining stages (seed 0)", "",
              "| task | arm | corpus | documents (train / held out) | steps ((cap): the epoch cap "
              "bound, not the perplexity) | held-out perplexity "
@@ -194,9 +240,11 @@ def render(summary: dict) -> str:
         for arm, s in t["pretraining"].items():
             if arm == "dapt" and dataset == "ncbi_disease":
                 continue  # the same PubMed stage as bc5cdr's
+            corpus = ("the task's training text, labels stripped"
+                      if s["corpus"].endswith("tapt-corpus.jsonl") else s["corpus"])
             lines.append(
                 f"| {dataset if arm != 'dapt' else t['domain'] + ' (all its tasks)'} | {arm} | "
-                f"{s['corpus']} | {s['train_documents']:,} / {s['heldout_documents']:,} | "
+                f"{corpus} | {s['train_documents']:,} / {s['heldout_documents']:,} | "
                 f"{s['steps']}{'' if s.get('stopped_early') else ' (cap)'} | "
                 f"{s['perplexity_before']:.1f} -> {s['perplexity_after']:.1f} | "
                 f"{s['wall_time_s']:.0f} |")
