@@ -333,6 +333,19 @@ def prepare(name: str, *, verify: bool = True) -> Path:
     prepared folder; safe to interrupt (nothing is renamed into place until it is complete)."""
     if name not in ZOO:
         raise ModelError(f"{name!r} is not in the zoo; zoo models: {', '.join(ZOO)}")
+    if is_ready(name):
+        return model_dir(name)
+    # Two processes preparing one model at once (sweep workers, two benchmarks started together)
+    # would race on the same package and model folders: the first prepares, the others wait
+    # for it and then find the model ready.
+    from filelock import FileLock
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir() / f".prepare-{name}.lock")):
+        return _prepare_locked(name, verify)
+
+
+def _prepare_locked(name: str, verify: bool) -> Path:
     entry = ZOO[name]
     out = model_dir(name)
     if is_ready(name):

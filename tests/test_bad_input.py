@@ -366,3 +366,40 @@ def test_a_model_folder_with_custom_code_is_refused_without_a_prompt(cls_files, 
         stdin=subprocess.DEVNULL, timeout=120)
     assert "custom code ran" not in proc.stdout + proc.stderr
     assert "ModelError: model.name: cannot load" in proc.stderr
+
+
+def test_two_processes_preparing_one_zoo_model_do_not_race(tmp_path, monkeypatch):
+    """Two sweep workers (or two benchmarks) starting on a model not yet prepared: one converts
+    it, the other waits and finds it ready (they raced on one package folder before)."""
+    import threading
+    import time
+
+    from adaptune import zoo
+
+    monkeypatch.setenv("ADAPTUNE_CACHE", str(tmp_path / "cache"))
+    converted = []
+
+    def convert(entry, pkg_dir, out):
+        converted.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the second caller to arrive while this one works
+        (out / "config.json").write_text("{}")
+
+    fake = zoo.ZooEntry(name="fake", source="none", family="encoder", packages=(), layers=1,
+                        hidden=1, total_params=0, non_embedding_params=0, lora_targets=(),
+                        all_linear_targets=(), has_bias=True, convert=convert)
+    monkeypatch.setitem(zoo.ZOO, "fake", fake)
+    results, errors = [], []
+
+    def prepare():
+        try:
+            results.append(zoo.prepare("fake", verify=False))
+        except Exception as exc:  # noqa: BLE001 -- the test reports whatever a racer raised
+            errors.append(exc)
+
+    threads = [threading.Thread(target=prepare) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 2 and len(set(results)) == 1
+    assert len(converted) == 1 and zoo.is_ready("fake")
