@@ -25,6 +25,10 @@ from adaptune.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+ATTENTION_KERNELS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                     "flex_attention")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which base model to adapt: a zoo short name, a Hub id or a local folder."""
@@ -38,9 +42,15 @@ class ModelConfig:
     # token, trained from scratch; exports as a standard *ForSequenceClassification model).
     # "auto": mean on encoders, the last token on decoders.
     pooling: str = "auto"
+    # The attention kernel, as transformers' `attn_implementation`: "auto" takes transformers'
+    # choice (scaled_dot_product_attention where the architecture has it, else eager);
+    # "flash_attention_2" needs the flash-attn package and a GPU.
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "a zoo name, Hub id or folder", self.name)
+        _check(self.attention in ATTENTION_KERNELS, "model.attention",
+               f"one of {', '.join(ATTENTION_KERNELS)}", self.attention)
         _check(self.quantization in ("none", "4bit", "8bit"), "model.quantization",
                "one of none, 4bit, 8bit", self.quantization)
         _check(self.max_length >= 8, "model.max_length", "an integer >= 8", self.max_length)

@@ -39,11 +39,12 @@ def load_tokenizer(model_path: str) -> Any:
 
 
 def build_task_model(spec: "ModelSpec", task: "Task", labels: list[str],
-                     pad_token_id: int | None, quantization: str = "none") -> "TaskModel":
+                     pad_token_id: int | None, quantization: str = "none",
+                     attention: str = "auto") -> "TaskModel":
     """The pretrained backbone with the task's freshly initialised head: what training starts
     from and what a saved adapter is loaded onto."""
     backbone = load_backbone(spec.path, spec.family, lm_head=task.lm_head,
-                             quantization=quantization)
+                             quantization=quantization, attention=attention)
     if pad_token_id is not None and getattr(backbone.config, "pad_token_id", None) is None:
         backbone.config.pad_token_id = pad_token_id
     head = task.build_head(backbone.config.hidden_size, labels, spec, backbone.config)
@@ -53,7 +54,8 @@ def build_task_model(spec: "ModelSpec", task: "Task", labels: list[str],
 
 
 def load_backbone(path: str, family: str, *, lm_head: bool = False,
-                  dtype: torch.dtype = torch.float32, quantization: str = "none") -> nn.Module:
+                  dtype: torch.dtype = torch.float32, quantization: str = "none",
+                  attention: str = "auto") -> nn.Module:
     """Load the pretrained body. Encoders lose their pooler (the heads pool themselves, the same
     way on every model; an unused pooler would also break multi-process training). Decoders keep
     their LM head only for generation tasks. `quantization` ("4bit" NF4 or "8bit") loads the
@@ -69,6 +71,8 @@ def load_backbone(path: str, family: str, *, lm_head: bool = False,
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False}
     if quantization != "none":
         kwargs.update(quantization_kwargs(quantization))
+    if attention != "auto":
+        kwargs["attn_implementation"] = attention
     if family == "decoder" and lm_head:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:

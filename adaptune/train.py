@@ -96,7 +96,8 @@ class Prepared:
     def build_model(self) -> TaskModel:
         return build_task_model(self.run.model, self.task, self.labels,
                                 self.tokenizer.pad_token_id,
-                                self.run.config.model.quantization)
+                                self.run.config.model.quantization,
+                                self.run.config.model.attention)
 
     def evaluate(self, model: nn.Module, device: torch.device | str | None = None, *,
                  with_stats: bool = False, split: str = "dev") -> Any:
@@ -639,6 +640,10 @@ def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: flo
                             processes=tr.accelerator.num_processes)
     metrics["precision_choice"] = tr.precision_record
     metrics["compile_choice"] = tr.compile_record
+    # The attention kernel transformers resolved (model.attention=auto leaves it the choice).
+    backbone = getattr(tr.accelerator.unwrap_model(tr.model), "backbone", None)
+    metrics["attention"] = getattr(getattr(backbone, "config", None), "_attn_implementation",
+                                   None)
     return metrics
 
 

@@ -17,8 +17,12 @@ which runs it reused). Kept runs are not tied to a code version: after changing 
 fresh `--out` to measure it.
 
 The Trainer baseline is what a user would otherwise write: `AutoModelFor*` + `get_peft_model`
-with the same LoRA config + `Trainer` with default (random) batching and the same batch size,
-learning rate, warm-up and epochs; `bf16=True` for the second Trainer run.
+with the same LoRA config + `Trainer` with the same batch size, learning rate, warm-up and
+epochs, in four configurations: its defaults (random batches) in fp32 and with `bf16=True`, and
+as an informed user configures it, with length-grouped batches
+(`train_sampling_strategy="group_by_length"`), in fp32 and bf16. adaptune is compared with each
+and with the fastest of them. Its dev metric is scored in dataset order (under length grouping
+transformers 5 also reorders `trainer.predict`'s rows).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from typing import Any
 
 import torch
 
+from adaptune.report import t_interval
+
 JOBS: dict[str, dict[str, Any]] = {
     # The job of the performance issue: minilm-l6, LoRA r=8 on query/key/value/dense, CoNLL-2003
     # train, batch 32, max length 128, lr 1e-3, 50 warm-up steps then linear decay, one epoch.
@@ -51,7 +57,8 @@ JOBS: dict[str, dict[str, Any]] = {
                 "batch": 16, "lr": 5e-4, "warmup_steps": 10, "train_examples": 2000,
                 "dev_examples": 0},
 }
-CONTENDERS = ("adaptune", "trainer-fp32", "trainer-bf16")
+TRAINERS = ("trainer-fp32", "trainer-bf16", "trainer-grouped-fp32", "trainer-grouped-bf16")
+CONTENDERS = ("adaptune", *TRAINERS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,6 +73,8 @@ ADAPTUNE_VARIANTS: dict[str, dict[str, Any]] = {
     "adaptune-random-batches": {"group_by_length": False},  # lever: length-grouped batches
     "adaptune-dropout": {"dropout": 0.1},  # lever: LoRA dropout 0 (Trainer run uses 0.1)
     "adaptune-compile": {"train": {"compile": True}},  # lever: torch.compile of the blocks
+    # lever: scaled_dot_product_attention (transformers' choice for these models) vs eager
+    "adaptune-eager-attention": {"model": {"attention": "eager"}},
 }
 
 
@@ -93,10 +102,13 @@ def run_adaptune(job: dict[str, Any], out: Path, variant: dict[str, Any], seed: 
     steps = m["optimizer_steps"]
     return {"wall_s": m["train_time_s"], "real_tokens": m["train_real_tokens"],
             "padded_tokens": m["train_padded_tokens"], "dev": m["dev"][m["main_metric"]],
-            "precision": m["precision"], "steps": steps}
+            "precision": m["precision"], "steps": steps,
+            "precision_choice": m.get("precision_choice"), "compile_choice":
+            m.get("compile_choice"), "attention": m.get("attention")}
 
 
-def run_trainer(job: dict[str, Any], out: Path, bf16: bool, seed: int) -> dict[str, Any]:
+def run_trainer(job: dict[str, Any], out: Path, bf16: bool, seed: int,
+                grouped: bool = False) -> dict[str, Any]:
     """The baseline a user would write with transformers + peft."""
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import (
@@ -149,9 +161,9 @@ def run_trainer(job: dict[str, Any], out: Path, bf16: bool, seed: int) -> dict[s
         warmup_steps=job["warmup_steps"], num_train_epochs=1, weight_decay=0.01,
         bf16=bf16, use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no",
         eval_strategy="no", logging_steps=10**6, seed=seed, dataloader_num_workers=0,
-        disable_tqdm=True)
+        disable_tqdm=True, train_sampling_strategy="group_by_length" if grouped else "random")
     trainer = Trainer(model=model, args=args, train_dataset=strip(train_f),
-                      data_collator=counting_collate)
+                      data_collator=counting_collate, processing_class=tokenizer)
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -180,7 +192,8 @@ def _child(job_name: str, contender: str, out: Path, seed: int, threads: int) ->
     if contender.startswith("adaptune"):
         result = run_adaptune(job, folder, ADAPTUNE_VARIANTS[contender], seed, threads)
     else:
-        result = run_trainer(job, folder, contender.endswith("bf16"), seed)
+        result = run_trainer(job, folder, contender.endswith("bf16"), seed,
+                             grouped="grouped" in contender)
     if torch.cuda.is_available():
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -379,23 +392,35 @@ def print_table(job_name: str, results: dict[str, list[dict]], peaks: dict[str, 
               f"{mean(runs, 'peak_memory_mb'):,.0f} | {statistics.mean(devs):.4f} ± {spread:.4f} "
               f"| {' '.join(f'{d:.4f}' for d in devs)} | {gflops:.1f} | "
               f"{gflops * 1e9 / peaks[runs[0]['precision']]:.1%} |")
+    for name, runs in results.items():  # what adaptune's probes saw and chose, per run
+        choices = [r.get("precision_choice") for r in runs if r.get("precision_choice")]
+        if name.startswith("adaptune") and choices:
+            c = choices[0]
+            probe = c.get("probe") or {}
+            figures = (f"probe fp32 {probe['fp32_s'] * 1e3:.1f} ms, bf16 "
+                       f"{probe['bf16_s'] * 1e3:.1f} ms" if "fp32_s" in probe else
+                       f"source {c.get('source')}")
+            print(f"\n{name}: precision {runs[0]['precision']} ({figures}; {c.get('why', '')})"
+                  f"; attention {runs[0].get('attention')}; compiled: "
+                  f"{(runs[0].get('compile_choice') or {}).get('compiled', 'n/a')}")
+    trainers = {b: results[b] for b in TRAINERS if b in results}
+    fastest = max(trainers, key=lambda b: rate(trainers[b])) if trainers else None
     for name, ours in results.items():
         if not name.startswith("adaptune"):
             continue
-        for base in ("trainer-fp32", "trainer-bf16"):
-            if base not in results or len(results[base]) != len(ours):
+        for base, theirs in trainers.items():
+            if len(theirs) != len(ours):
                 continue
-            theirs = results[base]
             diffs = [a["dev"] - b["dev"] for a, b in zip(ours, theirs)]
-            line = (f"\n{name} vs {base}: {rate(ours) / rate(theirs):.2f}x real-token "
+            tag = " (the fastest Trainer)" if base == fastest else ""
+            line = (f"\n{name} vs {base}{tag}: {rate(ours) / rate(theirs):.2f}x real-token "
                     f"throughput, {mean(theirs, 'wall_s') / mean(ours, 'wall_s'):.2f}x less wall "
                     f"time, dev {statistics.mean(diffs):+.4f}")
             if len(diffs) > 1:
-                half = 2 * statistics.stdev(diffs) / len(diffs) ** 0.5
-                line += (f" (paired over {len(diffs)} seeds, ± {half:.4f} = 2 standard errors;"
-                         f" per seed {' '.join(f'{d:+.4f}' for d in diffs)})")
+                low, high = t_interval(diffs)
+                line += (f" [95% t interval over {len(diffs)} paired seeds {low:+.4f}, "
+                         f"{high:+.4f}]; per seed {' '.join(f'{d:+.4f}' for d in diffs)}")
             print(line)
-
 
 if __name__ == "__main__":
     main()

@@ -50,3 +50,29 @@ def test_adapter_written_by_an_older_version_loads(tiny_encoder, cls_files, tmp_
     older = adaptune.load(result.adapter_dir)
     assert older.meta.config.method.adalora.init_rank == 4
     assert older.predict(texts) == today
+
+
+def test_attention_kernel_is_an_option_and_recorded(tiny_encoder, cls_files, tmp_path):
+    """model.attention picks transformers' attention kernel; the run records the one in use,
+    the same kernel (and output) comes back with the saved adapter, and a name transformers
+    does not know is refused before training."""
+    import torch
+
+    from adaptune.config import compose
+    from adaptune.errors import ConfigError
+    from adaptune.train import run
+    from conftest import tiny_config
+
+    train, dev = cls_files
+    default = run(tiny_config(tiny_encoder, train, dev, tmp_path / "auto")).metrics
+    eager = run(tiny_config(tiny_encoder, train, dev, tmp_path / "eager",
+                            model={"attention": "eager"})).metrics
+    assert default["attention"] == "sdpa" and eager["attention"] == "eager"
+    # Same weights, same data order: the two kernels compute the same function.
+    assert eager["dev"]["accuracy"] == pytest.approx(default["dev"]["accuracy"], abs=0.1)
+    loaded = adaptune.load(tmp_path / "eager" / "adapter")
+    assert loaded.model.backbone.config._attn_implementation == "eager"
+    with torch.no_grad():
+        assert loaded.predict(["a b c"]) is not None
+    with pytest.raises(ConfigError, match="model.attention"):
+        compose({"model": {"attention": "flash"}})
