@@ -83,6 +83,7 @@ def domain_stage(model: str, corpus: str, output_dir: Path, *,
         "steps": adapted.metrics["optimizer_steps"], "planned_steps":
             adapted.metrics["planned_steps"], "stopped_early": adapted.metrics["stopped_early"],
         "wall_time_s": adapted.metrics["wall_time_s"],
+        "precision": adapted.metrics["precision"],
         "trainable_params": adapted.metrics["trainable_params"],
         "merged_model": str(folder),
     }

@@ -156,7 +156,8 @@ def run_tasks(args: argparse.Namespace) -> None:
                              base=args.model, carry=carry)
             write_json(task_record(records, dataset, name, seed),
                        {"dev": m["dev"], "wall_time_s": m["wall_time_s"], "seed": seed,
-                        "code": _code_version(), "threads": args.threads})
+                        "precision": m["precision"], "code": _code_version(),
+                        "threads": args.threads})
             print(f"done {dataset} {name} seed {seed}", flush=True)
 
 
@@ -166,17 +167,29 @@ def run_tasks(args: argparse.Namespace) -> None:
 
 def _stage(report: dict) -> dict:
     keys = ("stage", "corpus", "documents_kept", "train_documents", "heldout_documents",
-            "perplexity_before", "perplexity_after", "steps", "wall_time_s", "stopped_early")
+            "perplexity_before", "perplexity_after", "steps", "wall_time_s", "stopped_early",
+            "precision")
     return {k: report.get(k) for k in keys}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()} CPU)"
+    except OSError:
+        pass
+    return f"{platform.machine()} CPU"
 
 
 def collect(args: argparse.Namespace) -> dict:
     records = Path(args.out) / "records"
     summary: dict[str, Any] = {"model": args.model, "seeds": args.seeds,
                                "task_epochs": TASK_EPOCHS, "pretrain": PRETRAIN,
-                               "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+                               "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
                                "tasks": {}}
     codes: set[str] = set()
+    precisions: set[str] = set()
     for dataset, (task, domain, metric) in TASKS.items():
         stages = {}
         for arm, folder in (("dapt", domain), ("tapt", f"{dataset}-tapt"),
@@ -185,6 +198,7 @@ def collect(args: argparse.Namespace) -> dict:
             if record.exists():
                 stages[arm] = json.loads(record.read_text())
                 codes.add(stages[arm].get("code", "unknown"))
+                precisions.add(stages[arm].get("precision", "unrecorded"))
         arms: dict[str, Any] = {}
         for name in (*ARMS, "dapt-stack"):
             scores, times, seeds = [], [], []
@@ -196,11 +210,13 @@ def collect(args: argparse.Namespace) -> dict:
                     times.append(m["wall_time_s"])
                     seeds.append(seed)
                     codes.add(m.get("code", "unknown"))
+                    precisions.add(m.get("precision", "unrecorded"))
             if scores:
                 arms[name] = {"seeds": seeds, "dev": scores, "task_wall_s": times}
         summary["tasks"][dataset] = {"task": task, "domain": domain, "metric": metric,
                                      "pretraining": stages, "arms": arms}
     summary["code_versions"] = sorted(codes)
+    summary["precisions"] = sorted(precisions)
     return summary
 
 
@@ -229,7 +245,9 @@ def render(summary: dict) -> str:
              f"(query/key/value/dense), lr 1e-3, batch 32, blocks of 128 tokens, at most "
              f"{PRETRAIN_EPOCHS} epochs stopped by held-out perplexity (200 documents carved "
              "from the corpus; patience 2 of three evaluations an epoch), merged. Task: LoRA r=8, "
-             "lr 1e-3, batch 32, epochs per task as listed, seeds paired across arms. Code: "
+             "lr 1e-3, batch 32, epochs per task as listed, seeds paired across arms. Precision: "
+             f"{', '.join(summary['precisions']) or '-'} (train.precision=auto: the probe's "
+             "choice on this CPU). Code: "
              f"{', '.join(summary['code_versions']) or 'no runs yet'} (each record names its "
              "commit).", "",
              "### Pretraining stages (seed 0)", "",
