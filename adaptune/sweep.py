@@ -428,7 +428,19 @@ def device_name() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return f"CPU ({_cpu_model() or platform.processor() or platform.machine()}, " \
+           f"{os.cpu_count()} cores)"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name on Linux (whether bf16 pays, for one, depends on it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def finished(out: Path, cells: Sequence[Cell]) -> dict[str, tuple[Path, dict[str, Any]]]:

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ from adaptune.domain import adapt, adapt_and_finetune
 from adaptune.presets import DOMAIN_TASK
 from adaptune.report import t_interval
 from adaptune.safe_io import write_json
+from adaptune.sweep import code_version, device_name
 from adaptune.train import run
 
 # dataset -> (task, domain corpus, headline dev metric). legal_unfair_tos is 90% "Other":
@@ -73,19 +72,14 @@ def _threads(n: int) -> dict[str, Any]:
     return {"train": {"num_threads": n}}
 
 
-def _code_version() -> str:
-    """The commit of the code that produced a record (cells of one table come from one code
-    version; a record says which)."""
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def _commit() -> str:
+    """The commit of the code that produced a record (a table's runs come from one code
+    version; each record says which)."""
+    version = code_version()
+    return (version["commit"] or "unknown")[:7] + ("+dirty" if version["dirty"] else "")
 
 
-def pretrain(model: str, corpus: str, work: Path, records: Path, threads: int,
+def pretrain(model: str, corpus: str, work: Path, records: Path, threads: int, commit: str,
              dataset: str = "") -> dict:
     """One pretraining stage (skipped when its model folder is there); returns its domain.json
     report and keeps its record. A stage run again in a later session must reproduce its
@@ -106,7 +100,7 @@ def pretrain(model: str, corpus: str, work: Path, records: Path, threads: int,
                              "after it came from another model. Move the records away to "
                              "start this task over.")
     else:
-        write_json(record_file, {**_stage(report), "code": _code_version(),
+        write_json(record_file, {**_stage(report), "code": commit,
                                  "threads": threads})
     return report
 
@@ -130,7 +124,7 @@ def task_metrics(dataset: str, seed: int, out: Path, threads: int, *, domain_mod
 
 
 def run_tasks(args: argparse.Namespace) -> None:
-    work, records = Path(args.work), Path(args.out) / "records"
+    work, records, commit = Path(args.work), Path(args.out) / "records", _commit()
     for dataset in args.tasks.split(","):
         _, domain, _ = TASKS[dataset]
         arms = [(arm, "merge") for arm in ARMS]
@@ -141,12 +135,13 @@ def run_tasks(args: argparse.Namespace) -> None:
                                    f"{arm}-{carry}", seed).exists()]
         if not todo:
             continue
-        dapt = pretrain(args.model, domain, work / "pretrain" / domain, records, args.threads)
+        dapt = pretrain(args.model, domain, work / "pretrain" / domain, records, args.threads,
+                        commit)
         tapt = pretrain(args.model, "task", work / "pretrain" / f"{dataset}-tapt", records,
-                        args.threads, dataset)
+                        args.threads, commit, dataset)
         both = pretrain(dapt["merged_model"], "task",
                         work / "pretrain" / f"{dataset}-dapt+tapt", records, args.threads,
-                        dataset)
+                        commit, dataset)
         models = {"general": None, "dapt": Path(dapt["merged_model"]),
                   "tapt": Path(tapt["merged_model"]), "dapt+tapt": Path(both["merged_model"])}
         for seed, arm, carry in todo:
@@ -156,7 +151,7 @@ def run_tasks(args: argparse.Namespace) -> None:
                              base=args.model, carry=carry)
             write_json(task_record(records, dataset, name, seed),
                        {"dev": m["dev"], "wall_time_s": m["wall_time_s"], "seed": seed,
-                        "precision": m["precision"], "code": _code_version(),
+                        "precision": m["precision"], "code": commit,
                         "threads": args.threads})
             print(f"done {dataset} {name} seed {seed}", flush=True)
 
@@ -172,21 +167,11 @@ def _stage(report: dict) -> dict:
     return {k: report.get(k) for k in keys}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({platform.machine()} CPU)"
-    except OSError:
-        pass
-    return f"{platform.machine()} CPU"
-
-
 def collect(args: argparse.Namespace) -> dict:
     records = Path(args.out) / "records"
     summary: dict[str, Any] = {"model": args.model, "seeds": args.seeds,
                                "task_epochs": TASK_EPOCHS, "pretrain": PRETRAIN,
-                               "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+                               "machine": device_name(),
                                "tasks": {}}
     codes: set[str] = set()
     precisions: set[str] = set()
@@ -241,7 +226,7 @@ def gain_row(general: dict, arm: dict) -> tuple[float, float, float, int] | None
 
 def render(summary: dict) -> str:
     lines = [f"Continued pretraining before the task, {summary['model']}, "
-             f"{summary['machine']} (no GPU). Pretraining: masked LM, LoRA r=8 "
+             f"{summary['machine']}, no GPU. Pretraining: masked LM, LoRA r=8 "
              f"(query/key/value/dense), lr 1e-3, batch 32, blocks of 128 tokens, at most "
              f"{PRETRAIN_EPOCHS} epochs stopped by held-out perplexity (200 documents carved "
              "from the corpus; patience 2 of three evaluations an epoch), merged. Task: LoRA r=8, "
