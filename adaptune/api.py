@@ -104,6 +104,8 @@ class Predictor:
         self.meta = meta
         self.task = task or build_task(meta.config)
         self.labels: list[str] = meta.labels
+        # What merging into a quantized base changed (see `load`); None for any other load.
+        self.merge_report: dict[str, Any] | None = None
 
     def predict(self, inputs: Sequence[Any], batch_size: int = 64) -> list[Any]:
         """Predictions for raw inputs (texts for classification, token lists for NER,
@@ -116,10 +118,17 @@ class Predictor:
         return self.task.decode(examples, features, predictions, self.labels)
 
 
-def load(adapter_dir: str | Path, *, merge: bool = False, trusted: bool = False) -> Predictor:
+def load(adapter_dir: str | Path, *, merge: bool = False, quantized_merge: str = "refuse",
+         trusted: bool = False) -> Predictor:
     """Rebuild the base model named in the adapter's `adaptune.json`, put the trained state
-    (head included) back on it, optionally merge LoRA into the weights. Every weights file is
-    checked against its recorded checksum; `trusted=True` loads a folder that records none."""
-    model, tokenizer, meta, resolved = load_adapter(Path(adapter_dir), merge=merge,
-                                                    trusted=trusted)
-    return Predictor(model, tokenizer, meta, resolved.task)
+    (head included) back on it, optionally merge the adapter into the weights. Every weights file
+    is checked against its recorded checksum; `trusted=True` loads a folder that records none.
+
+    On a 4/8-bit base, `merge=True` is refused unless `quantized_merge` is "dequantize" (a
+    full-precision model: the de-quantized base plus the adapter) or "requantize" (that, quantized
+    again); the error it adds, against the unmerged model, is in `Predictor.merge_report`."""
+    loaded = load_adapter(Path(adapter_dir), merge=merge, quantized_merge=quantized_merge,
+                          trusted=trusted)
+    predictor = Predictor(loaded.model, loaded.tokenizer, loaded.meta, loaded.run.task)
+    predictor.merge_report = loaded.merge_report
+    return predictor

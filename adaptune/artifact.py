@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
 from adaptune.config import RunConfig, from_dict, to_dict, upgrade_stored
-from adaptune.errors import ModelError, OutputDirError
+from adaptune.errors import ConfigError, ModelError, OutputDirError
 from adaptune.modeling import TaskModel, build_task_model, load_tokenizer
 from adaptune.safe_io import (atomic_dir, recover_interrupted_swap, sha256_of,
                               verify_checksums, write_json)
@@ -147,20 +148,93 @@ def _base(run: ResolvedRun, meta: AdapterMeta) -> TaskModel:
                             meta.config.model.quantization, meta.config.model.attention)
 
 
-def load_adapter(folder: Path, *, merge: bool = False, trusted: bool = False
-                 ) -> tuple[nn.Module, Any, AdapterMeta, ResolvedRun]:
-    """(model, tokenizer, meta, run): the base rebuilt, the trained state (head included) put
-    back on it, optionally merged into the weights."""
+# How `load(..., merge=True)` treats a 4/8-bit base. Folding an adapter into quantized weights
+# rounds it away or corrupts them silently (peft #2321), so the default refuses; the other two
+# first de-quantize the base (the weights the adapter was trained against, to the quantizer's
+# rounding), fold the adapter in, and either keep full precision or quantize the result again.
+QUANTIZED_MERGES = ("refuse", "dequantize", "requantize")
+# The error a quantized merge adds is measured on this many seeded random-token sequences.
+MERGE_PROBE_SEQUENCES, MERGE_PROBE_LENGTH = 16, 32
+
+
+class LoadedAdapter(NamedTuple):
+    model: nn.Module
+    tokenizer: Any
+    meta: AdapterMeta
+    run: ResolvedRun
+    merge_report: dict[str, Any] | None  # the error a quantized merge added (None otherwise)
+
+
+def load_adapter(folder: Path, *, merge: bool = False, quantized_merge: str = "refuse",
+                 trusted: bool = False) -> LoadedAdapter:
+    """The base rebuilt, the trained state (head included) put back on it, optionally merged
+    into the weights. On a quantized base, `merge` needs `quantized_merge` = "dequantize" or
+    "requantize" (see QUANTIZED_MERGES), and the result carries the error the merge added."""
+    if quantized_merge not in QUANTIZED_MERGES:
+        raise ConfigError(f"quantized_merge={quantized_merge!r}: expected one of "
+                          f"{', '.join(QUANTIZED_MERGES)}")
     meta = read_meta(folder, trusted=trusted)
-    if merge and meta.config.model.quantization != "none":
-        # Folding an adapter into 4/8-bit weights rounds it away or corrupts them (peft #2321);
-        # the quantized base keeps the adapter beside it instead.
-        raise ModelError(f"{folder}: the base is loaded in {meta.config.model.quantization} "
+    quantization = meta.config.model.quantization
+    if merge and quantization != "none" and quantized_merge == "refuse":
+        raise ModelError(f"{folder}: the base is loaded in {quantization} "
                          "(model.quantization); merging the adapter into quantized weights "
-                         "is refused: predict without merge (the adapter stays beside the "
-                         "base), or merge into a full-precision base and quantize that")
+                         "is refused (it can round the adapter away, peft #2321): predict "
+                         "without merge (the adapter stays beside the base), or ask for "
+                         "quantized_merge='dequantize' (a full-precision merged model) or "
+                         "'requantize' (merged, then quantized again); both report the error "
+                         "they add")
     run = resolved_run(meta)
     model = run.method.load(_base(run, meta), Path(folder))
-    if merge:
+    report = None
+    if merge and quantization != "none":
+        model, report = _merge_quantized(model, run, meta, Path(folder), quantized_merge)
+    elif merge:
         model = run.method.merge(model)
-    return model, load_tokenizer(run.model.path), meta, run
+    return LoadedAdapter(model, load_tokenizer(run.model.path), meta, run, report)
+
+
+def _merge_quantized(adapted: nn.Module, run: ResolvedRun, meta: AdapterMeta, folder: Path,
+                     how: str) -> tuple[nn.Module, dict[str, Any]]:
+    """`adapted` (the quantized base with the adapter beside it) merged as `how` says, and the
+    error that adds: the merged model's outputs against `adapted`'s on seeded random tokens."""
+    probe = _merge_probe(adapted)
+    reference = _probe_outputs(adapted, probe)
+    if how == "requantize":
+        # peft de-quantizes each bitsandbytes layer, adds the adapter's delta and quantizes the
+        # sum again; the rounding of that last step is the error measured below.
+        merged = run.method.merge(adapted)
+    else:
+        del adapted
+        base = _base(run, meta)
+        base.backbone = base.backbone.dequantize()
+        base.config = base.backbone.config
+        merged = run.method.merge(run.method.load(base, folder))
+    outputs = _probe_outputs(merged, probe)
+    delta = (outputs - reference).abs()
+    report = {"quantization": meta.config.model.quantization, "quantized_merge": how,
+              "probe": f"{MERGE_PROBE_SEQUENCES} seeded random-token sequences of "
+                       f"{MERGE_PROBE_LENGTH} tokens",
+              "mean_abs_output_change": float(delta.mean()),
+              "max_abs_output_change": float(delta.max()),
+              "reference_mean_abs_output": float(reference.abs().mean()),
+              "argmax_agreement": float((outputs.argmax(-1) == reference.argmax(-1))
+                                        .float().mean())}
+    return merged, report
+
+
+def _merge_probe(model: nn.Module) -> dict[str, torch.Tensor]:
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (MERGE_PROBE_SEQUENCES, MERGE_PROBE_LENGTH),
+                        generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.no_grad()
+def _probe_outputs(model: nn.Module, probe: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's outputs (logits; the first tensor of a tuple) on the probe, in fp32 on CPU."""
+    device = next(model.parameters()).device
+    model.eval()
+    logits = model(**{k: v.to(device) for k, v in probe.items()}).logits
+    logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+    return logits.float().cpu()

@@ -34,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     pred_p.add_argument("adapter_dir")
     pred_p.add_argument("texts", nargs="+")
     pred_p.add_argument("--merge", action="store_true", help="merge LoRA into the weights first")
+    pred_p.add_argument("--quantized-merge", default="refuse",
+                        choices=["refuse", "dequantize", "requantize"],
+                        help="with --merge on a 4/8-bit base: de-quantize and merge (and "
+                             "quantize again); prints the error that adds")
     pred_p.add_argument("--trusted", action="store_true",
                         help="load an adapter folder that records no checksums")
     adapt_p = sub.add_parser("adapt", help="domain-adaptive pretraining: continue pretraining "
@@ -165,7 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from adaptune.api import load
 
-            predictor = load(args.adapter_dir, merge=args.merge, trusted=args.trusted)
+            predictor = load(args.adapter_dir, merge=args.merge,
+                             quantized_merge=args.quantized_merge, trusted=args.trusted)
+            if predictor.merge_report:
+                print(json.dumps({"merge_report": predictor.merge_report}), file=sys.stderr)
             for text, pred in zip(args.texts, predictor.predict(args.texts)):
                 print(json.dumps({"input": text, "prediction": pred}))
     except AdaptuneError as exc:

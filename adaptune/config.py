@@ -35,7 +35,7 @@ class ModelConfig:
 
     name: str = "minilm-l6"  # a zoo name (adaptune zoo list), a Hub id or a local folder
     max_length: int = 128  # tokens per sequence (or per window, for QA)
-    # Frozen base weights in 4-bit NF4 or 8-bit (bitsandbytes, CUDA only), as in QLoRA.
+    # Frozen base weights in 4-bit NF4 or 8-bit (bitsandbytes: GPU, or CPU from 0.50), as QLoRA.
     quantization: str = "none"
     # How a classification head reads an encoder's tokens: "mean" (every token averaged: the
     # same on every model, pooler or not) or "pooler" (BERT's: dense + tanh on the first

@@ -182,7 +182,7 @@ class MultiAdapterPredictor:
             raise ConfigError("MultiAdapterPredictor: give at least one adapter")
         items = list(adapters.items())
         first_name, first_dir = items[0]
-        model, tokenizer, meta, run = load_adapter(Path(first_dir))
+        model, tokenizer, meta, run, _ = load_adapter(Path(first_dir))
         if not isinstance(model, PeftModel):
             raise ConfigError(f"MultiAdapterPredictor: {first_dir} is a {meta.method} run; "
                               "several adapters share a base only with peft methods")

@@ -88,19 +88,33 @@ def load_backbone(path: str, family: str, *, lm_head: bool = False,
     return model
 
 
+# bitsandbytes runs 4- and 8-bit layers on the CPU from this release on (its CPU backend);
+# before it, CUDA only.
+BNB_CPU_VERSION = (0, 50)
+
+
 def quantization_kwargs(quantization: str) -> dict[str, Any]:
     """from_pretrained arguments for a 4-bit (NF4, bf16 compute, double quantization) or 8-bit
-    frozen base. Needs a CUDA GPU and the `bitsandbytes` package (the `gpu` extra)."""
+    frozen base, through the `bitsandbytes` package (the `gpu` extra): on the GPU, or on the
+    CPU with bitsandbytes >= 0.50 (slow there, but it lets a quantized adapter be checked,
+    merged and served without a GPU)."""
     from adaptune.errors import ConfigError
 
-    if not torch.cuda.is_available():
-        raise ConfigError(f"model.quantization={quantization} needs a CUDA GPU (bitsandbytes); "
-                          "use model.quantization=none on the CPU")
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
     except ImportError:
         raise ConfigError(f"model.quantization={quantization} needs the bitsandbytes package: "
                           "pip install 'adaptune[gpu]'") from None
+    if torch.cuda.is_available():
+        device: Any = torch.cuda.current_device()
+    else:
+        version = tuple(int(p) for p in bitsandbytes.__version__.split(".")[:2] if p.isdigit())
+        if version < BNB_CPU_VERSION:
+            raise ConfigError(f"model.quantization={quantization} needs a CUDA GPU with "
+                              f"bitsandbytes {bitsandbytes.__version__} (its CPU backend starts "
+                              "at 0.50: pip install -U bitsandbytes), or "
+                              "model.quantization=none on the CPU")
+        device = "cpu"
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
@@ -109,7 +123,7 @@ def quantization_kwargs(quantization: str) -> dict[str, Any]:
                                     bnb_4bit_use_double_quant=True)
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
-    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+    return {"quantization_config": config, "device_map": {"": device}}
 
 
 def compile_blocks(model: nn.Module) -> int:
@@ -161,8 +175,15 @@ class TaskModel(nn.Module):
         # Read once here: peft later wraps the head in a ModulesToSaveWrapper.
         self.head_uses_logits = bool(getattr(head, "uses_logits", False))
         self.head_ties_embeddings = bool(getattr(head, "ties_embeddings", False))
-        # Mirrors HF models so peft and accelerate find what they look for.
+        # Mirrors HF models so peft and accelerate find what they look for: peft wraps a 4/8-bit
+        # layer in its bitsandbytes LoRA layer (which merges by de- and re-quantizing) only when
+        # the model it is given says it is loaded in 4/8 bits; otherwise it takes the plain
+        # Linear path, which trains but corrupts the packed weights when merging.
         self.config = backbone.config
+        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized",
+                     "quantization_method"):
+            if hasattr(backbone, flag):
+                setattr(self, flag, getattr(backbone, flag))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 **batch: Any) -> TaskOutput:
