@@ -36,6 +36,17 @@ def test_quantization_without_bitsandbytes_is_a_clear_error(tiny_encoder, cls_fi
         run(cfg)
 
 
+def test_an_old_bitsandbytes_on_the_cpu_is_a_clear_error(tiny_encoder, cls_files, tmp_path,
+                                                         monkeypatch):
+    bitsandbytes = pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(bitsandbytes, "__version__", "0.45.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = tiny_config(tiny_encoder, *cls_files, tmp_path / "q", model={"quantization": "8bit"})
+    with pytest.raises(ConfigError, match="needs a CUDA GPU with bitsandbytes 0.45.0 .* CPU "
+                                          "backend starts at 0.50"):
+        run(cfg)
+
+
 @pytest.fixture(scope="module")
 def tiny_encoder_64(tmp_path_factory) -> str:
     """The tiny encoder at hidden size 64: bitsandbytes' CPU 4-bit kernels need layers at least
