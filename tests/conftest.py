@@ -77,13 +77,18 @@ def _write_tokenizer(folder: Path, *, decoder: bool) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> str:
+    return write_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def write_tiny_encoder(folder: Path, hidden: int = 32) -> str:
+    """A 2-layer BERT of width `hidden` (4 heads, feed-forward 2 x hidden) with its tokenizer."""
     from transformers import BertConfig, BertModel
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     _write_tokenizer(folder, decoder=False)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=256)
+    config = BertConfig(vocab_size=200, hidden_size=hidden, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=2 * hidden,
+                        max_position_embeddings=256)
     BertModel(config).save_pretrained(folder)
     return str(folder)
 
@@ -106,11 +111,15 @@ def tiny_decoder(tmp_path_factory) -> str:
 @pytest.fixture()
 def cls_files(tmp_path) -> tuple[str, str]:
     """A small, learnable sentiment set in the SST-2 TSV format."""
+    return write_cls_files(tmp_path)
+
+
+def write_cls_files(folder: Path) -> tuple[str, str]:
     pos = ["good fun", "great film", "a joy", "lovely and warm", "so good", "great fun"]
     neg = ["bad mess", "awful film", "a bore", "dull and cold", "so bad", "awful mess"]
     rows = [f"{t}\t1" for t in pos] + [f"{t}\t0" for t in neg]
-    train = tmp_path / "train.tsv"
-    dev = tmp_path / "dev.tsv"
+    train = folder / "train.tsv"
+    dev = folder / "dev.tsv"
     train.write_text("text\tlabel\n" + "\n".join(rows * 4) + "\n")
     dev.write_text("text\tlabel\n" + "\n".join(rows) + "\n")
     return str(train), str(dev)

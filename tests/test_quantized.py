@@ -13,7 +13,8 @@ from adaptune import api
 from adaptune.errors import ConfigError, ModelError
 from adaptune.modeling import BNB_CPU_VERSION
 from adaptune.train import run
-from conftest import dev_accuracy_of_predictions, tiny_config
+from conftest import (dev_accuracy_of_predictions, tiny_config, write_cls_files,
+                      write_tiny_encoder)
 
 
 def _bnb_usable() -> bool:
@@ -51,32 +52,17 @@ def test_an_old_bitsandbytes_on_the_cpu_is_a_clear_error(tiny_encoder, cls_files
 def tiny_encoder_64(tmp_path_factory) -> str:
     """The tiny encoder at hidden size 64: bitsandbytes' CPU 4-bit kernels need layers at least
     one quantization block (64) wide."""
-    from transformers import BertConfig, BertModel
-
-    from conftest import _write_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-bert-64")
-    _write_tokenizer(folder, decoder=False)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, intermediate_size=128,
-                         max_position_embeddings=256)).save_pretrained(folder)
-    return str(folder)
+    return write_tiny_encoder(tmp_path_factory.mktemp("tiny-bert-64"), hidden=64)
 
 
 @pytest.fixture(scope="module", params=["4bit", "8bit"])
 def quantized_run(request, tiny_encoder_64, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"q{request.param}")
-    pos = ["good fun", "great film", "a joy", "lovely and warm", "so good", "great fun"]
-    neg = ["bad mess", "awful film", "a bore", "dull and cold", "so bad", "awful mess"]
-    rows = [f"{t}\t1" for t in pos] + [f"{t}\t0" for t in neg]
-    train, dev = folder / "train.tsv", folder / "dev.tsv"
-    train.write_text("text\tlabel\n" + "\n".join(rows * 4) + "\n")
-    dev.write_text("text\tlabel\n" + "\n".join(rows) + "\n")
-    result = run(tiny_config(tiny_encoder_64, str(train), str(dev), folder / "run",
+    train, dev = write_cls_files(folder)
+    result = run(tiny_config(tiny_encoder_64, train, dev, folder / "run",
                              model={"quantization": request.param}, method={"rank": 4},
                              train={"precision": "bf16", "max_steps": 8, "lr": 2e-2}))
-    return request.param, result, str(dev)
+    return request.param, result, dev
 
 
 @bnb
