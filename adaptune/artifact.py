@@ -205,9 +205,8 @@ def _merge_quantized(adapted: nn.Module, run: ResolvedRun, meta: AdapterMeta, fo
         merged = run.method.merge(adapted)
     else:
         del adapted
-        base = _base(run, meta)
-        base.backbone = base.backbone.dequantize()
-        base.config = base.backbone.config
+        quantized = _base(run, meta)
+        base = TaskModel(quantized.backbone.dequantize(), quantized.task_head)
         merged = run.method.merge(run.method.load(base, folder))
     outputs = _probe_outputs(merged, probe)
     delta = (outputs - reference).abs()

@@ -180,10 +180,12 @@ class TaskModel(nn.Module):
         # the model it is given says it is loaded in 4/8 bits; otherwise it takes the plain
         # Linear path, which trains but corrupts the packed weights when merging.
         self.config = backbone.config
-        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized",
-                     "quantization_method"):
-            if hasattr(backbone, flag):
-                setattr(self, flag, getattr(backbone, flag))
+        # (`is_quantized` is the flag transformers keeps true; `dequantize()` leaves the others.)
+        if getattr(backbone, "is_quantized", False):
+            for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized",
+                         "quantization_method"):
+                if hasattr(backbone, flag):
+                    setattr(self, flag, getattr(backbone, flag))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 **batch: Any) -> TaskOutput:

@@ -107,6 +107,7 @@ def test_a_quantized_merge_reports_the_error_it_adds(quantized_run, how):
     assert not any(isinstance(m, LoraLayer) for m in modules)  # the adapter is folded in
     quantized_layers = (bnb_lib.nn.Linear4bit, bnb_lib.nn.Linear8bitLt)
     assert any(isinstance(m, quantized_layers) for m in modules) == (how == "requantize")
+    assert getattr(merged.model, "is_quantized", False) == (how == "requantize")
     # The merged model behaves like the adapted quantized one: small output changes against
     # the outputs' own size, the same decisions nearly everywhere (measured on random tokens).
     # De-quantizing leaves the computation as it was up to float rounding (measured ~2e-4 of
