@@ -257,6 +257,10 @@ class DataConfig:
     # Language modelling (task "lm"): "mlm" masked LM (encoders), "clm" causal LM (decoders),
     # "auto" picks by the model.
     lm_objective: str = "auto"
+    # Classification: "balanced" weighs each training example's loss by n / (classes x its
+    # class's count), so that a rare class counts as much as a common one (for skewed sets such
+    # as legal_unfair_tos, 90% one class, where the plain loss learns the majority only).
+    class_weights: str = "none"
 
     def __post_init__(self) -> None:
         _check(self.max_train_examples >= 0, "data.max_train_examples", "an integer >= 0",
@@ -269,6 +273,11 @@ class DataConfig:
                self.selection_examples)
         _check(self.lm_objective in ("auto", "mlm", "clm"), "data.lm_objective",
                "one of auto, mlm, clm", self.lm_objective)
+        _check(self.class_weights in ("none", "balanced"), "data.class_weights",
+               "one of none, balanced", self.class_weights)
+        _check(self.class_weights == "none" or self.task == "classification",
+               "data.class_weights", f"none for data.task={self.task} (class weights are a "
+               "classification option)", self.class_weights)
         formats = ("auto", "json", "csv", "parquet", "arrow", "disk")
         _check(self.format in formats, "data.format", f"one of {', '.join(formats)}",
                self.format)

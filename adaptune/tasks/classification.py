@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,15 +146,17 @@ def _reader_for(path: Path) -> str:
 
 @dataclass
 class ClassificationTask(Task):
-    """Options: how the head pools an encoder's tokens (`model.pooling`)."""
+    """Options: how the head pools an encoder's tokens (`model.pooling`), and whether the loss
+    weighs classes by their rarity (`data.class_weights`)."""
 
     pooling: str = "auto"
+    class_weights: str = "none"
     name, main_metric = "classification", "accuracy"
     datasets, default_dataset = DATASETS, "sst2"
 
     @classmethod
     def from_config(cls, config: Any) -> "ClassificationTask":
-        return cls(config.model.pooling)
+        return cls(config.model.pooling, config.data.class_weights)
 
     def check(self, model: ModelSpec) -> None:
         if self.pooling == "pooler" and model.pooling != "mean":
@@ -208,11 +211,15 @@ class ClassificationTask(Task):
             else None
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
         index = {label: i for i, label in enumerate(labels)}
+        weights = balanced_weights([ex.label for ex in examples]) \
+            if split == "train" and self.class_weights == "balanced" else {}
         features = []
         for i, ex in enumerate(examples):
             feature = model_inputs(enc, i)
             if ex.label is not None:
                 feature["labels"] = index[ex.label]
+            if weights:  # the head's loss reads it (a training split only)
+                feature["class_weight"] = weights[ex.label]
             feature["_example"] = i
             features.append(feature)
         return features
@@ -267,6 +274,22 @@ class ClassificationTask(Task):
 # Model head and metrics.
 
 
+def balanced_weights(labels: list[str]) -> dict[str, float]:
+    """n / (k x count) per class (scikit-learn's "balanced"): every class weighs n / k in all."""
+    counts = Counter(labels)
+    return {label: len(labels) / (len(counts) * count) for label, count in counts.items()}
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                           class_weight: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy, each example weighted by its class weight when the batch carries them:
+    sum(w * loss) / sum(w), as torch's `weight=` normalises."""
+    if class_weight is None:
+        return nn.functional.cross_entropy(logits.float(), labels)
+    losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    return (losses * class_weight).sum() / class_weight.sum()
+
+
 class ClassificationHead(nn.Module):
     def __init__(self, hidden_size: int, num_labels: int, pooling: str,
                  dropout: float = 0.1) -> None:
@@ -276,12 +299,13 @@ class ClassificationHead(nn.Module):
         self.classifier = nn.Linear(hidden_size, num_labels)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None, **_: Any) -> TaskOutput:
+                labels: torch.Tensor | None = None, class_weight: torch.Tensor | None = None,
+                **_: Any) -> TaskOutput:
         pool = mean_pool if self.pooling == "mean" else last_token_pool
         logits = self.classifier(self.dropout(pool(hidden, attention_mask)))
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits.float(), labels)
+            loss = weighted_cross_entropy(logits, labels, class_weight)
         return TaskOutput(loss, logits)
 
 
@@ -297,11 +321,12 @@ class PoolerHead(nn.Module):
         self.classifier = nn.Linear(hidden_size, num_labels)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None, **_: Any) -> TaskOutput:
+                labels: torch.Tensor | None = None, class_weight: torch.Tensor | None = None,
+                **_: Any) -> TaskOutput:
         logits = self.classifier(self.dropout(self.pooler(hidden[:, 0])))
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits.float(), labels)
+            loss = weighted_cross_entropy(logits, labels, class_weight)
         return TaskOutput(loss, logits)
 
 
