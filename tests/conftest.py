@@ -39,22 +39,23 @@ def pytest_collection_modifyitems(config, items):
 def run_victim(tmp_path: Path, body: str, *, kill_at_clip: int | None = None) -> None:
     """Run `body` (Python source) in a fresh single-threaded interpreter that SIGKILLs itself
     (no cleanup of any kind runs) at the `kill_at_clip`-th optimizer step, i.e. the nth call of
-    clip_grad_norm_, or wherever `body` calls `die()`; assert that it was killed."""
+    Accelerator.clip_grad_norm_ (accelerate 1.16 no longer calls torch's), or wherever `body`
+    calls `die()`; assert that it was killed."""
     script = tmp_path / "victim.py"
     script.write_text(textwrap.dedent(f"""
-        import json, os, signal, sys, torch
+        import accelerate, json, os, signal, sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         torch.set_num_threads(1)
         def die():
             os.kill(os.getpid(), signal.SIGKILL)
         if {kill_at_clip!r} is not None:
-            original_clip, clip_calls = torch.nn.utils.clip_grad_norm_, [0]
+            original_clip, clip_calls = accelerate.Accelerator.clip_grad_norm_, [0]
             def clip(*a, **k):
                 clip_calls[0] += 1
                 if clip_calls[0] == {kill_at_clip!r}:
                     die()
                 return original_clip(*a, **k)
-            torch.nn.utils.clip_grad_norm_ = clip
+            accelerate.Accelerator.clip_grad_norm_ = clip
     """) + textwrap.dedent(body))
     env = {**os.environ, "ADAPTUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,

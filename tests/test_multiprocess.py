@@ -96,7 +96,7 @@ def test_two_process_preemption_and_exact_resume(tiny_encoder, cls_files, tmp_pa
     train, dev = cls_files
     script = tmp_path / "preempted.py"
     script.write_text(f"""
-import os, signal, sys, torch
+import accelerate, os, signal, sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from conftest import tiny_config
 from adaptune.errors import Interrupted
@@ -104,13 +104,13 @@ from adaptune.recipe import release_process_group
 from adaptune.train import run
 out, kill_at = sys.argv[1], int(sys.argv[2])
 if kill_at and os.environ.get("RANK") == "0":
-    original, calls = torch.nn.utils.clip_grad_norm_, [0]
+    original, calls = accelerate.Accelerator.clip_grad_norm_, [0]
     def clip(*a, **k):
         calls[0] += 1
         if calls[0] == kill_at:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(*a, **k)
-    torch.nn.utils.clip_grad_norm_ = clip
+    accelerate.Accelerator.clip_grad_norm_ = clip
 try:
     run(tiny_config({tiny_encoder!r}, {train!r}, {dev!r}, out, method={{"name": "full"}},
                     train={{"max_steps": 12, "checkpoint_every": 4, "lr": 2e-2,

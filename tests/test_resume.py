@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import accelerate
 import pytest
 import torch
 
@@ -38,7 +39,7 @@ def _weights(result):
 
 def _kill_at_step(monkeypatch, step):
     calls = {"n": 0}
-    original = torch.nn.utils.clip_grad_norm_
+    original = accelerate.Accelerator.clip_grad_norm_
 
     def clip(*args, **kwargs):
         calls["n"] += 1
@@ -46,7 +47,7 @@ def _kill_at_step(monkeypatch, step):
             raise Killed
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", clip)
 
 
 def _kill_in(monkeypatch, module, name, nth, after=None):
@@ -243,17 +244,17 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(signal_name, tiny
     (tmp_path / "cfg.json").write_text(cfg.to_json())
     script = tmp_path / "preempted.py"
     script.write_text(textwrap.dedent(f"""
-        import json, os, signal, torch
+        import accelerate, json, os, signal, torch
         torch.set_num_threads(1)
         from adaptune.config import from_dict
         from adaptune.recipe import main
-        original, calls = torch.nn.utils.clip_grad_norm_, [0]
+        original, calls = accelerate.Accelerator.clip_grad_norm_, [0]
         def clip(*a, **k):
             calls[0] += 1
             if calls[0] == 7:
                 os.kill(os.getpid(), signal.{signal_name})
             return original(*a, **k)
-        torch.nn.utils.clip_grad_norm_ = clip
+        accelerate.Accelerator.clip_grad_norm_ = clip
         main(json.load(open({str(tmp_path / 'cfg.json')!r})))
     """))
     env = {**os.environ, "ADAPTUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
