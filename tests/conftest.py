@@ -36,11 +36,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.unit)
 
 
-def run_victim(tmp_path: Path, body: str, *, kill_at_clip: int | None = None) -> None:
+def run_victim(tmp_path: Path, body: str, *, kill_at_clip: int | None = None,
+               clip_owner: str = "accelerate.Accelerator") -> None:
     """Run `body` (Python source) in a fresh single-threaded interpreter that SIGKILLs itself
     (no cleanup of any kind runs) at the `kill_at_clip`-th optimizer step, i.e. the nth call of
-    Accelerator.clip_grad_norm_ (accelerate 1.16 no longer calls torch's), or wherever `body`
-    calls `die()`; assert that it was killed."""
+    `clip_owner`.clip_grad_norm_ (the training loop's: accelerate's, which from 1.16 no longer
+    calls torch's; packed training's: torch.nn.utils), or wherever `body` calls `die()`; assert
+    that it was killed."""
     script = tmp_path / "victim.py"
     script.write_text(textwrap.dedent(f"""
         import accelerate, json, os, signal, sys, torch
@@ -49,13 +51,14 @@ def run_victim(tmp_path: Path, body: str, *, kill_at_clip: int | None = None) ->
         def die():
             os.kill(os.getpid(), signal.SIGKILL)
         if {kill_at_clip!r} is not None:
-            original_clip, clip_calls = accelerate.Accelerator.clip_grad_norm_, [0]
+            clip_owner = {clip_owner}
+            original_clip, clip_calls = clip_owner.clip_grad_norm_, [0]
             def clip(*a, **k):
                 clip_calls[0] += 1
                 if clip_calls[0] == {kill_at_clip!r}:
                     die()
                 return original_clip(*a, **k)
-            accelerate.Accelerator.clip_grad_norm_ = clip
+            clip_owner.clip_grad_norm_ = clip
     """) + textwrap.dedent(body))
     env = {**os.environ, "ADAPTUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
