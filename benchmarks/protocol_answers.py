@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from adaptune.report import fit_all, held_out_coverage, load_results, welch_p
+from adaptune.report import (fit_all, held_out_coverage, load_results, ranked, reference_rank,
+                             welch_p)
 
 
 def welch_interval(a: list[float], b: list[float]) -> tuple[float, float, float] | None:
@@ -53,13 +54,15 @@ def compare(res, label: str, a_key, b_key) -> str:
     return f"| {label} | {means} | {diff:+.4f} [{lo:+.4f}, {hi:+.4f}] | {p_text} | {verdict} |"
 
 
-def loglog_slope(res, keys: list, x_of, n_boot: int, seed: int = 0) -> str:
+def loglog_slope(res, keys: list, x_of, n_boot: int,
+                 seed: int = 0) -> tuple[float, float, float] | None:
     """The least-squares slope of log(error) on log(x) over the cells' seed means, with a 95%
     percentile interval from resampling each cell's seeds (a plain power law, no floor: a
-    description of the points, not a law; with a floor the true exponent is steeper)."""
+    description of the points, not a law; with a floor the true exponent is steeper). None
+    with fewer than 2 cells of at least 2 seeds."""
     cells = [(x_of(k), [res.error(v) for v in res.values(k)]) for k in keys if res.values(k)]
     if len(cells) < 2 or any(len(errs) < 2 for _, errs in cells):
-        return "not enough cells with 2 or more seeds"
+        return None
     logx = np.log([x for x, _ in cells])
 
     def slope(means: list[float]) -> float:
@@ -70,8 +73,16 @@ def loglog_slope(res, keys: list, x_of, n_boot: int, seed: int = 0) -> str:
     boots = [slope([np.mean(rng.choice(errs, size=len(errs))) for _, errs in cells])
              for _ in range(n_boot)]
     lo, hi = np.percentile(boots, [2.5, 97.5])
-    span = f"{len(cells)} points, x from {cells[0][0]:g} to {cells[-1][0]:g}"
-    return f"{point:+.3f} [{lo:+.3f}, {hi:+.3f}] ({span})"
+    return point, float(lo), float(hi)
+
+
+def slope_row(res, axis: str, label: str, keys: list, x_of, n_boot: int) -> str:
+    found = [k for k in keys if res.values(k)]
+    est = loglog_slope(res, found, x_of, n_boot)
+    text = (f"{est[0]:+.3f} [{est[1]:+.3f}, {est[2]:+.3f}] ({len(found)} points, x from "
+            f"{x_of(found[0]):g} to {x_of(found[-1]):g})" if est else
+            "not enough cells with 2 or more seeds")
+    return f"| {axis} | {label} | {text} |"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,22 +138,23 @@ def main(argv: list[str] | None = None) -> int:
               "with an irreducible floor the law's exponent is steeper). Size: x = the "
               "backbone's non-embedding parameters; rank: x = the LoRA rank.", "",
               "| axis | cells | slope [95%] |", "|---|---|---|"]
-    rank_ref = 16 if 16 in ranks else ranks[len(ranks) // 2]
+    ref = reference_rank(res)  # the rank the report's size laws use
     if len(res.grid.models) > 1:
         for method in res.methods:
-            rank = rank_ref if method.startswith("lora") else None
-            keys = [(m, method, rank, frac) for m in res.grid.models if res.values(
-                (m, method, rank, frac))]
-            keys.sort(key=lambda k: res.first(k, "non_embedding_params"))
-            label = f"{method} r={rank}" if rank else method
-            lines.append(f"| size | {label}: {', '.join(k[0] for k in keys)} | " + loglog_slope(
-                res, keys, lambda k: res.first(k, "non_embedding_params"), args.bootstrap)
-                + " |")
+            rank = ref if ranked(method) else None
+            keys = sorted([(m, method, rank, frac) for m in res.grid.models
+                           if res.values((m, method, rank, frac))],
+                          key=lambda k: res.first(k, "non_embedding_params"))
+            label = (f"{method} r={rank}" if rank else method) + ": " + ", ".join(
+                k[0] for k in keys)
+            lines.append(slope_row(res, "size", label, keys,
+                                   lambda k: res.first(k, "non_embedding_params"),
+                                   args.bootstrap))
     for model in res.grid.models:
-        for method in [m for m in res.methods if m.startswith("lora")]:
-            keys = [(model, method, r, frac) for r in ranks]
-            lines.append(f"| rank | {model} {method} | "
-                         + loglog_slope(res, keys, lambda k: k[2], args.bootstrap) + " |")
+        for method in [m for m in res.methods if ranked(m)]:
+            lines.append(slope_row(res, "rank", f"{model} {method}",
+                                   [(model, method, r, frac) for r in ranks],
+                                   lambda k: k[2], args.bootstrap))
     covered, checked = held_out_coverage(fits) if fits else (0, 0)
     lines += ["", f"Held-out cells inside their law's 95% band: {covered} of {checked}"
               + (f" ({covered / checked:.0%})" if checked else "") + ".", ""]

@@ -34,16 +34,10 @@ def cells(noise: float, seeds: int = 5):
     return FakeResults(out)
 
 
-def parse(text: str) -> tuple[float, float, float]:
-    point, interval = text.split(" [")
-    lo, hi = interval.split("]")[0].split(", ")
-    return float(point), float(lo), float(hi)
-
-
 def test_slope_recovers_the_exponent_and_the_interval_grows_with_noise():
     keys = [("m", "lora", x, 1.0) for x in (1, 4, 16, 64)]
-    quiet = parse(protocol_answers.loglog_slope(cells(0.002), keys, lambda k: k[2], 400))
-    noisy = parse(protocol_answers.loglog_slope(cells(0.03), keys, lambda k: k[2], 400))
+    quiet = protocol_answers.loglog_slope(cells(0.002), keys, lambda k: k[2], 400)
+    noisy = protocol_answers.loglog_slope(cells(0.03), keys, lambda k: k[2], 400)
     assert abs(quiet[0] + 0.3) < 0.03
     assert quiet[1] <= -0.3 <= quiet[2]
     assert (noisy[2] - noisy[1]) > 3 * (quiet[2] - quiet[1])
@@ -52,4 +46,4 @@ def test_slope_recovers_the_exponent_and_the_interval_grows_with_noise():
 def test_slope_needs_two_cells_with_two_seeds():
     res = FakeResults({("m", "lora", 1, 1.0): [0.8, 0.81], ("m", "lora", 4, 1.0): [0.82]})
     keys = [("m", "lora", 1, 1.0), ("m", "lora", 4, 1.0)]
-    assert "not enough" in protocol_answers.loglog_slope(res, keys, lambda k: k[2], 10)
+    assert protocol_answers.loglog_slope(res, keys, lambda k: k[2], 10) is None
