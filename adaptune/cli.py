@@ -163,7 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 summary = backtest(args.results, args.model, args.within, seeds, args.fraction)
                 verdict = {True: "held", False: "did NOT hold", None: "undecided"}[
                     summary["held"]]
-                print(f"backtest on seeds {seeds}: the pick {verdict} (fresh means: "
+                close = {True: f"within {args.within:g} of", None: "not yet compared with",
+                         False: f"NOT within {args.within:g} of"}[summary["within_best"]]
+                print(f"backtest on seeds {seeds}: the pick {verdict}; it is {close} the best "
+                      "re-run cell (fresh means: "
                       + ", ".join(f"{k} {v:.4f}" for k, v in summary["fresh_means"].items())
                       + ")")
         else:

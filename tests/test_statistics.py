@@ -177,6 +177,7 @@ def test_backtest_reruns_pick_and_rivals_on_fresh_seeds(tmp_path, monkeypatch):
         advisor.backtest(tmp_path, "m1", within=0.01, seeds=[0, 7])
     summary = advisor.backtest(tmp_path, "m1", within=0.01, seeds=[7, 8, 9])
     assert summary["pick"] == "lora r=4" and summary["held"] is True
+    assert summary["within_best"] is True
     # The pick, the best (r=16) and the cheapest cells just outside the tolerance, 3 seeds each.
     assert sorted({(m, r) for m, r, _ in ran}, key=str) == sorted(
         {("lora", 4), ("lora", 16), ("lora", 2), ("lora", 1)}, key=str)
@@ -184,11 +185,22 @@ def test_backtest_reruns_pick_and_rivals_on_fresh_seeds(tmp_path, monkeypatch):
     advisor.backtest(tmp_path, "m1", within=0.01, seeds=[7, 8, 9])  # resumes: nothing re-run
     assert len(ran) == 12
     text = open(report.write_report(tmp_path, n_boot=30)).read()
+    assert "within the tolerance of the best re-run cell in 1 of 1 models" in text
     assert "the pick held in 1 of 1 models" in text
+
+    # A cheaper rival (r=2) moves inside the tolerance on fresh seeds: the advisor would now
+    # pick it (not held), but the pick itself is still within 0.01 of the best (0.871, 0.877).
+    fresh_means[("lora", 2)] = 0.870
+    shutil.rmtree(tmp_path / "backtest")
+    summary = advisor.backtest(tmp_path, "m1", within=0.01, seeds=[7, 8, 9])
+    assert summary["held"] is False and summary["within_best"] is True
 
     fresh_means[("lora", 4)] = 0.85  # on fresh seeds the pick falls outside the tolerance
     shutil.rmtree(tmp_path / "backtest")
-    assert advisor.backtest(tmp_path, "m1", within=0.01, seeds=[7, 8, 9])["held"] is False
+    summary = advisor.backtest(tmp_path, "m1", within=0.01, seeds=[7, 8, 9])
+    assert summary["held"] is False and summary["within_best"] is False
+    text = open(report.write_report(tmp_path, n_boot=30)).read()
+    assert "within the tolerance of the best re-run cell in 0 of 1 models" in text
 
 
 def test_dev_set_resampling_is_binomial_for_one_run_and_shared_across_runs():
