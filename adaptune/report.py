@@ -512,6 +512,9 @@ def peft_comparison_record(res: Results, record: dict[str, Any]) -> dict[str, An
     split's (what chose the checkpoint and the lr), the "test" metric is dev (what this report
     reports; the sets' own test splits are held back)."""
     cfg, axes, metric = record["config"], record["axes"], record["metric"]
+    # A record keeps the config of the adaptune that wrote it: a field added since is absent
+    # (None here), except compile, which an adaptune without the option never did.
+    train, model = cfg.get("train", {}), cfg.get("model", {})
     evals = []
     for e in record.get("evaluations") or []:
         valid = (e.get("selection") or {}).get(metric, e.get(metric))
@@ -527,23 +530,24 @@ def peft_comparison_record(res: Results, record: dict[str, Any]) -> dict[str, An
             "created_at": record.get("finished_at"), "total_time": record.get("wall_time_s"),
             "experiment_name": name, "peft_branch": None,
             "train_config": {
-                "model_id": cfg["model"]["name"], "dtype": record.get("precision"),
-                "max_seq_length": cfg["model"]["max_length"],
-                "batch_size": cfg["train"]["batch_size"],
-                "batch_size_eval": cfg["train"]["eval_batch_size"],
+                "model_id": model.get("name", axes["model"]), "dtype": record.get("precision"),
+                "max_seq_length": model.get("max_length"),
+                "batch_size": train.get("batch_size"),
+                "batch_size_eval": train.get("eval_batch_size"),
                 "max_steps": record.get("planned_steps") or record["optimizer_steps"],
-                "eval_steps": cfg["train"]["eval_every"],
-                "compile": cfg["train"]["compile"] in (True, "on"),
-                "seed": cfg["train"]["seed"], "grad_norm_clip": cfg["train"]["max_grad_norm"],
+                "eval_steps": train.get("eval_every"),
+                "compile": train.get("compile", False) in (True, "on"),
+                "seed": train.get("seed", axes.get("seed")),
+                "grad_norm_clip": train.get("max_grad_norm"),
                 "optimizer_type": "AdamW",
-                "optimizer_kwargs": {"lr": record.get("selected_lr") or cfg["train"]["lr"],
-                                     "weight_decay": cfg["train"]["weight_decay"]},
+                "optimizer_kwargs": {"lr": record.get("selected_lr") or train.get("lr"),
+                                     "weight_decay": train.get("weight_decay")},
                 "lr_scheduler": "linear (warm-up, then decay)",
                 "lr_selected_on": f"{record.get('selection_examples') or 0} examples carved "
                                   "from train" if record.get("selected_on") == "selection"
                                   else "none (fixed lr)",
-                "early_stopping_patience": cfg["train"].get("early_stopping_patience", 0)},
-            "peft_config": {"adaptune_method": cfg["method"]},
+                "early_stopping_patience": train.get("early_stopping_patience", 0)},
+            "peft_config": {"adaptune_method": cfg.get("method")},
             "error_msg": ""},
         "train_info": {
             "accelerator_memory_max": (record.get("train_peak_memory_mb") or 0) * 2**20,

@@ -325,6 +325,18 @@ def test_method_comparison_table_and_peft_layout(tiny_encoder, unique_files, tmp
     assert info["metrics"][-1]["test accuracy"] is not None
     assert "valid accuracy" in info["metrics"][0]
 
+    # A folder written by an older adaptune (records without fields added since, such as
+    # train.compile) still gets its report and peft records.
+    for path in (out / "cells").glob("*.json"):
+        record = json.loads(path.read_text())
+        for field in ("compile", "eval_batch_size", "max_grad_norm"):
+            record["config"]["train"].pop(field, None)
+        path.write_text(json.dumps(record))
+    write_report(out, n_boot=20)
+    old = json.loads(sorted((out / "peft_method_comparison").glob("*.json"))[0].read_text())
+    config = old["run_info"]["train_config"]
+    assert config["compile"] is False and config["grad_norm_clip"] is None
+
 
 def test_evals_per_epoch_follow_the_data_size():
     from adaptune.train import make_plan
