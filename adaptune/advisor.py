@@ -208,7 +208,7 @@ def backtest_lines(backtests: list[dict[str, Any]]) -> list[str]:
     kept = sum(bool(b["within_best"]) for b in decided)
     lines = ["## Advisor backtest on fresh seeds", "",
              f"The advisor's pick and its rivals re-run on seeds the grid never used "
-             f"(`adaptune advise --backtest`, each with its own lr search): the pick stayed "
+             f"(`adaptune advise --backtest`): the pick stayed "
              f"within the tolerance of the best re-run cell in {kept} of {len(decided)} "
              f"models (the advisor's promise), and the pick held in {hits} of {len(decided)} "
              "models (the advisor, given only the fresh seeds, picks the same cell: stricter, "
