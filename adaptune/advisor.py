@@ -52,6 +52,27 @@ def _choose(means: dict[Key, float], params: dict[Key, int], sign: float,
     return min(ok, key=lambda k: (params[k], -sign * means[k])), best
 
 
+def same_training(a: Key, b: Key) -> bool:
+    """Whether two report cells train the same model: rsLoRA's scale alpha/sqrt(r) equals
+    alpha/r at r=1, so "lora r=1" and "lora+rslora r=1" are one configuration run twice (the
+    grids run both, so that each scaling's series has all its ranks); a backtest re-runs one."""
+    if a == b:
+        return True
+    scalings = {"", "rslora"}
+    return (a[0], a[2], a[3]) == (b[0], b[2], b[3]) and a[2] == 1 \
+        and base_method(a[1]) == base_method(b[1]) == "lora" \
+        and {a[1].partition("+")[2], b[1].partition("+")[2]} <= scalings
+
+
+def distinct(keys: Sequence[Key]) -> list[Key]:
+    """`keys` in order, without a cell that trains the same model as an earlier one."""
+    kept: list[Key] = []
+    for key in keys:
+        if not any(same_training(key, k) for k in kept):
+            kept.append(key)
+    return kept
+
+
 def advise(results: str | Path, model: str, within: float = 0.01, fraction: float = 1.0,
            n_boot: int = 2000, seed: int = 0) -> Advice:
     """The configuration with the fewest trainable parameters whose mean metric is within
@@ -91,10 +112,10 @@ def advise(results: str | Path, model: str, within: float = 0.01, fraction: floa
                 if fit is not None else "")
     # The rivals a backtest re-runs: the best (the tolerance's reference), and the cheapest
     # cells just outside the tolerance (fresh seeds could bring them in).
-    outside = sorted((k for k in keys if k not in (chosen, best)
-                      and params[k] < params[chosen]),
-                     key=lambda k: -sign * means[k])[:2]
-    rivals = tuple(dict.fromkeys([best, *outside]))
+    cheaper = sorted((k for k in keys if params[k] < params[chosen]),
+                     key=lambda k: -sign * means[k])
+    others = distinct([chosen, best, *cheaper])[1:]  # without cells that train as another
+    rivals = tuple(others[:3 if others and others[0] == best else 2])
     return Advice(model, chosen[1], chosen[2], means[chosen], params[chosen],
                   _label(best[1], best[2]), means[best], confidence, len(options[chosen]),
                   note, tuple(k for k in rivals if k != chosen), chosen)

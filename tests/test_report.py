@@ -157,6 +157,17 @@ def test_advisor_picks_fewest_parameters_within_tolerance(tmp_path):
         advisor.advise(tmp_path, "m9")
 
 
+def test_backtest_rivals_skip_a_cell_that_trains_the_same_model():
+    """rsLoRA at r=1 scales by alpha/sqrt(1) = alpha/r: the same run as LoRA r=1."""
+    lora1, rs1 = ("m", "lora", 1, 1.0), ("m", "lora+rslora", 1, 1.0)
+    rs4, dora1 = ("m", "lora+rslora", 4, 1.0), ("m", "dora", 1, 1.0)
+    assert advisor.same_training(lora1, rs1) and advisor.same_training(rs1, lora1)
+    assert not advisor.same_training(rs4, ("m", "lora", 4, 1.0))
+    assert not advisor.same_training(dora1, lora1)
+    assert not advisor.same_training(lora1, ("m", "lora", 1, 0.5))  # another data size
+    assert advisor.distinct([rs4, lora1, rs1, dora1]) == [rs4, lora1, dora1]
+
+
 def test_advisor_is_less_sure_when_seeds_disagree(tmp_path):
     _advisor_fixture(tmp_path, spread=0.01)
     noisy = advisor.advise(tmp_path, "m1", within=0.005)
