@@ -118,7 +118,7 @@ def advise(results: str | Path, model: str, within: float = 0.01, fraction: floa
     rivals = tuple(others[:3 if others and others[0] == best else 2])
     return Advice(model, chosen[1], chosen[2], means[chosen], params[chosen],
                   _label(best[1], best[2]), means[best], confidence, len(options[chosen]),
-                  note, tuple(k for k in rivals if k != chosen), chosen)
+                  note, rivals, chosen)  # distinct() left the pick out of rivals
 
 
 def backtest(results: str | Path, model: str, within: float = 0.01,
