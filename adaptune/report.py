@@ -495,9 +495,11 @@ def method_lines(res: Results, rows: list[dict[str, Any]]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["interval"]
+        # One seed has no interval; say so instead of printing [nan, nan].
+        interval = f"[{lo:.4f}, {hi:.4f}]" if not math.isnan(lo) else "[one seed: none]"
         lines.append(
             f"| {r['model']} | {r['method']} | {_rank_label(r['rank'])} | {r['seeds']} | "
-            f"{r['mean']:.4f} [{lo:.4f}, {hi:.4f}] | {r['trainable_params']:,} | "
+            f"{r['mean']:.4f} {interval} | {r['trainable_params']:,} | "
             f"{_fmt(r['memory_increase_mb'], '.0f')} | {_fmt(r['train_time_s'], '.1f')} | "
             f"{_fmt(None if r['adapter_bytes'] is None else r['adapter_bytes'] / 1024, '.0f')} | "
             f"{', '.join(f'{v:g}' for v in r['lr'])} | "

@@ -168,6 +168,23 @@ def test_backtest_rivals_skip_a_cell_that_trains_the_same_model():
     assert advisor.distinct([rs4, lora1, rs1, dora1]) == [rs4, lora1, dora1]
 
 
+def test_method_table_says_when_a_row_has_no_interval():
+    """An interim table (one seed so far) names the missing interval instead of [nan, nan]."""
+    from types import SimpleNamespace
+
+    def row(seeds: list[float]) -> dict:
+        return {"model": "m", "method": "lora", "rank": 8, "seeds": len(seeds),
+                "mean": float(np.mean(seeds)), "interval": report.t_interval(seeds),
+                "trainable_params": 10, "memory_increase_mb": None, "train_time_s": None,
+                "adapter_bytes": None, "lr": [1e-3], "p_vs_reference": None,
+                "beats_reference": False}
+
+    one, three = report.method_lines(SimpleNamespace(metric="f1"), [row([0.8]),
+                                                                    row([0.8, 0.82, 0.81])])[7:9]
+    assert "[one seed: none]" in one and "nan" not in one
+    assert "0.8100 [0.7852, 0.8348]" in three
+
+
 def test_advisor_is_less_sure_when_seeds_disagree(tmp_path):
     _advisor_fixture(tmp_path, spread=0.01)
     noisy = advisor.advise(tmp_path, "m1", within=0.005)
