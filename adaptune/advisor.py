@@ -2,7 +2,10 @@
 trainable parameters, how sure that is, and whether it holds on seeds the grid never used.
 
     advise(results, model, within)   -> Advice (its confidence from the scaling noise model)
-    backtest(results, model, within) -> the pick and its rivals re-run on fresh seeds
+    advise(..., confidence=0.8)      -> the cheapest cell that is within the tolerance in at
+                                        least 80% of simulated replications, not on point means
+    backtest(results, model, within) -> the pick and its rivals re-run on fresh seeds, with the
+                                        advisor's own prediction of the outcome beside it
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ class Advice:
     note: str
     rivals: tuple[Key, ...] = ()  # the cells a backtest re-runs beside the pick
     key: Key | None = None
+    target: float | None = None  # the confidence the pick was required to reach, if any
 
     def __str__(self) -> str:
         choice = _label(self.method, self.rank)
         sure = (f"Within tolerance in {self.confidence:.0%} of simulated replications "
                 "(pooled seed noise)." if self.confidence is not None else
                 "No confidence figure: fewer than 3 seeds per cell.")
+        if self.target is not None:
+            sure = f"Required confidence {self.target:.0%}. " + sure
         return (f"{self.model}: use {choice} ({self.trainable_params:,} trainable parameters): "
                 f"mean {self.mean:.4f} over {self.seeds} seed(s), against the best, {self.best}, "
                 f"at {self.best_mean:.4f}. {sure} {self.note}").strip()
@@ -50,6 +56,36 @@ def _choose(means: dict[Key, float], params: dict[Key, int], sign: float,
     best = max(means, key=lambda k: sign * means[k])
     ok = [k for k in means if sign * (means[best] - means[k]) <= within + 1e-12]
     return min(ok, key=lambda k: (params[k], -sign * means[k])), best
+
+
+def simulated_confidence(options: dict[Key, list[float]], sign: float, within: float,
+                         among: Sequence[Key] | None = None, seeds: int | None = None,
+                         n_boot: int = 2000, seed: int = 0) -> dict[Key, float] | None:
+    """For every cell, the share of simulated replications in which its mean is within `within`
+    of the best mean among `among` (default: all cells). A replication redraws every cell's
+    mean around its observed mean with the seed variance pooled over the cells (itself redrawn
+    from its chi-square); `seeds` asks what it would be with that many seeds per cell, if the
+    means stayed where they are. None with fewer than 3 seeds in some cell."""
+    keys = list(options)
+    counts = np.array([len(options[k]) for k in keys], dtype=float)
+    dof = int(sum(counts - 1))
+    if min(counts) < 3 or dof <= 0:
+        return None
+    means = np.array([np.mean(options[k]) for k in keys])
+    ss = sum(float(np.sum((np.array(options[k]) - np.mean(options[k])) ** 2)) for k in keys)
+    rng = np.random.default_rng(seed)
+    s2 = ss / rng.chisquare(dof, size=n_boot)
+    n = counts if seeds is None else np.full(len(keys), float(seeds))
+    sims = sign * (means[None, :] + rng.normal(size=(n_boot, len(keys)))
+                   * np.sqrt(s2[:, None] / n[None, :]))
+    ref = [keys.index(k) for k in (among if among is not None else keys)]
+    best = sims[:, ref].max(axis=1)
+    return {k: float(np.mean(best - sims[:, i] <= within + 1e-12)) for i, k in enumerate(keys)}
+
+
+def _cheapest_sure(conf: dict[Key, float], params: dict[Key, int], target: float) -> Key | None:
+    sure = [k for k in conf if conf[k] >= target]
+    return min(sure, key=lambda k: (params[k], -conf[k])) if sure else None
 
 
 def same_training(a: Key, b: Key) -> bool:
@@ -74,12 +110,17 @@ def distinct(keys: Sequence[Key]) -> list[Key]:
 
 
 def advise(results: str | Path, model: str, within: float = 0.01, fraction: float = 1.0,
-           n_boot: int = 2000, seed: int = 0) -> Advice:
+           n_boot: int = 2000, seed: int = 0, confidence: float | None = None) -> Advice:
     """The configuration with the fewest trainable parameters whose mean metric is within
     `within` of the best mean for this model (at this data fraction). Its confidence comes from
-    the same noise model as the laws: every cell's mean redrawn with the seed variance pooled
-    over the model's cells (itself redrawn from its chi-square); the dev set is common to all
-    cells and left out. No confidence figure from fewer than 3 seeds per cell."""
+    the same noise model as the laws (`simulated_confidence`); the dev set is common to all
+    cells and left out. No confidence figure from fewer than 3 seeds per cell.
+
+    With `confidence` (say 0.8) the pick is instead the cheapest cell that is within the
+    tolerance in at least that share of simulated replications: choosing on point means picks
+    the cheapest cell that got lucky, which holds only as often as its own confidence says
+    (about half the time at 3 seeds and a one-point tolerance). Where no cell reaches the
+    target, the most confident cell is picked and the note says how many seeds would do."""
     res = load_results(results)
     if fraction not in res.grid.fractions:
         fraction = max(res.grid.fractions)
@@ -89,27 +130,27 @@ def advise(results: str | Path, model: str, within: float = 0.01, fraction: floa
         known = sorted({k[0] for k in res.groups})
         raise ConfigError(f"advise: no finished cells for model {model!r} in {results}; "
                           f"models with results: {', '.join(known) or 'none'}")
+    if confidence is not None and not 0 < confidence < 1:
+        raise ConfigError(f"advise: confidence must lie strictly between 0 and 1 (a share of "
+                          f"replications, say 0.8); got {confidence}")
     params = {k: res.first(k, "trainable_params") for k in options}
     means = {k: float(np.mean(v)) for k, v in options.items()}
+    conf = simulated_confidence(options, sign, within, n_boot=n_boot, seed=seed)
     chosen, best = _choose(means, params, sign, within)
-    keys = list(options)
-    counts = np.array([len(options[k]) for k in keys], dtype=float)
-    dof = int(sum(counts - 1))
-    ss = sum(float(np.sum((np.array(options[k]) - means[k]) ** 2)) for k in keys)
-    confidence = None
-    if min(counts) >= 3 and dof > 0:
-        rng = np.random.default_rng(seed)
-        s2 = ss / dof * dof / rng.chisquare(dof, size=n_boot)
-        sims = np.array([means[k] for k in keys])[None, :] + \
-            rng.normal(size=(n_boot, len(keys))) * np.sqrt(s2[:, None] / counts[None, :])
-        i = keys.index(chosen)
-        confidence = float(np.mean([sign * (row.max() if sign > 0 else row.min()) - sign * row[i]
-                                    <= within + 1e-12 for row in sims]))
     note = ""
+    if confidence is not None:
+        if conf is None:
+            raise ConfigError(f"advise: a confidence target needs at least 3 seeds in every "
+                              f"cell of {model!r} in {results}")
+        chosen = _cheapest_sure(conf, params, confidence) or max(conf, key=conf.get)
+        if conf[chosen] < confidence:
+            note = (f"No cell reaches {confidence:.0%}: picked the most confident. "
+                    + _seeds_needed(options, params, sign, within, confidence, n_boot, seed))
+    keys = list(options)
     if ranked(chosen[1]) and len(res.grid.ranks_of(base_method(chosen[1]))) > 1:
         fit = fit_rank(res, model, chosen[1], fraction, n_boot=300)
-        note = (f"Rank law for {model} {chosen[1]}: {fit.describe()}."
-                if fit is not None else "")
+        if fit is not None:
+            note = f"{note} Rank law for {model} {chosen[1]}: {fit.describe()}.".strip()
     # The rivals a backtest re-runs: the best (the tolerance's reference), and the cheapest
     # cells just outside the tolerance (fresh seeds could bring them in).
     cheaper = sorted((k for k in keys if params[k] < params[chosen]),
@@ -117,12 +158,25 @@ def advise(results: str | Path, model: str, within: float = 0.01, fraction: floa
     others = distinct([chosen, best, *cheaper])[1:]  # without cells that train as another
     rivals = tuple(others[:3 if others and others[0] == best else 2])
     return Advice(model, chosen[1], chosen[2], means[chosen], params[chosen],
-                  _label(best[1], best[2]), means[best], confidence, len(options[chosen]),
-                  note, rivals, chosen)  # distinct() left the pick out of rivals
+                  _label(best[1], best[2]), means[best],
+                  None if conf is None else conf[chosen], len(options[chosen]),
+                  note, rivals, chosen, confidence)  # distinct() left the pick out of rivals
+
+
+def _seeds_needed(options: dict[Key, list[float]], params: dict[Key, int], sign: float,
+                  within: float, target: float, n_boot: int, seed: int) -> str:
+    for n in range(4, 31):
+        conf = simulated_confidence(options, sign, within, seeds=n, n_boot=n_boot, seed=seed)
+        pick = _cheapest_sure(conf, params, target) if conf else None
+        if pick is not None:
+            return (f"With {n} seeds per cell, if the means stayed where they are, "
+                    f"{_label(pick[1], pick[2])} would reach it.")
+    return "Not even 30 seeds per cell would, at these means: widen the tolerance."
 
 
 def backtest(results: str | Path, model: str, within: float = 0.01,
-             seeds: Sequence[int] = (1000, 1001, 1002), fraction: float = 1.0) -> dict[str, Any]:
+             seeds: Sequence[int] = (1000, 1001, 1002), fraction: float = 1.0,
+             confidence: float | None = None) -> dict[str, Any]:
     """Re-run the advisor's pick and its rivals on seeds the grid never used, through the same
     runner (records under <results>/backtest/), and say whether the pick held: whether the
     advisor, given only the fresh seeds of those cells, picks the same one."""
@@ -135,7 +189,7 @@ def backtest(results: str | Path, model: str, within: float = 0.01,
     if used & set(seeds):
         raise ConfigError(f"backtest: seeds {sorted(used & set(seeds))} are the grid's own; "
                           "choose seeds it never used")
-    advice = advise(folder, model, within, fraction)
+    advice = advise(folder, model, within, fraction, confidence=confidence)
     g = res.grid
     out = folder / "backtest"
     # Each pick and rival re-run as the grid ran it: with an lr search, the whole search (on
@@ -186,16 +240,41 @@ def summarize_backtest(folder: Path, model: str, within: float, advice: Advice,
     params = {k: res.first(k, "trainable_params") for k in fresh}
     held = None
     if advice.key in means and len(means) == len(keys):
-        held = _choose(means, params, sign, within)[0] == advice.key
+        if advice.target is None:
+            held = _choose(means, params, sign, within)[0] == advice.key
+        else:  # the same rule on the fresh seeds of the re-run cells
+            conf = simulated_confidence(fresh, sign, within)
+            held = None if conf is None else (
+                _cheapest_sure(conf, params, advice.target) or max(conf, key=conf.get)
+            ) == advice.key
     summary = {"model": model, "within": within, "pick": _label(advice.method, advice.rank),
+               "rule": rule_name(advice.target), "confidence_target": advice.target,
                "pick_committed_mean": advice.mean, "pick_fresh_mean": means.get(advice.key),
                "rivals": [_label(k[1], k[2]) for k in advice.rivals],
                "fresh_means": {_label(k[1], k[2]): v for k, v in means.items()},
                "fresh_seeds": list(seeds), "held": held,
+               "predicted_within_best": predicted_within_best(res, advice, sign, within),
                "higher_is_better": res.higher_is_better}
     summary["within_best"] = within_best(summary)
-    write_json(folder / "backtest" / f"summary-{model}.json", summary)
+    name = model if advice.target is None else f"{model}-confidence{advice.target:g}"
+    write_json(folder / "backtest" / f"summary-{name}.json", summary)
     return summary
+
+
+def rule_name(target: float | None) -> str:
+    return "cheapest within tolerance on means" if target is None else \
+        f"cheapest within tolerance in >= {target:.0%} of replications"
+
+
+def predicted_within_best(res: Any, advice: Advice, sign: float, within: float) -> float | None:
+    """What the advisor's noise model predicts for the backtest: the share of replications of
+    the committed cells in which the pick is within the tolerance of the best of the re-run
+    cells (the pick and its rivals). A calibrated advisor keeps its promise about this often;
+    the pick was chosen on the same seeds, so a shortfall measures the winner's curse."""
+    options = {k: res.values(k) for k in res.groups
+               if k[0] == advice.model and k[3] == advice.key[3]}
+    conf = simulated_confidence(options, sign, within, among=[advice.key, *advice.rivals])
+    return None if conf is None else conf[advice.key]
 
 
 def within_best(summary: dict[str, Any]) -> bool | None:
@@ -212,9 +291,20 @@ def within_best(summary: dict[str, Any]) -> bool | None:
 
 
 def load_backtests(folder: Path) -> list[dict[str, Any]]:
+    """The backtest summaries of a results folder; one written before the advisor predicted
+    its backtests gets the prediction now (the advice is deterministic, so the same pick)."""
     path = Path(folder) / "backtest"
-    return [json.loads(p.read_text()) for p in sorted(path.glob("summary-*.json"))] \
+    summaries = [json.loads(p.read_text()) for p in sorted(path.glob("summary-*.json"))] \
         if path.is_dir() else []
+    for b in summaries:
+        if "predicted_within_best" not in b:
+            res = load_results(folder)
+            advice = advise(folder, b["model"], b["within"])
+            if _label(advice.method, advice.rank) == b["pick"]:
+                sign = 1.0 if res.higher_is_better else -1.0
+                b["predicted_within_best"] = predicted_within_best(res, advice, sign,
+                                                                   b["within"])
+    return summaries
 
 
 def _yes_no(flag: bool | None) -> str:
@@ -224,24 +314,36 @@ def _yes_no(flag: bool | None) -> str:
 def backtest_lines(backtests: list[dict[str, Any]]) -> list[str]:
     # Summaries written before `within_best` existed get it from their stored fresh means.
     backtests = [{**b, "within_best": within_best(b)} for b in backtests]
-    decided = [b for b in backtests if b["held"] is not None]
-    hits = sum(b["held"] for b in decided)
-    kept = sum(bool(b["within_best"]) for b in decided)
     lines = ["## Advisor backtest on fresh seeds", "",
-             f"The advisor's pick and its rivals re-run on seeds the grid never used "
-             f"(`adaptune advise --backtest`): the pick stayed "
-             f"within the tolerance of the best re-run cell in {kept} of {len(decided)} "
-             f"models (the advisor's promise), and the pick held in {hits} of {len(decided)} "
-             "models (the advisor, given only the fresh seeds, picks the same cell: stricter, "
-             "it fails when a cheaper rival moves inside the tolerance).", "",
-             "| model | tolerance | pick | committed mean | fresh mean | rivals (fresh means) "
-             "| within tolerance of the best | same pick |", "|---|---|---|---|---|---|---|---|"]
+             "The advisor's pick and its rivals re-run on seeds the grid never used "
+             "(`adaptune advise --backtest`). 'Within tolerance of the best' is the advisor's "
+             "promise: the pick's fresh mean within the tolerance of the best re-run cell. "
+             "'Same pick' is stricter: the advisor, given only the fresh seeds, picks the same "
+             "cell (it fails when a cheaper rival moves inside the tolerance). 'Predicted' is "
+             "the advisor's own noise model's chance of the promise, computed before the "
+             "re-runs: a calibrated advisor keeps it about that often.", ""]
+    for rule in sorted({b.get("rule", rule_name(None)) for b in backtests}):
+        of_rule = [b for b in backtests if b.get("rule", rule_name(None)) == rule]
+        decided = [b for b in of_rule if b["held"] is not None]
+        kept = sum(bool(b["within_best"]) for b in decided)
+        hits = sum(b["held"] for b in decided)
+        predicted = [b["predicted_within_best"] for b in decided
+                     if b.get("predicted_within_best") is not None]
+        expected = (f"; the advisor predicted {sum(predicted):.1f} of {len(predicted)}"
+                    if predicted else "")
+        lines.append(f"- {rule}: the promise was kept in {kept} of {len(decided)} models"
+                     f"{expected}; the same pick in {hits} of {len(decided)}.")
+    lines += ["", "| model | rule | tolerance | pick | committed mean | fresh mean | rivals "
+              "(fresh means) | predicted | within tolerance of the best | same pick |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for b in backtests:
         rivals = ", ".join(f"{name} {b['fresh_means'].get(name, float('nan')):.4f}"
                            for name in b["rivals"])
-        fresh = b["pick_fresh_mean"]
-        lines.append(f"| {b['model']} | {b['within']:g} | {b['pick']} | "
-                     f"{b['pick_committed_mean']:.4f} | "
+        fresh, predicted = b["pick_fresh_mean"], b.get("predicted_within_best")
+        target = b.get("confidence_target")
+        lines.append(f"| {b['model']} | {'means' if target is None else f'>= {target:.0%}'} | "
+                     f"{b['within']:g} | {b['pick']} | {b['pick_committed_mean']:.4f} | "
                      f"{'-' if fresh is None else f'{fresh:.4f}'} | {rivals} | "
+                     f"{'-' if predicted is None else f'{predicted:.0%}'} | "
                      f"{_yes_no(b['within_best'])} | {_yes_no(b['held'])} |")
     return lines + [""]

@@ -6,7 +6,7 @@
     adaptune predict runs/x/adapter "some text" "more text"
     adaptune sweep benchmarks/grids/sst2_encoders.yaml --out results/sst2 [--workers 2] [--pack K]
     adaptune report results/sst2          tables, CSV, plots and scaling-law fits
-    adaptune advise results/sst2 --model minilm-l6 --within 0.01 [--backtest]
+    adaptune advise results/sst2 --model minilm-l6 --within 0.01 [--confidence 0.8] [--backtest]
 """
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     advise_p.add_argument("--within", type=float, default=0.01,
                           help="tolerated gap to the best mean metric (0.01: one point)")
     advise_p.add_argument("--fraction", type=float, default=1.0)
+    advise_p.add_argument("--confidence", type=float, default=None,
+                          help="pick the cheapest cell within the tolerance in at least this "
+                          "share of simulated replications (say 0.8), not on point means")
     advise_p.add_argument("--backtest", action="store_true",
                           help="re-run the pick and its rivals on seeds the grid never used and "
                           "say whether the pick held (records under RESULTS/backtest/)")
@@ -157,10 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "advise":
             from adaptune.advisor import advise, backtest
 
-            print(advise(args.results, args.model, args.within, args.fraction))
+            print(advise(args.results, args.model, args.within, args.fraction,
+                         confidence=args.confidence))
             if args.backtest:
                 seeds = [int(s) for s in args.seeds.split(",") if s]
-                summary = backtest(args.results, args.model, args.within, seeds, args.fraction)
+                summary = backtest(args.results, args.model, args.within, seeds, args.fraction,
+                                   confidence=args.confidence)
                 verdict = {True: "held", False: "did NOT hold", None: "undecided"}[
                     summary["held"]]
                 close = {True: f"within {args.within:g} of", None: "not yet compared with",

@@ -191,6 +191,36 @@ def test_advisor_is_less_sure_when_seeds_disagree(tmp_path):
     assert noisy.confidence < 0.95
 
 
+def test_a_confidence_target_trades_parameters_for_reliability(tmp_path):
+    """On noisy seeds the point-means rule picks a cheap cell that is within the tolerance in
+    few replications; a target picks a dearer, surer one, or the surest with the seeds that
+    would make it sure enough."""
+    _advisor_fixture(tmp_path, spread=0.01)
+    means = advisor.advise(tmp_path, "m1", within=0.01)
+    sure = advisor.advise(tmp_path, "m1", within=0.01, confidence=0.6)
+    assert sure.target == 0.6 and sure.confidence >= 0.6
+    assert sure.trainable_params >= means.trainable_params
+    strict = advisor.advise(tmp_path, "m1", within=0.01, confidence=0.99)
+    assert strict.confidence < 0.99 and "No cell reaches 99%: picked the most confident" \
+        in strict.note and "seeds per cell" in strict.note
+    with pytest.raises(Exception, match="confidence must lie strictly between 0 and 1.*1.5"):
+        advisor.advise(tmp_path, "m1", confidence=1.5)
+
+
+def test_simulated_confidence_grows_with_seeds_and_with_fewer_rivals():
+    rng = np.random.default_rng(0)
+    options = {("m", "lora", r, 1.0): list(0.80 + 0.004 * i + rng.normal(0, 0.01, 3))
+               for i, r in enumerate((1, 2, 4, 8))}
+    cheap, best = ("m", "lora", 1, 1.0), ("m", "lora", 8, 1.0)
+    now = advisor.simulated_confidence(options, 1.0, 0.01)
+    more = advisor.simulated_confidence(options, 1.0, 0.01, seeds=30)
+    pair = advisor.simulated_confidence(options, 1.0, 0.01, among=[cheap, best])
+    assert 0.05 < now[cheap] < 0.95 and more[best] > now[best]
+    assert pair[cheap] >= now[cheap] - 1e-9  # the best of two is no higher than the best of four
+    assert advisor.simulated_confidence({k: v[:2] for k, v in options.items()}, 1.0, 0.01) \
+        is None
+
+
 def test_report_and_advise_commands(tmp_path, capsys):
     from adaptune.cli import main
 

@@ -185,8 +185,8 @@ def test_backtest_reruns_pick_and_rivals_on_fresh_seeds(tmp_path, monkeypatch):
     advisor.backtest(tmp_path, "m1", within=0.01, seeds=[7, 8, 9])  # resumes: nothing re-run
     assert len(ran) == 12
     text = open(report.write_report(tmp_path, n_boot=30)).read()
-    assert "within the tolerance of the best re-run cell in 1 of 1 models" in text
-    assert "the pick held in 1 of 1 models" in text
+    assert "the promise was kept in 1 of 1 models; the advisor predicted 1.0 of 1; " \
+        "the same pick in 1 of 1" in text
 
     # A cheaper rival (r=2) moves inside the tolerance on fresh seeds: the advisor would now
     # pick it (not held), but the pick itself is still within 0.01 of the best (0.871, 0.877).
@@ -200,7 +200,17 @@ def test_backtest_reruns_pick_and_rivals_on_fresh_seeds(tmp_path, monkeypatch):
     summary = advisor.backtest(tmp_path, "m1", within=0.01, seeds=[7, 8, 9])
     assert summary["held"] is False and summary["within_best"] is False
     text = open(report.write_report(tmp_path, n_boot=30)).read()
-    assert "within the tolerance of the best re-run cell in 0 of 1 models" in text
+    assert "the promise was kept in 0 of 1 models" in text
+
+    # With a confidence target the pick is the cheapest cell that is sure enough; its summary
+    # is kept beside the point-means one and the report counts each rule on its own.
+    summary = advisor.backtest(tmp_path, "m1", within=0.01, seeds=[7, 8, 9], confidence=0.8)
+    assert summary["confidence_target"] == 0.8 and summary["pick"] == "lora r=4"
+    assert summary["predicted_within_best"] > 0.95
+    assert (tmp_path / "backtest" / "summary-m1-confidence0.8.json").exists()
+    text = open(report.write_report(tmp_path, n_boot=30)).read()
+    assert "- cheapest within tolerance in >= 80% of replications: the promise was kept in " \
+        "0 of 1 models" in text and "| m1 | >= 80% | 0.01 | lora r=4 |" in text
 
 
 def test_dev_set_resampling_is_binomial_for_one_run_and_shared_across_runs():
