@@ -137,6 +137,38 @@ class OftOptions:
 
 
 @dataclass(frozen=True)
+class PromptTuningOptions:
+    """Prompt tuning's own options (`method.prompt_tuning.*`, Lester et al., 2021): trained
+    embeddings of virtual tokens, put before every input."""
+
+    virtual_tokens: int = 20  # how many virtual tokens (each one embedding wide)
+    # Start the virtual tokens from these words' embeddings (peft's TEXT init), e.g. "Classify
+    # the sentiment of this review"; empty: random.
+    init_text: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.virtual_tokens >= 1, "method.prompt_tuning.virtual_tokens",
+               "a positive integer", self.virtual_tokens)
+
+
+@dataclass(frozen=True)
+class PrefixTuningOptions:
+    """Prefix tuning's own options (`method.prefix_tuning.*`, Li & Liang, 2021): trained keys
+    and values of virtual tokens, put before every layer's own."""
+
+    virtual_tokens: int = 20  # how many virtual tokens (a key and a value in every layer)
+    # Train the prefix through a two-layer MLP of this width (the paper's reparameterisation,
+    # peft's prefix_projection) instead of directly; 0: directly.
+    projection_size: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.virtual_tokens >= 1, "method.prefix_tuning.virtual_tokens",
+               "a positive integer", self.virtual_tokens)
+        _check(self.projection_size >= 0, "method.prefix_tuning.projection_size",
+               "an integer >= 0 (0: no projection)", self.projection_size)
+
+
+@dataclass(frozen=True)
 class PeftPassThrough:
     """Any other peft method (`method.name=peft`): `method.peft.config` is the peft config as
     JSON or a YAML mapping, with its `peft_type` (e.g. {"peft_type": "FOURIERFT",
@@ -181,6 +213,8 @@ class MethodConfig:
     vera: VeraOptions = field(default_factory=VeraOptions)
     oft: OftOptions = field(default_factory=OftOptions)
     peft: PeftPassThrough = field(default_factory=PeftPassThrough)
+    prompt_tuning: PromptTuningOptions = field(default_factory=PromptTuningOptions)
+    prefix_tuning: PrefixTuningOptions = field(default_factory=PrefixTuningOptions)
 
     def __post_init__(self) -> None:
         from adaptune.methods import METHODS  # the one registry (imported late: it imports us)
@@ -214,7 +248,7 @@ class MethodConfig:
 
 
 # Methods with a section of their own in MethodConfig.
-METHOD_SECTIONS = ("lora", "adalora", "vera", "oft", "peft")
+METHOD_SECTIONS = ("lora", "adalora", "vera", "oft", "peft", "prompt_tuning", "prefix_tuning")
 SCALINGS = ("alpha/r", "rslora")
 
 

@@ -6,6 +6,7 @@ hook, so the training flow, the checkpoints, the adapter folder and the sweep ha
 the method:
 
     check(model_spec)                 refuse a model the method cannot apply to, before loading
+    check_task(task)                  refuse a task it cannot serve (generation, for prompts)
     apply(model, model_spec, steps)   make the task model trainable (peft wrap, freezing)
     optimizer(model, lr, decay)       AdamW over the trainable parameters (LoRA+: its own)
     before_train(model, batches)      a data pass before training (EVA's initialisation)
@@ -18,6 +19,8 @@ the method:
   the saved adapter folder holds the head and loads with plain `peft.PeftModel.from_pretrained`.
   rsLoRA is LoRA's `method.scaling=rslora`; PiSSA, OLoRA and EVA are `method.lora.init`; LoRA+
   is `method.lora.loraplus_lr_ratio`.
+- prompt_tuning, prefix_tuning: peft's prompt learning on the backbone (its feature-extraction
+  model), the head saved beside it.
 - bitfit: every bias of the backbone plus the head (Ben Zaken et al., 2022).
 - full: every parameter (baseline).
 - head: only the task head (baseline: a linear probe on frozen features).
@@ -53,11 +56,19 @@ class Method:
     has_scaling: ClassVar[bool] = False  # method.scaling (alpha/r or rslora) applies
     sections: ClassVar[tuple[str, ...]] = ()  # its own option sections of MethodConfig
 
+    @property
+    def extra_positions(self) -> int:
+        """Positions the method adds to every input (virtual tokens), out of the model's."""
+        return 0
+
     def __init__(self, options: MethodConfig) -> None:
         self.options = options
 
     def check(self, model: ModelSpec) -> None:
         """Raise NotApplicable if the method cannot apply to this model."""
+
+    def check_task(self, task: Any) -> None:
+        """Raise NotApplicable if the method cannot serve this task."""
 
     def apply(self, model: nn.Module, spec: ModelSpec, total_steps: int) -> nn.Module:
         raise NotImplementedError
@@ -83,11 +94,7 @@ class Method:
     def save(self, model: nn.Module, folder: Path) -> None:
         """Write the trained state into `folder`: a safetensors file of the trainable
         parameters (peft methods write peft's adapter files instead)."""
-        from safetensors.torch import save_file
-
-        state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
-                 if p.requires_grad}
-        save_file(state, str(folder / STATE_WEIGHTS), metadata={"format": "pt"})
+        _save_parameters(model, folder, lambda name, param: param.requires_grad)
 
     def load(self, base: nn.Module, folder: Path) -> nn.Module:
         """Restore what `save` wrote onto a freshly built `base`."""
@@ -110,6 +117,14 @@ class Method:
     def merge(self, model: nn.Module) -> nn.Module:
         """The model with any adapter folded into the base weights (no inference overhead)."""
         return model
+
+
+def _save_parameters(model: nn.Module, folder: Path,
+                     keep: Callable[[str, nn.Parameter], bool]) -> None:
+    from safetensors.torch import save_file
+
+    state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if keep(n, p)}
+    save_file(state, str(folder / STATE_WEIGHTS), metadata={"format": "pt"})
 
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]],
@@ -579,6 +594,114 @@ class PeftPassThrough(PeftMethod):
         return config
 
 
+class _PromptLearning(Method):
+    """Prompt and prefix tuning (peft's prompt learning): trained virtual tokens, put before
+    the input's embeddings (prompt tuning) or before every layer's keys and values (prefix
+    tuning). peft runs them through its task-model classes, which a backbone under a separate
+    head is not; its feature-extraction model is the backbone alone, so that is what peft wraps
+    here. The head is then outside peft: it is saved beside peft's files (`trainable.safetensors`)
+    and the backbone's folder part loads with plain `PeftModel.from_pretrained(backbone, folder)`.
+    TaskModel hands the head only the input's own positions."""
+
+    peft_type: ClassVar[str]
+
+    @property
+    def own(self) -> Any:
+        return getattr(self.options, self.name)
+
+    @property
+    def extra_positions(self) -> int:
+        return self.own.virtual_tokens
+
+    def check_task(self, task: Any) -> None:
+        if not task.packable:  # its prediction is generation, not one forward pass
+            raise NotApplicable(f"{self.name}: the {task.name} task predicts by generating, "
+                                "and peft's feature-extraction model does not put the virtual "
+                                "tokens before generated text; use lora")
+
+    def peft_config(self, spec: ModelSpec) -> Any:
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, spec: ModelSpec, total_steps: int) -> nn.Module:
+        from peft import get_peft_model
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model.backbone = get_peft_model(model.backbone, self.peft_config(spec))
+        # peft drops token type ids under prompt learning (the virtual tokens have none) and
+        # says so on every forward pass; the README says it once.
+        warnings.filterwarnings("ignore", message="Token type ids are not supported for "
+                                "parameter efficient tuning")
+        _freeze_all_but(model, lambda name: _is_head(name) or ".prompt_encoder." in name)
+        self._probe(model.backbone, spec)
+        return model
+
+    def _probe(self, backbone: nn.Module, spec: ModelSpec) -> None:
+        """Refuse, before training, a model family peft's prompt learning does not run on (its
+        attention or cache code differs): one forward pass on two tokens. Any exception is
+        that refusal, so it is caught whole."""
+        ids = torch.ones(1, 2, dtype=torch.long, device=next(backbone.parameters()).device)
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                backbone(input_ids=ids, attention_mask=torch.ones_like(ids))
+        except Exception as exc:  # noqa: BLE001 (see the docstring)
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise NotApplicable(f"{self.name}: peft's {self.peft_type} does not run on "
+                                f"{spec.name}: {type(exc).__name__}: {first}; "
+                                "use lora") from None
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        model.backbone.save_pretrained(str(folder), safe_serialization=True)
+        _save_parameters(model, folder, lambda name, param: _is_head(name))
+
+    def load(self, base: nn.Module, folder: Path) -> nn.Module:
+        from peft import PeftModel
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            base.backbone = PeftModel.from_pretrained(base.backbone, str(folder))
+        return super().load(base, folder)  # the head
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        raise NotApplicable(f"{self.name}: its virtual tokens are extra inputs, not a change of "
+                            "weights, so there is nothing to fold into the base; load the "
+                            "adapter without merging")
+
+
+class PromptTuning(_PromptLearning):
+    name = "prompt_tuning"
+    description = "prompt tuning (peft): trained embeddings of virtual tokens before the input"
+    peft_type = "prompt tuning"
+    sections = ("prompt_tuning",)
+
+    def peft_config(self, spec: ModelSpec) -> Any:
+        from peft import PromptTuningConfig
+
+        o = self.own
+        return PromptTuningConfig(task_type="FEATURE_EXTRACTION",
+                                  num_virtual_tokens=o.virtual_tokens,
+                                  prompt_tuning_init="TEXT" if o.init_text else "RANDOM",
+                                  prompt_tuning_init_text=o.init_text or None,
+                                  tokenizer_name_or_path=spec.path if o.init_text else None)
+
+
+class PrefixTuning(_PromptLearning):
+    name = "prefix_tuning"
+    description = "prefix tuning (peft): trained keys and values of virtual tokens in every layer"
+    peft_type = "prefix tuning"
+    sections = ("prefix_tuning",)
+
+    def peft_config(self, spec: ModelSpec) -> Any:
+        from peft import PrefixTuningConfig
+
+        o = self.own
+        return PrefixTuningConfig(task_type="FEATURE_EXTRACTION",
+                                  num_virtual_tokens=o.virtual_tokens,
+                                  prefix_projection=o.projection_size > 0,
+                                  encoder_hidden_size=o.projection_size or None)
+
+
 class AdaLora(PeftMethod):
     name = "adalora"
     sections = ("adalora",)
@@ -645,7 +768,8 @@ class AdaLora(PeftMethod):
 # The registry: one line per method. The config, the CLI, the sweep and the report read it.
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (
-    Lora, Dora, AdaLora, Ia3, Beft, Vera, LoHa, LoKr, Oft, PeftPassThrough, BitFit, Full, Head)}
+    Lora, Dora, AdaLora, Ia3, Beft, Vera, LoHa, LoKr, Oft, PromptTuning, PrefixTuning,
+    PeftPassThrough, BitFit, Full, Head)}
 RANKED_METHODS = tuple(name for name, m in METHODS.items() if m.has_rank)
 
 

@@ -194,6 +194,9 @@ class TaskModel(nn.Module):
             inputs["token_type_ids"] = batch.pop("token_type_ids")
         out = self.backbone(**inputs)
         features = out.logits if self.head_uses_logits else out.last_hidden_state
+        # Prompt tuning's virtual tokens come first in the backbone's output: the head sees the
+        # input's own positions only.
+        features = features[:, features.shape[1] - input_ids.shape[1]:]
         if self.head_ties_embeddings:
             batch["embeddings"] = self.backbone.get_input_embeddings().weight
         return self.task_head(features, attention_mask=attention_mask, **batch)

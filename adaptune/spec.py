@@ -132,8 +132,11 @@ def resolve(config: RunConfig) -> ResolvedRun:
     spec = resolve_model(config.model.name)
     task.check(spec)
     method.check(spec)
-    if spec.max_positions and config.model.max_length > spec.max_positions:
+    method.check_task(task)
+    virtual = method.extra_positions  # prompt and prefix tuning's tokens take positions too
+    if spec.max_positions and config.model.max_length + virtual > spec.max_positions:
+        also = f" with {virtual} virtual tokens of method.name={method.name}" if virtual else ""
         raise ConfigError(f"model.max_length: {config.model.max_length} is more than "
-                          f"{spec.name} has positions for ({spec.max_positions}); use at most "
-                          f"{spec.max_positions}")
+                          f"{spec.name} has positions for ({spec.max_positions}){also}; use at "
+                          f"most {spec.max_positions - virtual}")
     return ResolvedRun(config, spec, task, method)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from adaptune import api
-from adaptune.errors import ModelError
+from adaptune.errors import ModelError, NotApplicable
 from adaptune.train import prepare, run
-from conftest import tiny_config
+from conftest import dev_accuracy_of_predictions, tiny_config
 
 # Tiny BERT: hidden H=32, L=2 layers, FFN 64, 2 labels.
 H, L, FFN, C = 32, 2, 64, 2
@@ -31,6 +31,8 @@ EXPECTED_TRAINABLE = {
     "lokr": 2 * L * (4 * 4 + 8 * 8) + HEAD,
     "oft": 2 * L * (32 * 31 // 2) + HEAD,  # one 32-block: a skew-symmetric 32 x 32, upper part
     "peft": 2 * L * 10 + HEAD,  # FourierFT, n_frequency 10 spectral coefficients per layer
+    "prompt_tuning": 5 * H + HEAD,  # 5 virtual tokens, one embedding each
+    "prefix_tuning": 5 * 2 * L * H + HEAD,  # 5 virtual tokens, a key and a value per layer
     "bitfit": BIASES + HEAD,
     "full": BACKBONE + HEAD,
     "head": HEAD,
@@ -38,7 +40,11 @@ EXPECTED_TRAINABLE = {
 
 
 # Options each method needs on the tiny model (its layers are 32 wide).
-OPTIONS = {"peft": {"peft": {"config": '{"peft_type": "FOURIERFT", "n_frequency": 10}'}}}
+OPTIONS = {"peft": {"peft": {"config": '{"peft_type": "FOURIERFT", "n_frequency": 10}'}},
+           "prompt_tuning": {"prompt_tuning": {"virtual_tokens": 5}},
+           "prefix_tuning": {"prefix_tuning": {"virtual_tokens": 5}}}
+# Prompt learning: peft wraps the backbone (its feature-extraction model), not the task model.
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
 # Frozen adapter tensors that count in the total (VeRA's shared random projections; AdaLoRA's
 # `ranknum` scalars; OFT's and FourierFT's frozen buffers are not parameters).
 FROZEN_EXTRA = {"adalora": 2 * L, "vera": 0}
@@ -93,9 +99,21 @@ def test_plain_peft_loading_and_merge_match_adaptune(method, tiny_encoder, cls_f
 
     named = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert named["base_model_name_or_path"] == tiny_encoder  # the base, not null
-    plain = PeftModel.from_pretrained(api.build_base(result.adapter_dir), str(result.adapter_dir))
+    plain = api.build_base(result.adapter_dir)
+    if method in PROMPT_LEARNING:  # peft's part is the backbone's; the head lies beside it
+        from safetensors.torch import load_file
+
+        plain.backbone = PeftModel.from_pretrained(plain.backbone, str(result.adapter_dir))
+        head = load_file(str(result.adapter_dir / "trainable.safetensors"))
+        assert set(head) == {n for n, _ in plain.named_parameters() if n.startswith("task_head.")}
+        plain.load_state_dict(head, strict=False)
+    else:
+        plain = PeftModel.from_pretrained(plain, str(result.adapter_dir))
     torch.testing.assert_close(_logits(api.Predictor(plain, ours.tokenizer, ours.meta), texts),
                                expected)
+    if method in PROMPT_LEARNING:
+        with pytest.raises(NotApplicable, match="nothing to fold into the base"):
+            api.load(result.adapter_dir, merge=True)
     if method not in MERGEABLE:
         return
     merged = api.load(result.adapter_dir, merge=True)
@@ -298,3 +316,50 @@ def test_methods_refuse_what_they_cannot_apply_to(tiny_encoder, tiny_decoder, cl
     # A YAML mapping is taken as the JSON config.
     cfg = compose({"method": {"name": "peft", "peft": {"config": {"peft_type": "FOURIERFT"}}}})
     assert cfg.method.peft.config == '{"peft_type": "FOURIERFT"}'
+
+
+def test_prompt_learning_refuses_what_it_cannot_serve(tiny_encoder, tiny_decoder, cls_files,
+                                                      tmp_path, monkeypatch):
+    from adaptune.config import compose
+    from adaptune.errors import ConfigError
+    from adaptune.spec import resolve
+
+    # Virtual tokens take positions: the tiny models have 256.
+    with pytest.raises(ConfigError, match="with 20 virtual tokens of method.name=prompt_tuning; "
+                                          "use at most 236"):
+        resolve(compose({"model": {"name": tiny_encoder, "max_length": 250},
+                         "method": {"name": "prompt_tuning"}}))
+    # Summarization predicts by generating, which peft's feature-extraction model does not
+    # prompt.
+    with pytest.raises(NotApplicable, match="prefix_tuning: the summarization task predicts by "
+                                            "generating"):
+        resolve(compose({"model": {"name": tiny_decoder}, "method": {"name": "prefix_tuning"},
+                         "data": {"task": "summarization"}}))
+    # A family whose forward fails under peft's prefix is refused before training, naming it.
+    from peft import PeftModelForFeatureExtraction
+
+    def broken(self, *args, **kwargs):
+        raise TypeError("unexpected keyword 'past_key_values'")
+
+    monkeypatch.setattr(PeftModelForFeatureExtraction, "forward", broken)
+    with pytest.raises(NotApplicable, match="prefix_tuning: peft's prefix tuning does not run "
+                                            "on .*: TypeError: unexpected keyword"):
+        run(tiny_config(tiny_encoder, *cls_files, tmp_path / "p",
+                        method={"name": "prefix_tuning"}))
+    assert not (tmp_path / "p" / "adapter").exists()
+
+
+@pytest.mark.parametrize("method", PROMPT_LEARNING)
+def test_prompt_learning_on_a_decoder_learns_and_reloads(method, tiny_decoder, cls_files,
+                                                         tmp_path):
+    result = run(tiny_config(tiny_decoder, *cls_files, tmp_path / method,
+                             method={"name": method, **OPTIONS[method]},
+                             train={"max_steps": 30, "lr": 3e-2}))
+    # The tiny Llama's keys and values are 16 wide (2 of its 4 heads of 8: grouped queries).
+    per_token = {"prompt_tuning": H, "prefix_tuning": 2 * L * 16}[method]
+    assert result.metrics["trainable_params"] == 5 * per_token + HEAD
+    # The tiny set is learnable from the prompt and head alone; chance is 0.5.
+    assert result.metrics["dev"]["accuracy"] >= 0.75
+    predictor = api.load(result.adapter_dir)
+    assert dev_accuracy_of_predictions(predictor, cls_files[1]) == \
+        pytest.approx(result.metrics["dev"]["accuracy"])

@@ -75,3 +75,26 @@ def test_short_ner_run_loss_falls(tiny_encoder, tmp_path):
     assert last["train_loss"] < 0.8 * first["train_loss"]
     assert set(m["dev"]) >= {"f1", "precision", "recall"}
     assert metric_from_example_stats(m, "ner") == pytest.approx(m["dev"]["f1"], abs=1e-12)
+
+
+@needs_data
+def test_prompt_tuning_labels_the_input_tokens_not_the_virtual_ones(tiny_encoder, tmp_path):
+    import torch
+
+    from adaptune import api
+    from adaptune.train import prepare
+
+    cfg = tiny_config(tiny_encoder, "", "", tmp_path / "ner",
+                      data={"task": "ner", "dataset": "conll2003", "train_path": "",
+                            "dev_path": "", "data_dir": str(DATA), "max_train_examples": 64,
+                            "max_dev_examples": 32},
+                      method={"name": "prompt_tuning", "prompt_tuning": {"virtual_tokens": 7}},
+                      train={"max_steps": 8, "lr": 3e-2})
+    m = run(cfg).metrics
+    predictor = api.load(tmp_path / "ner" / "adapter")
+    p = prepare(cfg)
+    batch = p.task.collate(p.dev_features[:4], predictor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = predictor.model(**batch)
+    assert out.logits.shape[:2] == batch["input_ids"].shape  # 7 virtual positions cut
+    assert prepare(cfg).evaluate(predictor.model) == pytest.approx(m["dev"], abs=1e-9)
