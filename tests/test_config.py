@@ -40,7 +40,8 @@ def test_yaml_then_cli(tmp_path):
     ("train.batch_size=2.5", "train.batch_size: expected an integer"),
     ("method.rank=0", "method.rank: expected a positive integer"),
     ("method.name=prefix", "method.name: expected one of lora, dora, adalora, ia3, beft, vera, "
-                           "loha, lokr, oft, peft, bitfit, full, head"),
+                           "loha, lokr, oft, prompt_tuning, prefix_tuning, peft, bitfit, full, "
+                           "head"),
     ("train.precision=fp8", "train.precision: expected one of auto, fp32, bf16"),
     ("train.group_by_length=maybe", "train.group_by_length: expected true or false"),
     ("data.train_fraction=1.5", "data.train_fraction"),
