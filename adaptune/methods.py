@@ -795,4 +795,5 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 
 def describe_methods() -> str:
-    return "\n".join(f"{m.name:<8} {m.description}" for m in METHODS.values())
+    width = max(map(len, METHODS))
+    return "\n".join(f"{m.name:<{width}}  {m.description}" for m in METHODS.values())
