@@ -62,14 +62,18 @@ def test_alignment_round_trip_and_truncated_words(tiny_encoder):
                      labels)["recall"] == 0.5
 
 
+def _conll_config(tiny_encoder, tmp_path, **sections):
+    """A few steps on 64 CoNLL-2003 training sentences, scored on 32 dev sentences."""
+    return tiny_config(tiny_encoder, "", "", tmp_path / "ner",
+                       data={"task": "ner", "dataset": "conll2003", "train_path": "",
+                             "dev_path": "", "data_dir": str(DATA), "max_train_examples": 64,
+                             "max_dev_examples": 32}, **sections)
+
+
 @needs_data
 def test_short_ner_run_loss_falls(tiny_encoder, tmp_path):
-    cfg = tiny_config(tiny_encoder, "", "", tmp_path / "ner",
-                      data={"task": "ner", "dataset": "conll2003", "train_path": "",
-                            "dev_path": "", "data_dir": str(DATA), "max_train_examples": 64,
-                            "max_dev_examples": 32},
-                      method={"name": "full"}, train={"max_steps": 16, "eval_every": 8,
-                                                      "lr": 3e-3})
+    cfg = _conll_config(tiny_encoder, tmp_path, method={"name": "full"},
+                        train={"max_steps": 16, "eval_every": 8, "lr": 3e-3})
     m = run(cfg).metrics
     first, last = m["evaluations"]
     assert last["train_loss"] < 0.8 * first["train_loss"]
@@ -84,12 +88,9 @@ def test_prompt_tuning_labels_the_input_tokens_not_the_virtual_ones(tiny_encoder
     from adaptune import api
     from adaptune.train import prepare
 
-    cfg = tiny_config(tiny_encoder, "", "", tmp_path / "ner",
-                      data={"task": "ner", "dataset": "conll2003", "train_path": "",
-                            "dev_path": "", "data_dir": str(DATA), "max_train_examples": 64,
-                            "max_dev_examples": 32},
-                      method={"name": "prompt_tuning", "prompt_tuning": {"virtual_tokens": 7}},
-                      train={"max_steps": 8, "lr": 3e-2})
+    cfg = _conll_config(tiny_encoder, tmp_path,
+                        method={"name": "prompt_tuning", "prompt_tuning": {"virtual_tokens": 7}},
+                        train={"max_steps": 8, "lr": 3e-2})
     m = run(cfg).metrics
     predictor = api.load(tmp_path / "ner" / "adapter")
     p = prepare(cfg)
