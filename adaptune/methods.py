@@ -56,13 +56,13 @@ class Method:
     has_scaling: ClassVar[bool] = False  # method.scaling (alpha/r or rslora) applies
     sections: ClassVar[tuple[str, ...]] = ()  # its own option sections of MethodConfig
 
+    def __init__(self, options: MethodConfig) -> None:
+        self.options = options
+
     @property
     def extra_positions(self) -> int:
         """Positions the method adds to every input (virtual tokens), out of the model's."""
         return 0
-
-    def __init__(self, options: MethodConfig) -> None:
-        self.options = options
 
     def check(self, model: ModelSpec) -> None:
         """Raise NotApplicable if the method cannot apply to this model."""
@@ -614,7 +614,7 @@ class _PromptLearning(Method):
         return self.own.virtual_tokens
 
     def check_task(self, task: Any) -> None:
-        if not task.packable:  # its prediction is generation, not one forward pass
+        if task.generates:
             raise NotApplicable(f"{self.name}: the {task.name} task predicts by generating, "
                                 "and peft's feature-extraction model does not put the virtual "
                                 "tokens before generated text; use lora")
@@ -653,7 +653,8 @@ class _PromptLearning(Method):
 
     def save(self, model: nn.Module, folder: Path) -> None:
         model.backbone.save_pretrained(str(folder), safe_serialization=True)
-        _save_parameters(model, folder, lambda name, param: _is_head(name))
+        if any(_is_head(name) for name, _ in model.named_parameters()):  # (a causal LM's has none)
+            _save_parameters(model, folder, lambda name, param: _is_head(name))
 
     def load(self, base: nn.Module, folder: Path) -> nn.Module:
         from peft import PeftModel
@@ -661,7 +662,7 @@ class _PromptLearning(Method):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             base.backbone = PeftModel.from_pretrained(base.backbone, str(folder))
-        return super().load(base, folder)  # the head
+        return super().load(base, folder) if (folder / STATE_WEIGHTS).exists() else base
 
     def merge(self, model: nn.Module) -> nn.Module:
         raise NotApplicable(f"{self.name}: its virtual tokens are extra inputs, not a change of "

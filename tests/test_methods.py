@@ -3,6 +3,8 @@ and merge round trips, loading with plain peft, and AdaLoRA's budget schedule be
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -363,3 +365,22 @@ def test_prompt_learning_on_a_decoder_learns_and_reloads(method, tiny_decoder, c
     predictor = api.load(result.adapter_dir)
     assert dev_accuracy_of_predictions(predictor, cls_files[1]) == \
         pytest.approx(result.metrics["dev"]["accuracy"])
+
+
+@pytest.mark.parametrize("method", PROMPT_LEARNING)
+def test_prompt_learning_continues_pretraining_and_reloads(method, tiny_encoder, tiny_decoder,
+                                                           tmp_path):
+    """Language modelling (a domain stage): masked LM on the encoder, causal LM on the decoder,
+    whose head has no parameters (the adapter is peft's files alone)."""
+    from adaptune.train import prepare
+    from test_domain import _corpus
+
+    for model in (tiny_encoder, tiny_decoder):
+        out = tmp_path / Path(model).name
+        cfg = tiny_config(model, _corpus(tmp_path), "", out, model={"max_length": 64},
+                          data={"task": "lm", "dataset": "", "dev_path": ""},
+                          method={"name": method, **OPTIONS[method]}, train={"max_steps": 6})
+        result = run(cfg)
+        reloaded = prepare(cfg).evaluate(api.load(result.adapter_dir).model)
+        assert reloaded["perplexity"] == pytest.approx(result.metrics["dev"]["perplexity"],
+                                                       rel=1e-6)

@@ -45,6 +45,7 @@ class Task:
     higher_is_better: ClassVar[bool] = True  # of main_metric (perplexity: lower is better)
     metric_scale: ClassVar[float] = 1.0  # main_metric's best value (100 for QA F1, ROUGE)
     lm_head: ClassVar[bool] = False  # the backbone keeps its LM output layer (generation)
+    generates: ClassVar[bool] = False  # `predict` generates text (beyond one forward pass)
     datasets: ClassVar[dict[str, DatasetSpec]] = {}
     default_dataset: ClassVar[str] = ""
     target_keys: ClassVar[tuple[str, ...]] = ("labels",)  # batch fields that are gold targets

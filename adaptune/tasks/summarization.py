@@ -92,6 +92,7 @@ class SummarizationTask(Task):
     name, main_metric, metric_scale = "summarization", "rougeL", 100.0
     datasets, default_dataset = DATASETS, "xsum"
     lm_head = True
+    generates = True
     packable = False  # prediction is not one forward pass without the targets
 
     @classmethod
