@@ -110,7 +110,8 @@ def distinct(keys: Sequence[Key]) -> list[Key]:
 
 
 def advise(results: str | Path, model: str, within: float = 0.01, fraction: float = 1.0,
-           n_boot: int = 2000, seed: int = 0, confidence: float | None = None) -> Advice:
+           n_boot: int = 2000, seed: int = 0, confidence: float | None = None,
+           fresh_seeds: bool = False) -> Advice:
     """The configuration with the fewest trainable parameters whose mean metric is within
     `within` of the best mean for this model (at this data fraction). Its confidence comes from
     the same noise model as the laws (`simulated_confidence`); the dev set is common to all
@@ -120,12 +121,19 @@ def advise(results: str | Path, model: str, within: float = 0.01, fraction: floa
     tolerance in at least that share of simulated replications: choosing on point means picks
     the cheapest cell that got lucky, which holds only as often as its own confidence says
     (about half the time at 3 seeds and a one-point tolerance). Where no cell reaches the
-    target, the most confident cell is picked and the note says how many seeds would do."""
+    target, the most confident cell is picked and the note says how many seeds would do.
+
+    With `fresh_seeds` the backtest's fresh seeds (under <results>/backtest/) join the grid's
+    for the cells that were re-run: the pick and its rivals are then ranked on 6 seeds, not 3.
+    That advice is no longer tested by the backtest, which has become part of its data."""
     res = load_results(results)
     if fraction not in res.grid.fractions:
         fraction = max(res.grid.fractions)
     sign = 1.0 if res.higher_is_better else -1.0
     options = {k: res.values(k) for k in res.groups if k[0] == model and k[3] == fraction}
+    if fresh_seeds and options:
+        fresh = fresh_values(Path(results), res, list(options), backtest_seeds(results, res))
+        options = {k: v + fresh.get(k, []) for k, v in options.items()}
     if not options:
         known = sorted({k[0] for k in res.groups})
         raise ConfigError(f"advise: no finished cells for model {model!r} in {results}; "
@@ -212,22 +220,31 @@ def _scaling_of(grid: Any, label: str) -> str | None:
     return label.split("+", 1)[1] if "+" in label else "alpha/r"
 
 
-def summarize_backtest(folder: Path, model: str, within: float, advice: Advice,
-                       seeds: Sequence[int]) -> dict[str, Any]:
-    from adaptune.report import base_method, select_lrs
+def backtest_records(folder: str | Path) -> list[dict[str, Any]]:
+    path = Path(folder) / "backtest" / "cells"
+    return [json.loads(p.read_text()) for p in sorted(path.glob("*.json"))] \
+        if path.is_dir() else []
+
+
+def backtest_seeds(folder: str | Path, res: Any) -> list[int]:
+    """The seeds of a folder's backtest records that the grid never used."""
+    return sorted({r["axes"]["seed"] for r in backtest_records(folder)} - set(res.grid.seeds))
+
+
+def fresh_values(folder: Path, res: Any, keys: Sequence[Key],
+                 seeds: Sequence[int]) -> dict[Key, list[float]]:
+    """The backtest's values of `keys` at `seeds`: for a grid with an lr search, per fresh seed
+    the lr that seed's own search selected on the selection split (dev is not looked at)."""
+    from adaptune.report import select_lrs
     from adaptune.sweep import search_cells
 
-    res = load_results(folder)
-    sign = 1.0 if res.higher_is_better else -1.0
-    records = [json.loads(p.read_text()) for p in sorted((folder / "backtest" / "cells")
-                                                           .glob("*.json"))]
-    keys = (advice.key, *advice.rivals)
+    records = backtest_records(folder)
     g = res.grid
-    if g.lrs or g.method_lrs:  # per fresh seed, the lr its own search selected
+    if g.lrs or g.method_lrs:
         cells = {c.id: c for k in keys for s in seeds
                  for c in search_cells(g, k[0], base_method(k[1]), k[2], k[3], s,
                                        _scaling_of(g, k[1]))}
-        records, _ = select_lrs(g, cells, [{**r, "id": r["id"]} for r in records
+        records, _ = select_lrs(g, cells, [r for r in records
                                            if r.get("id") in cells and r.get("status") == "ok"],
                                 res.higher_is_better)
     fresh: dict[Key, list[float]] = {}
@@ -236,6 +253,15 @@ def summarize_backtest(folder: Path, model: str, within: float, advice: Advice,
         k = (a["model"], a["method"], a["rank"], a["fraction"])
         if k in keys and a["seed"] in seeds and r.get("status") == "ok":
             fresh.setdefault(k, []).append(r["value"])
+    return fresh
+
+
+def summarize_backtest(folder: Path, model: str, within: float, advice: Advice,
+                       seeds: Sequence[int]) -> dict[str, Any]:
+    res = load_results(folder)
+    sign = 1.0 if res.higher_is_better else -1.0
+    keys = (advice.key, *advice.rivals)
+    fresh = fresh_values(folder, res, keys, seeds)
     means = {k: float(np.mean(v)) for k, v in fresh.items()}
     params = {k: res.first(k, "trainable_params") for k in fresh}
     held = None
@@ -346,4 +372,31 @@ def backtest_lines(backtests: list[dict[str, Any]]) -> list[str]:
                      f"{'-' if fresh is None else f'{fresh:.4f}'} | {rivals} | "
                      f"{'-' if predicted is None else f'{predicted:.0%}'} | "
                      f"{_yes_no(b['within_best'])} | {_yes_no(b['held'])} |")
+    return lines + [""]
+
+
+def pooled_advice_lines(folder: str | Path, backtests: list[dict[str, Any]]) -> list[str]:
+    """Each backtested model's advice again with the fresh seeds joined to the grid's: the
+    pick and its rivals ranked on 6 seeds instead of 3. Not a test of the advisor (the fresh
+    seeds are now its data): the better-informed advice, for a user who wants one."""
+    asked = sorted({(b["model"], b.get("confidence_target"), b["within"]) for b in backtests},
+                   key=lambda t: (t[0], -1.0 if t[1] is None else t[1], t[2]))
+    if not asked:
+        return []
+    lines = ["### The advice with the fresh seeds added", "",
+             "The same rule on the grid's seeds and the backtest's together, so that the "
+             "cells the advisor contends between (the pick and its rivals) have twice the "
+             "seeds. Cells that were not re-run keep the grid's seeds. This advice is no longer "
+             "checked by the backtest, whose seeds it uses.", "",
+             "| model | rule | tolerance | pick on the grid's seeds | pick on all seeds | its "
+             "seeds | its mean | best (mean) | confidence |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model, target, within in asked:
+        before = advise(folder, model, within, confidence=target)
+        after = advise(folder, model, within, confidence=target, fresh_seeds=True)
+        sure = "-" if after.confidence is None else f"{after.confidence:.0%}"
+        lines.append(f"| {model} | {'means' if target is None else f'>= {target:.0%}'} | "
+                     f"{within:g} | {_label(before.method, before.rank)} | "
+                     f"{_label(after.method, after.rank)} | {after.seeds} | {after.mean:.4f} | "
+                     f"{after.best} ({after.best_mean:.4f}) | {sure} |")
     return lines + [""]

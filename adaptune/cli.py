@@ -6,7 +6,7 @@
     adaptune predict runs/x/adapter "some text" "more text"
     adaptune sweep benchmarks/grids/sst2_encoders.yaml --out results/sst2 [--workers 2] [--pack K]
     adaptune report results/sst2          tables, CSV, plots and scaling-law fits
-    adaptune advise results/sst2 --model minilm-l6 --within 0.01 [--confidence 0.8] [--backtest]
+    adaptune advise results/sst2 --model minilm-l6 --within 0.01 [--confidence 0.8] [--backtest | --fresh-seeds]
 """
 
 from __future__ import annotations
@@ -93,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     advise_p.add_argument("--backtest", action="store_true",
                           help="re-run the pick and its rivals on seeds the grid never used and "
                           "say whether the pick held (records under RESULTS/backtest/)")
+    advise_p.add_argument("--fresh-seeds", action="store_true",
+                          help="rank with the backtest's fresh seeds added to the grid's (the "
+                          "pick and its rivals on twice the seeds; no longer a backtest)")
     advise_p.add_argument("--seeds", default="1000,1001,1002",
                           help="fresh seeds for --backtest (comma-separated)")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -161,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from adaptune.advisor import advise, backtest
 
             print(advise(args.results, args.model, args.within, args.fraction,
-                         confidence=args.confidence))
+                         confidence=args.confidence, fresh_seeds=args.fresh_seeds))
             if args.backtest:
                 seeds = [int(s) for s in args.seeds.split(",") if s]
                 summary = backtest(args.results, args.model, args.within, seeds, args.fraction,

@@ -595,11 +595,12 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
         write_peft_comparison(res, out)
     write_json(out / "fits.json", fits_to_json(fits) if fits else {})
     plots = make_plots(res, fits, out / "plots") if res.records else []
-    from adaptune.advisor import load_backtests
+    from adaptune.advisor import load_backtests, pooled_advice_lines
 
     backtests = load_backtests(Path(results))
     text = render_markdown(res, rows, fits, axis_gains(res) if res.records else [],
-                           compute_rows(res) if res.records else [], plots, out, backtests)
+                           compute_rows(res) if res.records else [], plots, out, backtests,
+                           pooled_advice_lines(results, backtests))
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(markdown_to_html(text, out, title=res.grid.name))
     return str(out / "report.md")
@@ -630,7 +631,8 @@ def _law_rows(fits: dict[str, dict[str, Fit]]) -> list[str]:
 def render_markdown(res: Results, rows: list[dict[str, Any]], fits: dict[str, dict[str, Fit]],
                     gains: list[dict[str, Any]], compute: list[dict[str, Any]],
                     plots: list[Path], out: Path,
-                    backtests: list[dict[str, Any]] | None = None) -> str:
+                    backtests: list[dict[str, Any]] | None = None,
+                    pooled: list[str] | None = None) -> str:
     g = res.grid
     devices = sorted({r.get("device", "?") for r in res.records})
     commits = sorted({(r.get("code_version") or {}).get("commit") or "?" for r in res.records})
@@ -731,7 +733,7 @@ def render_markdown(res: Results, rows: list[dict[str, Any]], fits: dict[str, di
     if backtests:
         from adaptune.advisor import backtest_lines
 
-        lines += backtest_lines(backtests)
+        lines += backtest_lines(backtests) + list(pooled or [])
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})"
                                       for p in plots] + [""]

@@ -212,6 +212,18 @@ def test_backtest_reruns_pick_and_rivals_on_fresh_seeds(tmp_path, monkeypatch):
     assert "- cheapest within tolerance in >= 80% of replications: the promise was kept in " \
         "0 of 1 models" in text and "| m1 | >= 80% | 0.01 | lora r=4 |" in text
 
+    # The advice again on the grid's seeds and the fresh ones together: the re-run cells have
+    # 4 + 3 seeds; r=4 (now 0.863) falls out of the tolerance of r=16 (0.876), and r=8, never
+    # re-run, is the cheapest left in it.
+    fresh = advisor.fresh_values(tmp_path, report.load_results(tmp_path),
+                                 [("m1", "lora", r, 1.0) for r in (1, 2, 4, 8, 16)], [7, 8, 9])
+    assert {k[2]: len(v) for k, v in fresh.items()} == {1: 3, 2: 3, 4: 3, 16: 3}
+    pooled = advisor.advise(tmp_path, "m1", within=0.01, fresh_seeds=True)
+    assert (pooled.rank, pooled.seeds) == (8, 4) and pooled.best == "lora r=16"
+    assert pooled.best_mean == pytest.approx((4 * 0.876 + 3 * 0.877) / 7, abs=1e-3)
+    assert advisor.advise(tmp_path, "m1", within=0.01).rank == 4  # the grid's seeds alone
+    assert "| m1 | means | 0.01 | lora r=4 | lora r=8 | 4 |" in text
+
 
 def test_dev_set_resampling_is_binomial_for_one_run_and_shared_across_runs():
     """Resampling per-example dev results: one run's metric varies as p(1 - p)/n, and two
