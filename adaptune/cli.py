@@ -6,7 +6,8 @@
     adaptune predict runs/x/adapter "some text" "more text"
     adaptune sweep benchmarks/grids/sst2_encoders.yaml --out results/sst2 [--workers 2] [--pack K]
     adaptune report results/sst2          tables, CSV, plots and scaling-law fits
-    adaptune advise results/sst2 --model minilm-l6 --within 0.01 [--confidence 0.8] [--backtest | --fresh-seeds]
+    adaptune advise results/sst2 --model minilm-l6 --within 0.01 [--confidence 0.8] [--backtest]
+    adaptune advise results/sst2 --model minilm-l6 --fresh-seeds   after a backtest: on all seeds
 """
 
 from __future__ import annotations
