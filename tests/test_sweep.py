@@ -206,10 +206,14 @@ def test_workers_die_with_a_killed_sweep(tiny_encoder, cls_files, tmp_path):
 
     grid = _grid_dict(tiny_encoder, cls_files)
     grid["overrides"]["train"]["max_steps"] = 5000  # minutes a cell: killed in the middle
+    # So long a run would have compile=auto measure the compile (seconds of compiling, and
+    # an entry in the user's cache folder): not what this test is about.
+    grid["overrides"]["train"]["compile"] = "off"
     grid_file = tmp_path / "grid.json"
     grid_file.write_text(json.dumps(grid))
     out = tmp_path / "results"
-    env = {**os.environ, "ADAPTUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ADAPTUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1",
+           "ADAPTUNE_CACHE": str(tmp_path / "cache")}  # measurements stay in the test's folder
     parent = subprocess.Popen(
         [sys.executable, "-c", "import json, sys; from adaptune import sweep; "
          f"sweep.run_grid(sweep.grid_from_dict(json.load(open({str(grid_file)!r}))), "
