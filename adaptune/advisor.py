@@ -132,7 +132,7 @@ def advise(results: str | Path, model: str, within: float = 0.01, fraction: floa
     sign = 1.0 if res.higher_is_better else -1.0
     options = {k: res.values(k) for k in res.groups if k[0] == model and k[3] == fraction}
     if fresh_seeds and options:
-        fresh = fresh_values(Path(results), res, list(options), backtest_seeds(results, res))
+        fresh = fresh_values(Path(results), res, list(options))
         options = {k: v + fresh.get(k, []) for k, v in options.items()}
     if not options:
         known = sorted({k[0] for k in res.groups})
@@ -226,20 +226,18 @@ def backtest_records(folder: str | Path) -> list[dict[str, Any]]:
         if path.is_dir() else []
 
 
-def backtest_seeds(folder: str | Path, res: Any) -> list[int]:
-    """The seeds of a folder's backtest records that the grid never used."""
-    return sorted({r["axes"]["seed"] for r in backtest_records(folder)} - set(res.grid.seeds))
-
-
 def fresh_values(folder: Path, res: Any, keys: Sequence[Key],
-                 seeds: Sequence[int]) -> dict[Key, list[float]]:
-    """The backtest's values of `keys` at `seeds`: for a grid with an lr search, per fresh seed
-    the lr that seed's own search selected on the selection split (dev is not looked at)."""
+                 seeds: Sequence[int] | None = None) -> dict[Key, list[float]]:
+    """The backtest's values of `keys` at `seeds` (default: every seed of its records that the
+    grid never used): for a grid with an lr search, per fresh seed the lr that seed's own
+    search selected on the selection split (dev is not looked at)."""
     from adaptune.report import select_lrs
     from adaptune.sweep import search_cells
 
     records = backtest_records(folder)
     g = res.grid
+    if seeds is None:
+        seeds = sorted({r["axes"]["seed"] for r in records} - set(g.seeds))
     if g.lrs or g.method_lrs:
         cells = {c.id: c for k in keys for s in seeds
                  for c in search_cells(g, k[0], base_method(k[1]), k[2], k[3], s,
