@@ -188,6 +188,35 @@ def test_successive_halving_keeps_the_best_lr_on_synthetic_curves():
                             1e-1: _record(0.5)}, 3, True) == [1e-2]
 
 
+def test_closest_cut_names_the_narrowest_decision_of_a_search():
+    """The report's fragility figure: the gap between the worst lr a rung kept and the best it
+    cut, at the step of that rung. Exact ties (lrs at an F1 of 0 alike) are the tie-break's,
+    not a decision; a search without a cut has none."""
+    from adaptune.report import closest_cut
+
+    def run(lr, rung, score, step):
+        return {"status": "ok", "metric": "f1", "selection": {"f1": score},
+                "optimizer_steps": step, "axes": {"lr": lr, "rung": rung}}
+
+    # conll_ladder's minilm-l6 full fine-tuning, fresh seed 1002 (3 rungs, eta 3): 3e-4 was
+    # cut at step 21 by 0.024, below the 0.5-point gap of the later rung.
+    search = [run(3e-5, 0, 0.000, 21), run(1e-4, 0, 0.267, 21), run(3e-4, 0, 0.132, 21),
+              run(1e-3, 0, 0.156, 21), run(1e-4, 1, 0.574, 63), run(1e-3, 1, 0.632, 63),
+              run(1e-3, 2, 0.766, 189)]
+    gap, step = closest_cut(search, 3, True)
+    assert step == 21 and gap == pytest.approx(0.156 - 0.132)
+    # Ties at 0 are left out: the decision that counts is the one at step 63.
+    tied = [run(3e-5, 0, 0.0, 21), run(1e-4, 0, 0.0, 21), run(3e-4, 0, 0.218, 21),
+            run(1e-3, 0, 0.0, 21), run(3e-5, 1, 0.006, 63), run(3e-4, 1, 0.667, 63),
+            run(3e-4, 2, 0.853, 189)]
+    assert closest_cut(tied, 3, True) == (pytest.approx(0.661), 63)
+    # Lower is better: the gap is still positive, in the metric's units.
+    loss = [run(1e-3, 0, 5.0, 10), run(1e-2, 0, 3.0, 10), run(1e-1, 0, 3.5, 10),
+            run(1e-2, 1, 2.5, 30)]
+    assert closest_cut(loss, 3, False) == (pytest.approx(0.5), 10)
+    assert closest_cut([run(1e-3, 0, 0.5, 30)], 3, True) is None
+
+
 def _grid(tiny_encoder, files, **changes) -> dict:
     train, dev = files
     grid = {"name": "lr-search", "task": "classification", "models": [tiny_encoder],
@@ -227,6 +256,9 @@ def test_lr_search_by_successive_halving_end_to_end(tiny_encoder, unique_files, 
     (search,) = res.searches
     assert search["steps"] == 3 * 2 + 6 - 2  # three lrs for 2 steps, one continued to 6
     assert search["steps_without_halving"] == 3 * 6
+    # The cut was decided at rung 0's step 2 (unless all three lrs tied: then no cut counts).
+    assert search["closest_cut"] is None or (search["closest_cut"][1] == 2
+                                             and search["closest_cut"][0] > 0)
     assert res.missing == []
 
 
