@@ -286,8 +286,10 @@ def _same_run(a: dict, b: dict) -> bool:
     return _strip_resumable(upgrade_stored(a)) == _strip_resumable(upgrade_stored(b))
 
 
-# Resuming may change when to evaluate/log/checkpoint and how fast, never what is trained.
-RESUMABLE = {"overwrite", "log_every", "checkpoint_every", "num_threads", "compile",
+# Resuming may change when to evaluate/log/checkpoint and how fast, never what is trained; and
+# where the folder is: a results folder moved, cloned elsewhere or named by a relative path
+# holds the same runs (the folder a config.json sits in is the run's place).
+RESUMABLE = {"output_dir", "overwrite", "log_every", "checkpoint_every", "num_threads", "compile",
              "pause_at_fraction", "report_to", "tracking_dir", "run_name", "run_tags"}
 
 

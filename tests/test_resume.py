@@ -163,6 +163,23 @@ def test_overwrite_starts_over_instead_of_resuming_the_old_checkpoint(tiny_encod
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == 1e-3
 
 
+def test_a_moved_run_folder_resumes_its_run(tiny_encoder, cls_files, tmp_path, monkeypatch):
+    """A results folder moved or cloned to another path (or named once by a relative and once
+    by an absolute path) holds the same run: it resumes, and ends as the run never killed."""
+    cfg = _config(tiny_encoder, cls_files, tmp_path / "run")
+    _kill_at_step(monkeypatch, 5)
+    with pytest.raises(Killed):
+        train.run(cfg)
+    monkeypatch.undo()
+    (tmp_path / "run").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    result = train.run(cfg.replace(output_dir="moved"))
+    assert result.metrics["resumed_from"] is not None
+    reference = train.run(cfg.replace(output_dir=str(tmp_path / "fresh")))
+    for name, tensor in _weights(reference).items():
+        assert torch.equal(tensor, _weights(result)[name]), name
+
+
 def test_resume_refuses_changed_training_data(tiny_encoder, cls_files, tmp_path, monkeypatch):
     from adaptune.errors import OutputDirError
 
