@@ -915,8 +915,8 @@ def run_grid(grid: Grid, out: str | Path, workers: int = 1, launcher: str = "loc
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(k % gpus)
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "adaptune.sweep", "--worker", str(out),
-                 "--threads", str(threads), "--label", f"w{k} ", "--pack", str(pack)], env=env,
+                worker_command("--worker", str(out), "--threads", str(threads),
+                               "--label", f"w{k} ", "--pack", str(pack)), env=env,
                 preexec_fn=_die_with_parent))
         try:
             for proc in procs:
@@ -974,6 +974,17 @@ def _run_on_ray(out: Path, workers: int, address: str | None, pack: int = 1) -> 
 def _ray_worker(out: str, threads: int, label: str, pack: int = 1) -> None:
     grid = grid_from_dict(json.loads((Path(out) / "grid.json").read_text()), where=out)
     work_through(grid, Path(out), threads, label, pack=pack)
+
+
+def worker_command(*args: str) -> list[str]:
+    """The command of a sweep worker process. It imports this very adaptune: `python -m` would
+    put the working directory first on sys.path, so a sweep started with another version's code
+    (a git worktree of the grid's commit) from a checkout would train its cells with the
+    checkout's code, and record that commit."""
+    root = str(Path(__file__).resolve().parent.parent)
+    boot = (f"import sys; sys.path.insert(0, {root!r}); "
+            "from adaptune.sweep import _worker_main; _worker_main(sys.argv[1:])")
+    return [sys.executable, "-c", boot, *args]
 
 
 def _worker_main(argv: Sequence[str]) -> None:

@@ -195,6 +195,22 @@ def test_a_live_processs_claim_is_never_cleared(tmp_path):
 
 
 @pytest.mark.integration
+def test_a_worker_runs_the_coordinators_adaptune_from_any_directory(tmp_path):
+    """A sweep started from a checkout with another version's code on the path (a git worktree
+    of the grid's commit) must not have its workers import the checkout's adaptune, which
+    `python -m` from the working directory would."""
+    import subprocess
+
+    decoy = tmp_path / "adaptune"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise SystemExit('imported the checkout in the cwd')\n")
+    # The worker's argument parser answers: the decoy (exit status 1) was not imported.
+    done = subprocess.run(sweep.worker_command("--help"), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "--worker" in done.stdout, done.stderr
+
+
+@pytest.mark.integration
 def test_workers_die_with_a_killed_sweep(tiny_encoder, cls_files, tmp_path):
     """SIGKILL the sweep (no cleanup runs in it): its workers get SIGTERM from the kernel, stop
     at their next step, and leave no process behind to race a restarted sweep."""
@@ -221,7 +237,7 @@ def test_workers_die_with_a_killed_sweep(tiny_encoder, cls_files, tmp_path):
         stderr=subprocess.DEVNULL)
 
     def workers() -> list[str]:
-        found = subprocess.run(["pgrep", "-f", f"adaptune.sweep --worker {out}"],
+        found = subprocess.run(["pgrep", "-f", f"_worker_main.* --worker {out}"],
                                capture_output=True, text=True).stdout.split()
         return found
 
