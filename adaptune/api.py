@@ -23,12 +23,18 @@ from adaptune.train import RunResult, run
 
 __all__ = ["finetune", "load", "build_base", "Predictor"]
 
-# Shortcuts accepted by `finetune`, mapped to their config section.
-_SHORTCUTS = {"rank": "method", "alpha": "method", "targets": "method", "epochs": "train",
-              "lr": "train", "batch_size": "train", "max_steps": "train", "seed": "train",
-              "precision": "train", "max_train_examples": "data", "max_dev_examples": "data",
-              "train_path": "data", "dev_path": "data", "train_fraction": "data",
-              "max_length": "model", "dropout": "method", "group_by_length": "train"}
+# Shortcuts accepted by `finetune`: keyword -> the config field it sets. The model section's
+# fields need one (`model` is the model's name there); its dropout is `backbone_dropout`, as
+# `dropout` is LoRA's.
+_SHORTCUTS = {
+    **{key: f"method.{key}" for key in ("rank", "alpha", "targets", "dropout")},
+    **{key: f"train.{key}" for key in ("epochs", "lr", "batch_size", "max_steps", "seed",
+                                       "precision", "group_by_length")},
+    **{key: f"data.{key}" for key in ("max_train_examples", "max_dev_examples", "train_path",
+                                      "dev_path", "train_fraction")},
+    **{key: f"model.{key}" for key in ("max_length", "attention", "quantization", "pooling")},
+    "backbone_dropout": "model.dropout",
+}
 
 
 def finetune(model: str = "minilm-l6", *, task: str = "classification", dataset: Any = "",
@@ -37,9 +43,11 @@ def finetune(model: str = "minilm-l6", *, task: str = "classification", dataset:
     """Fine-tune `model` on `task`/`dataset` with `method`. `dataset` is a named set, or a
     `datasets.Dataset` (with `dev_dataset`) or `DatasetDict` (its "train" and "validation"
     splits), with columns named by the `data.*_field` settings. Keyword overrides are config
-    fields, either as shortcuts (`rank=16`, `lr=1e-3`, `epochs=2`) or whole sections
-    (`train={"lr": 1e-3}`); `config` is a starting RunConfig (e.g. one with a method's own
-    options: `compose({"method": {"name": "adalora", "adalora": {"tinit": 0.2}}})`)."""
+    fields, either as shortcuts (`rank=16`, `lr=1e-3`, `epochs=2`, `attention="eager"`,
+    `backbone_dropout=0`: the list is `_SHORTCUTS`) or whole sections (`train={"lr": 1e-3}`;
+    the model section only through its shortcuts, `model` being its name); `config` is a
+    starting RunConfig (e.g. one with a method's own options:
+    `compose({"method": {"name": "adalora", "adalora": {"tinit": 0.2}}})`)."""
     changes: dict[str, Any] = {"model": {"name": model}, "method": {"name": method},
                                "data": {"task": task}}
     if dataset is not None and not isinstance(dataset, str):
@@ -54,7 +62,8 @@ def finetune(model: str = "minilm-l6", *, task: str = "classification", dataset:
         changes["output_dir"] = output_dir
     for key, value in overrides.items():
         if key in _SHORTCUTS:
-            changes.setdefault(_SHORTCUTS[key], {})[key] = value
+            section, name = _SHORTCUTS[key].split(".")
+            changes.setdefault(section, {})[name] = value
         elif isinstance(value, dict):
             changes[key] = {**changes.get(key, {}), **value}
         else:

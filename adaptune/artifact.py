@@ -145,7 +145,7 @@ def build_base(meta_or_folder: AdapterMeta | str | Path) -> TaskModel:
 def _base(run: ResolvedRun, meta: AdapterMeta) -> TaskModel:
     tokenizer = load_tokenizer(run.model.path)
     return build_task_model(run.model, run.task, meta.labels, tokenizer.pad_token_id,
-                            meta.config.model.quantization, meta.config.model.attention)
+                            meta.config.model)
 
 
 # How `load(..., merge=True)` treats a 4/8-bit base. Folding an adapter into quantized weights

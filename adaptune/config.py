@@ -46,9 +46,15 @@ class ModelConfig:
     # choice (scaled_dot_product_attention where the architecture has it, else eager);
     # "flash_attention_2" needs the flash-attn package and a GPU.
     attention: str = "auto"
+    # Dropout inside the pretrained backbone (hidden states and attention probabilities):
+    # "checkpoint" keeps the checkpoint's own rates (0.1 in BERT-style configs); a number sets
+    # every dropout rate of the backbone's config to it (the task head keeps its own).
+    dropout: str = "checkpoint"
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "a zoo name, Hub id or folder", self.name)
+        _check(self.dropout == "checkpoint" or _is_rate(self.dropout), "model.dropout",
+               "checkpoint, or a number in [0, 1)", self.dropout)
         _check(self.attention in ATTENTION_KERNELS, "model.attention",
                f"one of {', '.join(ATTENTION_KERNELS)}", self.attention)
         _check(self.quantization in ("none", "4bit", "8bit"), "model.quantization",
@@ -479,6 +485,13 @@ def from_dict(data: Mapping[str, Any], cls: type = RunConfig, where: str = "") -
         path = f"{where}.{name}" if where else name
         kwargs[name] = _coerce(value, hints[name], path)
     return cls(**kwargs)
+
+
+def _is_rate(text: str) -> bool:
+    try:
+        return 0 <= float(text) < 1
+    except ValueError:
+        return False
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from adaptune.config import ModelConfig
     from adaptune.spec import ModelSpec
     from adaptune.tasks import Task
 
@@ -39,12 +40,18 @@ def load_tokenizer(model_path: str) -> Any:
 
 
 def build_task_model(spec: "ModelSpec", task: "Task", labels: list[str],
-                     pad_token_id: int | None, quantization: str = "none",
-                     attention: str = "auto") -> "TaskModel":
+                     pad_token_id: int | None, options: "ModelConfig | None" = None
+                     ) -> "TaskModel":
     """The pretrained backbone with the task's freshly initialised head: what training starts
-    from and what a saved adapter is loaded onto."""
+    from and what a saved adapter is loaded onto. `options`: the run's model section
+    (quantization, attention kernel, backbone dropout); None: the defaults."""
+    from adaptune.config import ModelConfig
+
+    options = options or ModelConfig()
+    quantization = options.quantization
     backbone = load_backbone(spec.path, spec.family, lm_head=task.lm_head,
-                             quantization=quantization, attention=attention)
+                             quantization=quantization, attention=options.attention,
+                             dropout=options.dropout)
     if pad_token_id is not None and getattr(backbone.config, "pad_token_id", None) is None:
         backbone.config.pad_token_id = pad_token_id
     head = task.build_head(backbone.config.hidden_size, labels, spec, backbone.config)
@@ -55,12 +62,13 @@ def build_task_model(spec: "ModelSpec", task: "Task", labels: list[str],
 
 def load_backbone(path: str, family: str, *, lm_head: bool = False,
                   dtype: torch.dtype = torch.float32, quantization: str = "none",
-                  attention: str = "auto") -> nn.Module:
+                  attention: str = "auto", dropout: str = "checkpoint") -> nn.Module:
     """Load the pretrained body. Encoders lose their pooler (the heads pool themselves, the same
     way on every model; an unused pooler would also break multi-process training). Decoders keep
     their LM head only for generation tasks. `quantization` ("4bit" NF4 or "8bit") loads the
-    frozen weights through bitsandbytes on the GPU, as QLoRA does."""
-    from transformers import AutoModel, AutoModelForCausalLM
+    frozen weights through bitsandbytes on the GPU, as QLoRA does. `dropout`: "checkpoint"
+    (the config's own rates) or a rate for every dropout of the config."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     # The load report lists the dropped pooler as "unexpected": noise for our users.
@@ -73,6 +81,12 @@ def load_backbone(path: str, family: str, *, lm_head: bool = False,
         kwargs.update(quantization_kwargs(quantization))
     if attention != "auto":
         kwargs["attn_implementation"] = attention
+    if dropout != "checkpoint":
+        # As a transformers user would: config overrides passed to from_pretrained, so every
+        # module built from them (nn.Dropout layers, the rate handed to the attention kernel)
+        # uses the new rate.
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        kwargs.update({key: float(dropout) for key in dropout_keys(config)})
     if family == "decoder" and lm_head:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:
@@ -86,6 +100,16 @@ def load_backbone(path: str, family: str, *, lm_head: bool = False,
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False
     return model
+
+
+def dropout_keys(config: Any) -> list[str]:
+    """The dropout rates of a transformers config, whatever the architecture names them
+    (hidden_dropout_prob and attention_probs_dropout_prob in BERT, attention_dropout in Llama,
+    resid_pdrop/embd_pdrop/attn_pdrop in GPT-2, dropout/attention_dropout in others). Rates of
+    heads adaptune does not use (classifier_dropout, GPT-2's summary_first_dropout) are
+    included: they are harmless there, and a head-specific rule would miss new names."""
+    return sorted(key for key, value in config.to_dict().items()
+                  if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float))
 
 
 # bitsandbytes runs 4- and 8-bit layers on the CPU from this release on (its CPU backend);

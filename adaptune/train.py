@@ -43,7 +43,13 @@ from adaptune.config import RunConfig, to_dict, upgrade_stored
 from adaptune.errors import ConfigError, Interrupted, OutputDirError, TrainingDiverged
 from adaptune.inference import evaluate
 from adaptune.methods import count_params
-from adaptune.modeling import TaskModel, build_task_model, count_backbone_params, load_tokenizer
+from adaptune.modeling import (
+    TaskModel,
+    build_task_model,
+    count_backbone_params,
+    dropout_keys,
+    load_tokenizer,
+)
 from adaptune.safe_io import recover_interrupted_swap, write_json
 from adaptune.spec import ResolvedRun, resolve
 from adaptune.tasks import Task
@@ -95,9 +101,7 @@ class Prepared:
 
     def build_model(self) -> TaskModel:
         return build_task_model(self.run.model, self.task, self.labels,
-                                self.tokenizer.pad_token_id,
-                                self.run.config.model.quantization,
-                                self.run.config.model.attention)
+                                self.tokenizer.pad_token_id, self.run.config.model)
 
     def evaluate(self, model: nn.Module, device: torch.device | str | None = None, *,
                  with_stats: bool = False, split: str = "dev") -> Any:
@@ -644,8 +648,11 @@ def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: flo
     metrics["compile_choice"] = tr.compile_record
     # The attention kernel transformers resolved (model.attention=auto leaves it the choice).
     backbone = getattr(tr.accelerator.unwrap_model(tr.model), "backbone", None)
-    metrics["attention"] = getattr(getattr(backbone, "config", None), "_attn_implementation",
-                                   None)
+    config = getattr(backbone, "config", None)
+    metrics["attention"] = getattr(config, "_attn_implementation", None)
+    # The backbone's dropout rates in use (model.dropout: the checkpoint's, or the run's).
+    metrics["backbone_dropout"] = ({key: getattr(config, key) for key in dropout_keys(config)}
+                                   if config is not None else None)
     return metrics
 
 

@@ -76,3 +76,51 @@ def test_attention_kernel_is_an_option_and_recorded(tiny_encoder, cls_files, tmp
         assert loaded.predict(["a b c"]) is not None
     with pytest.raises(ConfigError, match="model.attention"):
         compose({"model": {"attention": "flash"}})
+
+
+def test_backbone_dropout_is_an_option_and_recorded(tiny_encoder, tiny_decoder, cls_files,
+                                                     tmp_path):
+    """model.dropout sets every dropout rate of the backbone's config (so its dropout layers and
+    the rate handed to the attention kernel), leaves the task head's own dropout alone, is
+    recorded in metrics.json, and a value that is not a rate is refused before training."""
+    import torch
+
+    from adaptune.config import compose
+    from adaptune.errors import ConfigError
+    from adaptune.modeling import dropout_keys, load_backbone
+
+    def masks_differ(backbone) -> bool:
+        """Whether two training-mode passes over one input differ (dropout is drawing)."""
+        backbone.train()
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            one, two = (backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+                        for _ in range(2))
+        return not torch.equal(one, two)
+
+    kept = load_backbone(tiny_encoder, "encoder")
+    off = load_backbone(tiny_encoder, "encoder", dropout="0")
+    assert dropout_keys(kept.config) == ["attention_probs_dropout_prob", "hidden_dropout_prob"]
+    assert kept.config.hidden_dropout_prob == 0.1 and masks_differ(kept)
+    assert all(getattr(off.config, k) == 0.0 for k in dropout_keys(off.config))
+    assert not masks_differ(off)
+    assert all(m.p == 0.0 for m in off.modules() if isinstance(m, torch.nn.Dropout))
+    # Llama-style configs name theirs otherwise.
+    decoder = load_backbone(tiny_decoder, "decoder", dropout="0.2")
+    assert "attention_dropout" in dropout_keys(decoder.config)
+    assert decoder.config.attention_dropout == 0.2
+
+    # Through the API's shortcut (`dropout=` is LoRA's).
+    train, dev = cls_files
+    result = adaptune.finetune(tiny_encoder, dataset="custom", train_path=train, dev_path=dev,
+                               max_steps=2, max_length=32, precision="fp32", backbone_dropout=0,
+                               output_dir=str(tmp_path / "off"), train={"num_threads": 1})
+    assert result.config.model.dropout == "0" and result.config.method.dropout == 0.0
+    assert result.metrics["backbone_dropout"] == {"attention_probs_dropout_prob": 0.0,
+                                                 "hidden_dropout_prob": 0.0}
+    head = adaptune.load(tmp_path / "off" / "adapter").model.task_head
+    assert {m.p for m in head.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    for bad in ("high", "1.5", -0.1):
+        with pytest.raises(ConfigError, match="model.dropout"):
+            compose({"model": {"dropout": bad}})
