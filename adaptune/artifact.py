@@ -144,8 +144,7 @@ def build_base(meta_or_folder: AdapterMeta | str | Path) -> TaskModel:
 
 def _base(run: ResolvedRun, meta: AdapterMeta) -> TaskModel:
     tokenizer = load_tokenizer(run.model.path)
-    return build_task_model(run.model, run.task, meta.labels, tokenizer.pad_token_id,
-                            meta.config.model)
+    return build_task_model(run, meta.labels, tokenizer.pad_token_id)
 
 
 # How `load(..., merge=True)` treats a 4/8-bit base. Folding an adapter into quantized weights

@@ -55,6 +55,9 @@ class Method:
     has_rank: ClassVar[bool] = False  # the rank axis of a sweep applies
     has_scaling: ClassVar[bool] = False  # method.scaling (alpha/r or rslora) applies
     sections: ClassVar[tuple[str, ...]] = ()  # its own option sections of MethodConfig
+    # Whether it trains weights of the pretrained backbone itself (full, BitFit), rather than
+    # added ones and the head: model.dropout=auto keeps the checkpoint's dropout only then.
+    trains_backbone: ClassVar[bool] = False
 
     def __init__(self, options: MethodConfig) -> None:
         self.options = options
@@ -155,6 +158,7 @@ def _is_head(name: str) -> bool:
 
 class Full(Method):
     name, description = "full", "every parameter"
+    trains_backbone = True
 
     def apply(self, model: nn.Module, spec: ModelSpec, total_steps: int) -> nn.Module:
         return _freeze_all_but(model, lambda name: True)
@@ -169,6 +173,7 @@ class Head(Method):
 
 class BitFit(Method):
     name, description = "bitfit", "every bias, plus the head"
+    trains_backbone = True
     refusal = ("bitfit: {model} has no bias parameters, so BitFit would train only the task "
                "head. Use method.name=head for that, or lora.")
 

@@ -15,9 +15,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from adaptune.config import ModelConfig
-    from adaptune.spec import ModelSpec
-    from adaptune.tasks import Task
+    from adaptune.spec import ResolvedRun
 
 
 @dataclass
@@ -39,19 +37,15 @@ def load_tokenizer(model_path: str) -> Any:
     return tokenizer
 
 
-def build_task_model(spec: "ModelSpec", task: "Task", labels: list[str],
-                     pad_token_id: int | None, options: "ModelConfig | None" = None
+def build_task_model(run: "ResolvedRun", labels: list[str], pad_token_id: int | None
                      ) -> "TaskModel":
     """The pretrained backbone with the task's freshly initialised head: what training starts
-    from and what a saved adapter is loaded onto. `options`: the run's model section
-    (quantization, attention kernel, backbone dropout); None: the defaults."""
-    from adaptune.config import ModelConfig
-
-    options = options or ModelConfig()
-    quantization = options.quantization
+    from and what a saved adapter is loaded onto, as the resolved run describes it (model,
+    quantization, attention kernel, backbone dropout, task)."""
+    spec, task, quantization = run.model, run.task, run.config.model.quantization
     backbone = load_backbone(spec.path, spec.family, lm_head=task.lm_head,
-                             quantization=quantization, attention=options.attention,
-                             dropout=options.dropout)
+                             quantization=quantization, attention=run.config.model.attention,
+                             dropout=run.backbone_dropout)
     if pad_token_id is not None and getattr(backbone.config, "pad_token_id", None) is None:
         backbone.config.pad_token_id = pad_token_id
     head = task.build_head(backbone.config.hidden_size, labels, spec, backbone.config)

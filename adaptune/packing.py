@@ -16,10 +16,11 @@ that loads with plain peft). Members may differ in rank, alpha, scaling, dropout
 seed, data fraction and budget; a member that stops early leaves the pack.
 
 How close a member is to its run alone: the same within fp32 rounding when the backbone's
-own dropout is off (tested with K = 3 and three ranks); each member's head draws its dropout
-masks from the member's own random stream, as alone. The backbone's dropout (0.1 in most
-checkpoints) and LoRA dropout draw one stream for the whole pack: with them on, a member is
-the same run in distribution, not bit for bit.
+own dropout is off, as it is by default for LoRA (model.dropout=auto; tested with K = 3 and
+three ranks); each member's head draws its dropout masks from the member's own random stream,
+as alone. The backbone's dropout (with model.dropout=checkpoint: 0.1 in most checkpoints) and
+LoRA dropout draw one stream for the whole pack: with them on, a member is the same run in
+distribution, not bit for bit.
 
 What cannot be packed is refused before training, naming the setting: methods other than
 plain LoRA (DoRA, AdaLoRA, ...), LoRA initialisations that need a data pass or move the base,

@@ -121,6 +121,16 @@ class ResolvedRun:
     task: "Task"
     method: "Method"
 
+    @property
+    def backbone_dropout(self) -> str:
+        """model.dropout with "auto" resolved: "checkpoint" (the config's own rates) where the
+        method trains the backbone's weights, else "0" (a frozen backbone's dropout only
+        perturbs fixed features: slower, and it cost dev F1 where measured)."""
+        chosen = self.config.model.dropout
+        if chosen != "auto":
+            return chosen
+        return "checkpoint" if self.method.trains_backbone else "0"
+
 
 def resolve(config: RunConfig) -> ResolvedRun:
     """Resolve `config`: the model's facts, the task and the method, checked together."""

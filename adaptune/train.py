@@ -100,8 +100,7 @@ class Prepared:
         return self.run.task
 
     def build_model(self) -> TaskModel:
-        return build_task_model(self.run.model, self.task, self.labels,
-                                self.tokenizer.pad_token_id, self.run.config.model)
+        return build_task_model(self.run, self.labels, self.tokenizer.pad_token_id)
 
     def evaluate(self, model: nn.Module, device: torch.device | str | None = None, *,
                  with_stats: bool = False, split: str = "dev") -> Any:

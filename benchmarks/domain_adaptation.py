@@ -59,7 +59,11 @@ PRETRAIN_EPOCHS = 2
 # Budget of the domain stage: stop on held-out perplexity (three evaluations an epoch, patience
 # 2), at most PRETRAIN_EPOCHS epochs -- a cap set by this CPU (a masked-LM step of 32 x 128 tokens
 # takes about 10 s on one core), reported where it binds. Checkpoints: a killed stage resumes.
-PRETRAIN = {"data": {"selection_examples": 200},
+# The backbone keeps its checkpoint's dropout in every stage and task run, as when the committed
+# table was measured (before model.dropout=auto turned it off for adapters): a stage run again
+# must reproduce its record.
+KEEP_DROPOUT = {"model": {"dropout": "checkpoint"}}
+PRETRAIN = {**KEEP_DROPOUT, "data": {"selection_examples": 200},
             "train": {"epochs": PRETRAIN_EPOCHS, "evals_per_epoch": 3,
                       "early_stopping_patience": 2, "checkpoint_every": 10}}
 # Task epochs: one over the NER sets' 4.5-5.4k sentences; the small classification sets get
@@ -116,8 +120,8 @@ def task_metrics(dataset: str, seed: int, out: Path, threads: int, *, domain_mod
                  base: str, carry: str = "merge") -> dict:
     """One task run; returns its metrics.json."""
     task = TASKS[dataset][0]
-    overrides = {"train": {"seed": seed, "epochs": TASK_EPOCHS[dataset], "num_threads": threads},
-                 "data": TASK_DATA.get(dataset, {})}
+    overrides = {**KEEP_DROPOUT, "data": TASK_DATA.get(dataset, {}),
+                 "train": {"seed": seed, "epochs": TASK_EPOCHS[dataset], "num_threads": threads}}
     if domain_model is None:
         cfg = compose(DOMAIN_TASK, {"model": {"name": base},
                                     "data": {"task": task, "dataset": dataset},

@@ -124,3 +124,22 @@ def test_backbone_dropout_is_an_option_and_recorded(tiny_encoder, tiny_decoder, 
     for bad in ("high", "1.5", -0.1):
         with pytest.raises(ConfigError, match="model.dropout"):
             compose({"model": {"dropout": bad}})
+
+
+@pytest.mark.parametrize("method, kept", [("lora", False), ("head", False), ("full", True),
+                                          ("bitfit", True)])
+def test_auto_backbone_dropout_is_off_only_for_a_frozen_backbone(tiny_encoder, method, kept):
+    """model.dropout=auto (the default) turns the backbone's dropout off where the method
+    leaves its weights frozen, and keeps the checkpoint's where it trains them; "checkpoint"
+    keeps it everywhere, and a config stored before the option existed means "checkpoint"."""
+    from adaptune.config import compose, from_dict, to_dict, upgrade_stored
+    from adaptune.spec import resolve
+
+    config = compose({"model": {"name": tiny_encoder}, "method": {"name": method}})
+    assert config.model.dropout == "auto"
+    assert resolve(config).backbone_dropout == ("checkpoint" if kept else "0")
+    assert resolve(config.replace(model={"dropout": "checkpoint"})).backbone_dropout == \
+        "checkpoint"
+    older = to_dict(config)
+    del older["model"]["dropout"]
+    assert from_dict(upgrade_stored(older)).model.dropout == "checkpoint"
