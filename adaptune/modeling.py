@@ -103,7 +103,8 @@ def dropout_keys(config: Any) -> list[str]:
     heads adaptune does not use (classifier_dropout, GPT-2's summary_first_dropout) are
     included: they are harmless there, and a head-specific rule would miss new names."""
     return sorted(key for key, value in config.to_dict().items()
-                  if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float))
+                  if ("dropout" in key or key.endswith("pdrop"))
+                  and isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 # bitsandbytes runs 4- and 8-bit layers on the CPU from this release on (its CPU backend);
