@@ -189,7 +189,7 @@ def backtest(results: str | Path, model: str, within: float = 0.01,
     runner (records under <results>/backtest/), and say whether the pick held: whether the
     advisor, given only the fresh seeds of those cells, picks the same one."""
     from adaptune.report import base_method
-    from adaptune.sweep import search_cells, work_through
+    from adaptune.sweep import finished, search_cells, work_through
 
     folder = Path(results)
     res = load_results(folder)
@@ -206,9 +206,29 @@ def backtest(results: str | Path, model: str, within: float = 0.01,
     cells = [c for k in (advice.key, *advice.rivals) for s in seeds
              for c in search_cells(g, k[0], base_method(k[1]), k[2], k[3], s,
                                    _scaling_of(g, k[1]))]
+    _refuse_another_protocol(res, [c for c in cells if c.id not in finished(out, cells)])
     out.mkdir(parents=True, exist_ok=True)
     work_through(g, out, label="backtest ", cells=cells)
     return summarize_backtest(folder, model, within, advice, seeds)
+
+
+def _refuse_another_protocol(res: Any, pending: list[Any]) -> None:
+    """Fresh cells run with this adaptune's defaults. Where the grid's cells ran with another
+    value of a setting the grid does not fix (a default changed since they ran), fresh runs
+    would test them under another protocol: refuse, naming the settings and the code the grid
+    ran, rather than compare the two."""
+    if not pending or not res.drift:
+        return
+    then = "; ".join(f"{name}: {', '.join(sorted(values))}"
+                     for name, values in sorted(res.drift.items()))
+    commits = sorted({str((r.get("code_version") or {}).get("commit") or "unknown")[:7]
+                      for r in res.records})
+    raise ConfigError(
+        f"backtest: {len(pending)} fresh cell(s) would run with this adaptune's defaults, but "
+        f"the grid's cells ran with other values of settings the grid does not fix ({then}); "
+        f"run the backtest with the grid's code (commit {', '.join(commits)}: git worktree add "
+        f"DIR COMMIT, then PYTHONPATH=DIR adaptune advise ... --backtest), or set those values "
+        "in the grid file")
 
 
 def _scaling_of(grid: Any, label: str) -> str | None:

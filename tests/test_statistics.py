@@ -155,6 +155,26 @@ def test_default_drift_is_reported_not_dropped(tmp_path):
            "1 cell(s) with 0.1" in text
 
 
+def test_backtest_refuses_fresh_cells_under_a_changed_default(tmp_path, monkeypatch):
+    """The grid's cells ran before a default changed (model.dropout did not exist: the
+    checkpoint's dropout then, "auto" now): fresh cells run here would test them under another
+    protocol, so the backtest refuses before running any, naming the setting and the code the
+    grid ran."""
+    from adaptune import sweep
+    from adaptune.errors import ConfigError
+    from test_report import _advisor_fixture
+
+    _advisor_fixture(tmp_path, spread=0.0005)
+    for path in (tmp_path / "cells").glob("*.json"):
+        record = json.loads(path.read_text())
+        record.update(config={"model": {"name": "m1"}}, code_version={"commit": "abc1234def"})
+        path.write_text(json.dumps(record))
+    monkeypatch.setattr(sweep, "run_cell", lambda *a, **k: pytest.fail("a cell ran"))
+    with pytest.raises(ConfigError, match=r'model.dropout: "checkpoint".*commit abc1234\b'):
+        advisor.backtest(tmp_path, "m1", within=0.01, seeds=[7, 8, 9])
+    assert not (tmp_path / "backtest" / "cells").exists()
+
+
 def test_backtest_reruns_pick_and_rivals_on_fresh_seeds(tmp_path, monkeypatch):
     from adaptune import sweep
     from test_report import _advisor_fixture
