@@ -52,15 +52,18 @@ def device_key(device: str) -> str:
     """The device as the cache knows it: GPU name, or CPU model name with its bf16 support."""
     if device == "cuda":
         return f"cuda: {torch.cuda.get_device_name()}"
-    name = platform.processor() or platform.machine()
+    return f"cpu: {cpu_model()}, native bf16 {native_bf16('cpu')}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux; what Python knows elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"cpu: {name}, native bf16 {native_bf16('cpu')}"
+    return platform.processor() or platform.machine()
 
 
 CACHE_FILE = "precision.json"

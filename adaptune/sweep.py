@@ -424,23 +424,17 @@ def library_versions() -> dict[str, str]:
 
 
 def device_name() -> str:
+    """What ran a record: the GPU's name, or the CPU's model, cores and the vector instructions
+    torch's kernels use (AVX2, AVX512, ...), since float results differ in the last digits
+    between kernels and bf16's speed depends on them."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU ({_cpu_model() or platform.processor() or platform.machine()}, " \
-           f"{os.cpu_count()} cores)"
+    from adaptune.precision import cpu_model
 
-
-def _cpu_model() -> str:
-    """The CPU's model name on Linux (whether bf16 pays, for one, depends on it)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return f"CPU ({cpu_model()}, {os.cpu_count()} cores, " \
+           f"{torch.backends.cpu.get_cpu_capability()})"
 
 
 def finished(out: Path, cells: Sequence[Cell]) -> dict[str, tuple[Path, dict[str, Any]]]:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from adaptune.report import t_interval
+from adaptune.sweep import device_name
 
 # Both contenders train the same LoRA: r=8, alpha 16, dropout 0 (peft's default and adaptune's).
 # Until 2026-12-02 the Trainer runs used lora_dropout=0.1, which costs a CPU step about half its
@@ -378,8 +379,7 @@ def main() -> None:
     if native:
         peaks["bf16"] = matmul_peak(torch.bfloat16)
     contenders = args.contenders or ",".join(c for c in CONTENDERS if native or "bf16" not in c)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"CPU, {os.cpu_count()} cores"
+    device = device_name()
     print(f"device: {device}; matrix-product peak (2048^3): fp32 {peaks['fp32'] / 1e9:.0f} "
           f"GFLOP/s, " + (f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s" if native else
                           "bf16 not native here (emulated; bf16 contenders left out unless "

@@ -48,6 +48,16 @@ def test_ids_are_stable_and_follow_the_config():
     assert ids != [c.id for c in sweep.expand(sweep.grid_from_dict(changed))[0]]
 
 
+def test_the_device_of_a_cpu_record_names_its_vector_instructions(monkeypatch):
+    # Two CPUs of one model name can run different kernels (AVX2 against AVX512), and their
+    # results differ in the last digits: a record must say which ran it.
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    name = sweep.device_name()
+    assert name.startswith("CPU (") and name.endswith(f"{torch.backends.cpu.get_cpu_capability()})")
+
+
 def test_model_overrides_change_only_that_models_cells():
     base = {"name": "g", "task": "classification", "dataset": "sst2", "methods": ["lora"],
             "models": ["minilm-l6", "mpnet-base"], "method_overrides": {"lora": {"train": {
