@@ -206,7 +206,8 @@ def backtest(results: str | Path, model: str, within: float = 0.01,
     cells = [c for k in (advice.key, *advice.rivals) for s in seeds
              for c in search_cells(g, k[0], base_method(k[1]), k[2], k[3], s,
                                    _scaling_of(g, k[1]))]
-    _refuse_another_protocol(res, [c for c in cells if c.id not in finished(out, cells)])
+    done = finished(out, cells)  # read once: the records of every cell in one pass
+    _refuse_another_protocol(res, [c for c in cells if c.id not in done])
     out.mkdir(parents=True, exist_ok=True)
     work_through(g, out, label="backtest ", cells=cells)
     return summarize_backtest(folder, model, within, advice, seeds)
