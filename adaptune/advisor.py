@@ -6,6 +6,9 @@ trainable parameters, how sure that is, and whether it holds on seeds the grid n
                                         least 80% of simulated replications, not on point means
     backtest(results, model, within) -> the pick and its rivals re-run on fresh seeds, with the
                                         advisor's own prediction of the outcome beside it
+    tally([results, ...])            -> every backtest of those folders together: how often the
+                                        promise was kept, with an exact interval, against how
+                                        often the advisor predicted it would be
 """
 
 from __future__ import annotations
@@ -392,6 +395,76 @@ def backtest_lines(backtests: list[dict[str, Any]]) -> list[str]:
                      f"{'-' if predicted is None else f'{predicted:.0%}'} | "
                      f"{_yes_no(b['within_best'])} | {_yes_no(b['held'])} |")
     return lines + [""]
+
+
+def _at_most(k: int, chances: Sequence[float]) -> float:
+    """P(at most k successes) in independent trials with these chances (Poisson binomial)."""
+    dist = np.array([1.0])
+    for p in chances:
+        dist = np.append(dist * (1 - p), 0.0) + np.append(0.0, dist * p)
+    return float(dist[:k + 1].sum())
+
+
+def tally(folders: Sequence[str | Path]) -> dict[str, Any]:
+    """Every finished backtest of these results folders, per rule: in how many models the
+    promise (within tolerance of the best re-run cell) was kept, with a 95% Clopper-Pearson
+    interval; the same pick; and the calibration check: the number the advisor's own
+    predictions expected, and the chance of keeping it this rarely if those predictions were
+    right (a small value says the advisor is overconfident)."""
+    from scipy.stats import binomtest
+
+    rows = []
+    for folder in folders:
+        path = Path(folder)
+        if not (path / "grid.json").is_file():
+            raise ConfigError(f"{path}: not a results folder (no grid.json); give the folders "
+                              "that `adaptune sweep --out` wrote")
+        for b in load_backtests(path):
+            if b["held"] is not None:
+                rows.append({**b, "results": path.name, "within_best": within_best(b),
+                             "rule": b.get("rule", rule_name(None))})
+    if not rows:
+        raise ConfigError(f"no finished backtest under {', '.join(map(str, folders))} "
+                          "(run `adaptune advise RESULTS --model M --backtest` first)")
+    rules = {}
+    for rule in sorted({b["rule"] for b in rows}):
+        of_rule = [b for b in rows if b["rule"] == rule]
+        n, kept = len(of_rule), sum(bool(b["within_best"]) for b in of_rule)
+        interval = binomtest(kept, n).proportion_ci(method="exact")
+        predicted = [b["predicted_within_best"] for b in of_rule
+                     if b.get("predicted_within_best") is not None]
+        calibrated = len(predicted) == n
+        rules[rule] = {
+            "models": n, "kept": kept, "kept_ci95": [interval.low, interval.high],
+            "same_pick": sum(bool(b["held"]) for b in of_rule),
+            "predicted": sum(predicted) if calibrated else None,
+            "chance_of_so_few": _at_most(kept, predicted) if calibrated else None}
+    return {"rules": rules, "backtests": rows}
+
+
+def tally_lines(folders: Sequence[str | Path]) -> list[str]:
+    t = tally(folders)
+    lines = [f"Advisor backtests in {', '.join(Path(f).name for f in folders)} "
+             "(the promise: the pick's fresh mean within the tolerance of the best re-run cell)."]
+    for rule, r in t["rules"].items():
+        low, high = r["kept_ci95"]
+        line = (f"- {rule}: kept in {r['kept']} of {r['models']} ({r['kept'] / r['models']:.0%}, "
+                f"95% CI {low:.0%}-{high:.0%}); the same pick in {r['same_pick']}")
+        if r["predicted"] is not None:
+            line += (f"; the advisor predicted {r['predicted']:.1f}, and if its predictions "
+                     f"were right, {r['kept']} or fewer would happen with chance "
+                     f"{r['chance_of_so_few']:.2f}")
+        lines.append(line + ".")
+    lines += ["", "| results | model | rule | pick | predicted | kept | same pick |",
+              "|---|---|---|---|---|---|---|"]
+    for b in t["backtests"]:
+        predicted = b.get("predicted_within_best")
+        target = b.get("confidence_target")
+        lines.append(f"| {b['results']} | {b['model']} | "
+                     f"{'means' if target is None else f'>= {target:.0%}'} | {b['pick']} | "
+                     f"{'-' if predicted is None else f'{predicted:.0%}'} | "
+                     f"{_yes_no(b['within_best'])} | {_yes_no(b['held'])} |")
+    return lines
 
 
 def pooled_advice_lines(folder: str | Path, backtests: list[dict[str, Any]]) -> list[str]:

@@ -8,6 +8,7 @@
     adaptune report results/sst2          tables, CSV, plots and scaling-law fits
     adaptune advise results/sst2 --model minilm-l6 --within 0.01 [--confidence 0.8] [--backtest]
     adaptune advise results/sst2 --model minilm-l6 --fresh-seeds   after a backtest: on all seeds
+    adaptune backtests results/sst2 results/conll   every backtest together: hit rate, calibration
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "pick and its rivals on twice the seeds; no longer a backtest)")
     advise_p.add_argument("--seeds", default="1000,1001,1002",
                           help="fresh seeds for --backtest (comma-separated)")
+    tally_p = sub.add_parser("backtests", help="the advisor's backtests of several results "
+                             "folders together: how often its promise held, against its "
+                             "own predictions")
+    tally_p.add_argument("results", nargs="+")
     argv = list(sys.argv[1:] if argv is None else argv)
     rest = argv[1:] if argv[:1] == ["train"] else []
     args, extra = parser.parse_known_args(argv[:1] if argv[:1] == ["train"] else argv)
@@ -178,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "re-run cell (fresh means: "
                       + ", ".join(f"{k} {v:.4f}" for k, v in summary["fresh_means"].items())
                       + ")")
+        elif args.command == "backtests":
+            from adaptune.advisor import tally_lines
+
+            print("\n".join(tally_lines(args.results)))
         else:
             from adaptune.api import load
 

@@ -280,3 +280,53 @@ def test_fits_use_per_example_dev_statistics_when_every_record_has_them():
                         dev=DevStats(stats, lambda sums, count: sums[0] / count,
                                      lambda metric: 1 - metric))
     assert fit.intervals and fit.held_out and np.isfinite(fit.held_out[0].band).all()
+
+
+def _summary(model, rule_target, pick_fresh, best_fresh, held, predicted):
+    return {"model": model, "within": 0.01, "pick": "lora r=4", "rivals": ["full"],
+            "rule": advisor.rule_name(rule_target), "confidence_target": rule_target,
+            "pick_committed_mean": 0.9, "pick_fresh_mean": pick_fresh,
+            "fresh_means": {"lora r=4": pick_fresh, "full": best_fresh}, "fresh_seeds": [7],
+            "held": held, "predicted_within_best": predicted, "higher_is_better": True}
+
+
+def test_tally_counts_the_promise_over_folders_against_the_advisors_predictions(tmp_path):
+    """Backtests of several results folders together: the promise (the pick within the
+    tolerance of the best re-run cell) counted per rule, an exact interval, and the chance of
+    keeping it this rarely if the advisor's own predictions were right, against brute force."""
+    import itertools
+
+    from adaptune.cli import main
+    from adaptune.errors import ConfigError
+
+    summaries = {"a": [_summary("m1", None, 0.90, 0.905, True, 0.9),
+                       _summary("m2", None, 0.85, 0.90, False, 0.8),
+                       _summary("m2", 0.8, 0.90, 0.90, False, 0.7)],
+                 "b": [_summary("m3", None, 0.88, 0.885, False, 0.6),
+                       _summary("m4", None, 0.88, 0.95, None, 0.9)]}  # undecided: not counted
+    for name, rows in summaries.items():
+        (tmp_path / name / "backtest").mkdir(parents=True)
+        (tmp_path / name / "grid.json").write_text("{}")
+        for i, row in enumerate(rows):
+            (tmp_path / name / "backtest" / f"summary-{i}.json").write_text(json.dumps(row))
+    t = advisor.tally([tmp_path / "a", tmp_path / "b"])
+    means = t["rules"][advisor.rule_name(None)]
+    assert (means["models"], means["kept"], means["same_pick"]) == (3, 2, 1)
+    assert means["predicted"] == pytest.approx(0.9 + 0.8 + 0.6)
+    chances = [0.9, 0.8, 0.6]
+    brute = sum(np.prod([p if hit else 1 - p for p, hit in zip(chances, hits)])
+                for hits in itertools.product([0, 1], repeat=3) if sum(hits) <= 2)
+    assert means["chance_of_so_few"] == pytest.approx(brute)
+    low, high = means["kept_ci95"]
+    assert low < 2 / 3 < high and 0 < low and high < 1
+    sure = t["rules"][advisor.rule_name(0.8)]
+    assert (sure["models"], sure["kept"], sure["same_pick"]) == (1, 1, 0)
+    assert sure["chance_of_so_few"] == pytest.approx(1.0)
+
+    assert main(["backtests", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    (tmp_path / "c").mkdir()
+    with pytest.raises(ConfigError, match="c: not a results folder"):
+        advisor.tally([tmp_path / "c"])
+    (tmp_path / "b" / "backtest" / "summary-0.json").unlink()  # m3: only m4, undecided, left
+    with pytest.raises(ConfigError, match="no finished backtest"):
+        advisor.tally([tmp_path / "b"])
