@@ -339,12 +339,15 @@ def within_best(summary: dict[str, Any]) -> bool | None:
 
 
 def load_backtests(folder: Path) -> list[dict[str, Any]]:
-    """The backtest summaries of a results folder; one written before the advisor predicted
-    its backtests gets the prediction now (the advice is deterministic, so the same pick)."""
+    """The backtest summaries of a results folder; one written by an older adaptune gets what
+    it lacks now: its rule, `within_best` from its stored fresh means, and the advisor's
+    prediction (the advice is deterministic, so the same pick)."""
     path = Path(folder) / "backtest"
     summaries = [json.loads(p.read_text()) for p in sorted(path.glob("summary-*.json"))] \
         if path.is_dir() else []
     for b in summaries:
+        b.setdefault("rule", rule_name(None))
+        b["within_best"] = within_best(b)
         if "predicted_within_best" not in b:
             res = load_results(folder)
             advice = advise(folder, b["model"], b["within"])
@@ -359,9 +362,26 @@ def _yes_no(flag: bool | None) -> str:
     return "-" if flag is None else "yes" if flag else "no"
 
 
+def _rule_short(target: float | None) -> str:
+    return "means" if target is None else f">= {target:.0%}"
+
+
+def _count_by_rule(backtests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per rule, over the decided backtests: how many, in how many the promise was kept and
+    the same cell picked, and the advisor's predictions of the promise (where it made one)."""
+    counts = {}
+    for rule in sorted({b["rule"] for b in backtests}):
+        decided = [b for b in backtests if b["rule"] == rule and b["held"] is not None]
+        counts[rule] = {"models": len(decided),
+                        "kept": sum(bool(b["within_best"]) for b in decided),
+                        "same_pick": sum(bool(b["held"]) for b in decided),
+                        "predictions": [b["predicted_within_best"] for b in decided
+                                        if b.get("predicted_within_best") is not None]}
+    return counts
+
+
 def backtest_lines(backtests: list[dict[str, Any]]) -> list[str]:
-    # Summaries written before `within_best` existed get it from their stored fresh means.
-    backtests = [{**b, "within_best": within_best(b)} for b in backtests]
+    """The report's backtest section, from `load_backtests`."""
     lines = ["## Advisor backtest on fresh seeds", "",
              "The advisor's pick and its rivals re-run on seeds the grid never used "
              "(`adaptune advise --backtest`). 'Within tolerance of the best' is the advisor's "
@@ -370,17 +390,12 @@ def backtest_lines(backtests: list[dict[str, Any]]) -> list[str]:
              "cell (it fails when a cheaper rival moves inside the tolerance). 'Predicted' is "
              "the advisor's own noise model's chance of the promise, computed before the "
              "re-runs: a calibrated advisor keeps it about that often.", ""]
-    for rule in sorted({b.get("rule", rule_name(None)) for b in backtests}):
-        of_rule = [b for b in backtests if b.get("rule", rule_name(None)) == rule]
-        decided = [b for b in of_rule if b["held"] is not None]
-        kept = sum(bool(b["within_best"]) for b in decided)
-        hits = sum(b["held"] for b in decided)
-        predicted = [b["predicted_within_best"] for b in decided
-                     if b.get("predicted_within_best") is not None]
+    for rule, c in _count_by_rule(backtests).items():
+        predicted = c["predictions"]
         expected = (f"; the advisor predicted {sum(predicted):.1f} of {len(predicted)}"
                     if predicted else "")
-        lines.append(f"- {rule}: the promise was kept in {kept} of {len(decided)} models"
-                     f"{expected}; the same pick in {hits} of {len(decided)}.")
+        lines.append(f"- {rule}: the promise was kept in {c['kept']} of {c['models']} models"
+                     f"{expected}; the same pick in {c['same_pick']} of {c['models']}.")
     lines += ["", "| model | rule | tolerance | pick | committed mean | fresh mean | rivals "
               "(fresh means) | predicted | within tolerance of the best | same pick |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -388,8 +403,7 @@ def backtest_lines(backtests: list[dict[str, Any]]) -> list[str]:
         rivals = ", ".join(f"{name} {b['fresh_means'].get(name, float('nan')):.4f}"
                            for name in b["rivals"])
         fresh, predicted = b["pick_fresh_mean"], b.get("predicted_within_best")
-        target = b.get("confidence_target")
-        lines.append(f"| {b['model']} | {'means' if target is None else f'>= {target:.0%}'} | "
+        lines.append(f"| {b['model']} | {_rule_short(b.get('confidence_target'))} | "
                      f"{b['within']:g} | {b['pick']} | {b['pick_committed_mean']:.4f} | "
                      f"{'-' if fresh is None else f'{fresh:.4f}'} | {rivals} | "
                      f"{'-' if predicted is None else f'{predicted:.0%}'} | "
@@ -419,26 +433,20 @@ def tally(folders: Sequence[str | Path]) -> dict[str, Any]:
         if not (path / "grid.json").is_file():
             raise ConfigError(f"{path}: not a results folder (no grid.json); give the folders "
                               "that `adaptune sweep --out` wrote")
-        for b in load_backtests(path):
-            if b["held"] is not None:
-                rows.append({**b, "results": path.name, "within_best": within_best(b),
-                             "rule": b.get("rule", rule_name(None))})
+        rows += [{**b, "results": path.name} for b in load_backtests(path)
+                 if b["held"] is not None]
     if not rows:
         raise ConfigError(f"no finished backtest under {', '.join(map(str, folders))} "
                           "(run `adaptune advise RESULTS --model M --backtest` first)")
     rules = {}
-    for rule in sorted({b["rule"] for b in rows}):
-        of_rule = [b for b in rows if b["rule"] == rule]
-        n, kept = len(of_rule), sum(bool(b["within_best"]) for b in of_rule)
-        interval = binomtest(kept, n).proportion_ci(method="exact")
-        predicted = [b["predicted_within_best"] for b in of_rule
-                     if b.get("predicted_within_best") is not None]
-        calibrated = len(predicted) == n
+    for rule, c in _count_by_rule(rows).items():
+        interval = binomtest(c["kept"], c["models"]).proportion_ci(method="exact")
+        predicted = c.pop("predictions")
+        calibrated = len(predicted) == c["models"]  # else no calibration check
         rules[rule] = {
-            "models": n, "kept": kept, "kept_ci95": [interval.low, interval.high],
-            "same_pick": sum(bool(b["held"]) for b in of_rule),
+            **c, "kept_ci95": [interval.low, interval.high],
             "predicted": sum(predicted) if calibrated else None,
-            "chance_of_so_few": _at_most(kept, predicted) if calibrated else None}
+            "chance_of_so_few": _at_most(c["kept"], predicted) if calibrated else None}
     return {"rules": rules, "backtests": rows}
 
 
@@ -459,9 +467,8 @@ def tally_lines(folders: Sequence[str | Path]) -> list[str]:
               "|---|---|---|---|---|---|---|"]
     for b in t["backtests"]:
         predicted = b.get("predicted_within_best")
-        target = b.get("confidence_target")
         lines.append(f"| {b['results']} | {b['model']} | "
-                     f"{'means' if target is None else f'>= {target:.0%}'} | {b['pick']} | "
+                     f"{_rule_short(b.get('confidence_target'))} | {b['pick']} | "
                      f"{'-' if predicted is None else f'{predicted:.0%}'} | "
                      f"{_yes_no(b['within_best'])} | {_yes_no(b['held'])} |")
     return lines
@@ -487,7 +494,7 @@ def pooled_advice_lines(folder: str | Path, backtests: list[dict[str, Any]]) -> 
         before = advise(folder, model, within, confidence=target)
         after = advise(folder, model, within, confidence=target, fresh_seeds=True)
         sure = "-" if after.confidence is None else f"{after.confidence:.0%}"
-        lines.append(f"| {model} | {'means' if target is None else f'>= {target:.0%}'} | "
+        lines.append(f"| {model} | {_rule_short(target)} | "
                      f"{within:g} | {_label(before.method, before.rank)} | "
                      f"{_label(after.method, after.rank)} | {after.seeds} | {after.mean:.4f} | "
                      f"{after.best} ({after.best_mean:.4f}) | {sure} |")
