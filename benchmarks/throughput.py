@@ -251,31 +251,47 @@ def profile_adaptune(job_name: str, out: Path, steps: int, threads: int) -> None
     """Profile adaptune's job twice, for 10 and 10 + `steps` optimizer steps, and print the
     difference by kind of operator: model loading, tokenization and evaluation cost the same in
     both and cancel, leaving `steps` training steps. Time outside any operator is Python and
-    framework work (the training loop, peft's and accelerate's wrappers, collation)."""
+    framework work (the training loop, peft's and accelerate's wrappers, collation).
+
+    Then what bounds the model FLOP rate: the profiler counts each matrix product's FLOPs, so
+    the rate while in matrix products, against the machine's peak measured here, and the share
+    of the step spent in them multiply to the rate over the whole step. Which of the two is
+    short says where speed is left: a low share points at the element-wise work and the
+    framework, a low rate at the matrix products' shapes (the table of the costliest shapes)."""
     from torch.profiler import ProfilerActivity, profile
 
     job = JOBS[job_name]
     # One unprofiled warm-up run first: train.precision=auto and train.compile=auto measure
     # once per machine and cache the answer, and that one-time cost must not land in the
     # 10-step run alone (it made the difference below smaller than its parts: shares > 100%).
-    run_adaptune({**job, "dev_examples": 32}, out / f"profile-{job_name}-warmup",
-                 {"max_steps": 2}, seed=42, threads=threads)
+    warm = run_adaptune({**job, "dev_examples": 32}, out / f"profile-{job_name}-warmup",
+                        {"max_steps": 2}, seed=42, threads=threads)
+    dtype = torch.bfloat16 if warm["precision"] == "bf16" else torch.float32
+    peak = matmul_peak(dtype)
     totals = []
     for n in (10, 10 + steps):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True,
+                     with_flops=True) as prof:
             start = time.perf_counter()
             run_adaptune({**job, "dev_examples": 32}, out / f"profile-{job_name}-{n}",
                          {"max_steps": n}, seed=42, threads=threads)
             wall = time.perf_counter() - start
         by_kind: dict[str, float] = {}
-        for event in prof.key_averages():
+        # (product, input shapes) -> [calls, seconds, FLOPs]
+        products: dict[tuple[str, str], list[float]] = {}
+        for event in prof.key_averages(group_by_input_shape=True):
             kind = op_category(event.key)
             by_kind[kind] = by_kind.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+            if kind == "matrix products":
+                row = products.setdefault((event.key, str(event.input_shapes)), [0, 0.0, 0.0])
+                row[0] += event.count
+                row[1] += event.self_cpu_time_total / 1e6
+                row[2] += event.flops or 0
         by_kind["outside operators (Python, framework)"] = wall - sum(by_kind.values())
-        totals.append((wall, by_kind))
+        totals.append((wall, by_kind, products))
     wall = totals[1][0] - totals[0][0]
     print(f"\n### profile: adaptune on {job_name}, {steps} training steps "
-          f"({wall / steps:.3f} s per step under the profiler)\n")
+          f"({wall / steps:.3f} s per step under the profiler, {warm['precision']})\n")
     print("| where the time goes | seconds | share |")
     print("|---|---|---|")
     kinds = sorted(totals[1][1], key=lambda k: -(totals[1][1][k] - totals[0][1].get(k, 0.0)))
@@ -289,6 +305,33 @@ def profile_adaptune(job_name: str, out: Path, steps: int, threads: int) -> None
         # in one only, another process on the cores): the shares are then not to be read.
         print(f"\nWARNING: negative difference for {', '.join(negative)}: the 10-step and "
               f"{10 + steps}-step runs did not do the same one-time work; rerun on idle cores.")
+    # The training steps' matrix products: the longer run's less the shorter's, per shape.
+    diff = {key: [row[i] - totals[0][2].get(key, [0, 0.0, 0.0])[i] for i in range(3)]
+            for key, row in totals[1][2].items()}
+    diff = {key: row for key, row in diff.items() if row[0] > 0}
+    mm_seconds = sum(row[1] for row in diff.values())
+    mm_flops = sum(row[2] for row in diff.values())
+    if mm_seconds <= 0 or mm_flops <= 0:
+        return
+    in_products, share = mm_flops / mm_seconds, mm_seconds / wall
+    print(f"\nWhat bounds the FLOP rate ({dtype_name(dtype)} 2048^3 peak measured before "
+          f"profiling: {peak / 1e9:.0f} GFLOP/s): the matrix products ran "
+          f"{mm_flops / 1e9:.1f} GFLOP in {mm_seconds:.2f} s, {in_products / 1e9:.0f} GFLOP/s "
+          f"= **{in_products / peak:.0%} of the peak while in them**, and took "
+          f"**{share:.0%} of the step**; over the whole step {mm_flops / wall / 1e9:.0f} "
+          f"GFLOP/s = {share:.0%} x {in_products / peak:.0%} = {mm_flops / wall / peak:.0%} "
+          f"of the peak (the profiler's own overhead included).\n")
+    print("| costliest matrix products | input shapes | calls | seconds | GFLOP/s | of peak |")
+    print("|---|---|---|---|---|---|")
+    for (name, shapes), (calls, seconds, flops) in sorted(diff.items(),
+                                                           key=lambda kv: -kv[1][1])[:10]:
+        rate = flops / seconds if seconds > 0 else 0.0
+        print(f"| {name} | {shapes} | {calls:.0f} | {seconds:.2f} | {rate / 1e9:.0f} | "
+              f"{rate / peak:.0%} |")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 # ----------------------------------------------------------------------------------------------
