@@ -321,6 +321,17 @@ def profile_adaptune(job_name: str, out: Path, steps: int, threads: int) -> None
           f"**{share:.0%} of the step**; over the whole step {mm_flops / wall / 1e9:.0f} "
           f"GFLOP/s = {share:.0%} x {in_products / peak:.0%} = {mm_flops / wall / peak:.0%} "
           f"of the peak (the profiler's own overhead included).\n")
+    # Skinny products (an operand dimension of 64 or less: LoRA's A and B at its rank, the
+    # per-head products of eager attention) cannot reach the peak at any size: a separate line.
+    skinny = [row for (_, shapes), row in diff.items() if _smallest_dim(shapes) <= 64]
+    sk_seconds, sk_flops = sum(r[1] for r in skinny), sum(r[2] for r in skinny)
+    if sk_seconds > 0:
+        print(f"Skinny products (an operand dimension of 64 or less: LoRA's A and B, eager "
+              f"attention's per-head products): {sk_seconds:.2f} s = {sk_seconds / wall:.0%} "
+              f"of the step for {sk_flops / mm_flops:.0%} of the matrix FLOPs, at "
+              f"{sk_flops / sk_seconds / 1e9:.0f} GFLOP/s; the others "
+              f"{(mm_flops - sk_flops) / max(mm_seconds - sk_seconds, 1e-9) / 1e9:.0f} "
+              f"GFLOP/s.\n")
     print("| costliest matrix products | input shapes | calls | seconds | GFLOP/s | of peak |")
     print("|---|---|---|---|---|---|")
     for (name, shapes), (calls, seconds, flops) in sorted(diff.items(),
@@ -328,6 +339,13 @@ def profile_adaptune(job_name: str, out: Path, steps: int, threads: int) -> None
         rate = flops / seconds if seconds > 0 else 0.0
         print(f"| {name} | {shapes} | {calls:.0f} | {seconds:.2f} | {rate / 1e9:.0f} | "
               f"{rate / peak:.0%} |")
+
+
+def _smallest_dim(shapes: str) -> int:
+    """The smallest dimension of a product's matrix operands, from the profiler's shapes text
+    (e.g. "[[384], [800, 384], [384, 8], [], []]": the bias and scalars are not operands)."""
+    dims = [int(d) for operand in json.loads(shapes) if len(operand) >= 2 for d in operand]
+    return min(dims, default=0)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
