@@ -277,13 +277,14 @@ def profile_adaptune(job_name: str, out: Path, steps: int, threads: int) -> None
                          {"max_steps": n}, seed=42, threads=threads)
             wall = time.perf_counter() - start
         by_kind: dict[str, float] = {}
-        # (product, input shapes) -> [calls, seconds, FLOPs]
-        products: dict[tuple[str, str], list[float]] = {}
+        # (product, its operands' shapes) -> [calls, seconds, FLOPs]
+        products: dict[tuple[str, tuple], list[float]] = {}
         for event in prof.key_averages(group_by_input_shape=True):
             kind = op_category(event.key)
             by_kind[kind] = by_kind.get(kind, 0.0) + event.self_cpu_time_total / 1e6
             if kind == "matrix products":
-                row = products.setdefault((event.key, str(event.input_shapes)), [0, 0.0, 0.0])
+                shapes = tuple(tuple(shape) for shape in event.input_shapes)
+                row = products.setdefault((event.key, shapes), [0, 0.0, 0.0])
                 row[0] += event.count
                 row[1] += event.self_cpu_time_total / 1e6
                 row[2] += event.flops or 0
@@ -314,7 +315,7 @@ def profile_adaptune(job_name: str, out: Path, steps: int, threads: int) -> None
     if mm_seconds <= 0 or mm_flops <= 0:
         return
     in_products, share = mm_flops / mm_seconds, mm_seconds / wall
-    print(f"\nWhat bounds the FLOP rate ({dtype_name(dtype)} 2048^3 peak measured before "
+    print(f"\nWhat bounds the FLOP rate ({warm['precision']} 2048^3 peak measured before "
           f"profiling: {peak / 1e9:.0f} GFLOP/s): the matrix products ran "
           f"{mm_flops / 1e9:.1f} GFLOP in {mm_seconds:.2f} s, {in_products / 1e9:.0f} GFLOP/s "
           f"= **{in_products / peak:.0%} of the peak while in them**, and took "
@@ -337,19 +338,14 @@ def profile_adaptune(job_name: str, out: Path, steps: int, threads: int) -> None
     for (name, shapes), (calls, seconds, flops) in sorted(diff.items(),
                                                            key=lambda kv: -kv[1][1])[:10]:
         rate = flops / seconds if seconds > 0 else 0.0
-        print(f"| {name} | {shapes} | {calls:.0f} | {seconds:.2f} | {rate / 1e9:.0f} | "
-              f"{rate / peak:.0%} |")
+        print(f"| {name} | {[list(shape) for shape in shapes]} | {calls:.0f} | "
+              f"{seconds:.2f} | {rate / 1e9:.0f} | {rate / peak:.0%} |")
 
 
-def _smallest_dim(shapes: str) -> int:
-    """The smallest dimension of a product's matrix operands, from the profiler's shapes text
-    (e.g. "[[384], [800, 384], [384, 8], [], []]": the bias and scalars are not operands)."""
-    dims = [int(d) for operand in json.loads(shapes) if len(operand) >= 2 for d in operand]
-    return min(dims, default=0)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return "bf16" if dtype == torch.bfloat16 else "fp32"
+def _smallest_dim(shapes: tuple) -> int:
+    """The smallest dimension of a product's matrix operands, from the profiler's shapes
+    (e.g. ((384,), (800, 384), (384, 8), (), ()): the bias and scalars are not operands)."""
+    return min((d for shape in shapes if len(shape) >= 2 for d in shape), default=0)
 
 
 # ----------------------------------------------------------------------------------------------
