@@ -42,9 +42,11 @@ class ModelConfig:
     # token, trained from scratch; exports as a standard *ForSequenceClassification model).
     # "auto": mean on encoders, the last token on decoders.
     pooling: str = "auto"
-    # The attention kernel, as transformers' `attn_implementation`: "auto" takes transformers'
-    # choice (scaled_dot_product_attention where the architecture has it, else eager);
-    # "flash_attention_2" needs the flash-attn package and a GPU.
+    # The attention kernel, as transformers' `attn_implementation`. "auto": in training, sdpa
+    # or eager, whichever a short measurement on the run's model and batch finds faster here
+    # (eager only where its extra memory is bounded; adaptune.attention), elsewhere
+    # transformers' choice (scaled_dot_product_attention where the architecture has it, else
+    # eager); "flash_attention_2" needs the flash-attn package and a GPU.
     attention: str = "auto"
     # Dropout inside the pretrained backbone (hidden states and attention probabilities):
     # "checkpoint" keeps the checkpoint's own rates (0.1 in BERT-style configs); a number sets

@@ -325,6 +325,7 @@ class Trainer:
     memory: Any = None  # MemoryPeak of the training loop
     precision_record: dict[str, Any] = field(default_factory=dict)  # how it was chosen
     compile_record: dict[str, Any] = field(default_factory=dict)  # whether and why compiled
+    attention_record: dict[str, Any] = field(default_factory=dict)  # which kernel and why
 
 
 def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
@@ -419,6 +420,7 @@ def _setup(p: Prepared) -> Trainer:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
+    from adaptune import attention as attentions
     from adaptune import compiling
     from adaptune import precision as precisions
 
@@ -476,10 +478,18 @@ def _setup(p: Prepared) -> Trainer:
         t.precision, device=device, non_embedding_params=backbone_non_embedding,
         probe=probe if processes == 1 else None, key_parts=shape)
     _warn_if_emulated_bf16(precision)
+    # The attention kernel: asked for, or (auto) sdpa or eager, whichever measured faster here
+    # in the chosen precision, where eager's memory is bounded (see adaptune.attention).
+    attention_record = attentions.apply(
+        p.run.config.model.attention, model, steps=plan.total_steps, device=device,
+        batch_size=t.batch_size, max_length=max(len(f["input_ids"]) for f in p.train_features),
+        key_parts={**shape, "precision": precision},
+        measure_fn=(lambda: attentions.measure(*on_device(), device, bf16=precision == "bf16"))
+        if processes == 1 else None)
     # Compilation: asked for, or (auto) predicted to repay its cost over this run's steps.
     compile_record = compiling.apply(
         t.compile, model, steps=plan.total_steps, device=device,
-        key_parts={**shape, "precision": precision},
+        key_parts={**shape, "precision": precision, "attention": attention_record["picked"]},
         measure_fn=lambda: compiling.measure(*on_device(), device, bf16=precision == "bf16"))
     if t.compile == "on" and not compile_record.get("blocks"):
         warnings.warn(f"train.compile: found no repeated blocks in {p.run.model.name} to "
@@ -501,7 +511,8 @@ def _setup(p: Prepared) -> Trainer:
                    labelled_per_batch, precision,
                    {"trainable": trainable, "total": total, "backbone": backbone_total,
                     "backbone_non_embedding": backbone_non_embedding},
-                   precision_record=precision_record, compile_record=compile_record)
+                   precision_record=precision_record, compile_record=compile_record,
+                   attention_record=attention_record)
 
 
 @contextmanager
@@ -645,7 +656,8 @@ def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: flo
                             processes=tr.accelerator.num_processes)
     metrics["precision_choice"] = tr.precision_record
     metrics["compile_choice"] = tr.compile_record
-    # The attention kernel transformers resolved (model.attention=auto leaves it the choice).
+    metrics["attention_choice"] = tr.attention_record
+    # The attention kernel the run trained with.
     backbone = getattr(tr.accelerator.unwrap_model(tr.model), "backbone", None)
     config = getattr(backbone, "config", None)
     metrics["attention"] = getattr(config, "_attn_implementation", None)

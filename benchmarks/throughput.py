@@ -81,8 +81,10 @@ ADAPTUNE_VARIANTS: dict[str, dict[str, Any]] = {
     "adaptune-random-batches": {"group_by_length": False},  # lever: length-grouped batches
     "adaptune-dropout": {"dropout": 0.1},  # lever: LoRA dropout 0 against a common 0.1
     "adaptune-compile": {"train": {"compile": True}},  # lever: torch.compile of the blocks
-    # lever: scaled_dot_product_attention (transformers' choice for these models) vs eager
+    # lever: the attention kernel. adaptune measures sdpa (transformers' choice for these
+    # models) against eager and takes the faster (model.attention=auto); each one forced:
     "adaptune-eager-attention": {"attention": "eager"},
+    "adaptune-sdpa-attention": {"attention": "sdpa"},
     # lever: the frozen backbone's own dropout, off by default for adapters (model.dropout=auto;
     # its random masks were 11% of a CPU NER step), kept here at the checkpoint's 0.1.
     # (adaptune-no-backbone-dropout, before that default, ran the same as adaptune now.)
@@ -117,7 +119,8 @@ def run_adaptune(job: dict[str, Any], out: Path, variant: dict[str, Any], seed: 
             "padded_tokens": m["train_padded_tokens"], "dev": m["dev"][m["main_metric"]],
             "precision": m["precision"], "steps": steps,
             "precision_choice": m.get("precision_choice"), "compile_choice":
-            m.get("compile_choice"), "attention": m.get("attention")}
+            m.get("compile_choice"), "attention": m.get("attention"),
+            "attention_choice": m.get("attention_choice")}
 
 
 def run_trainer(job: dict[str, Any], out: Path, bf16: bool, seed: int,
@@ -506,8 +509,10 @@ def print_table(job_name: str, results: dict[str, list[dict]], peaks: dict[str, 
             figures = (f"probe fp32 {probe['fp32_s'] * 1e3:.1f} ms, bf16 "
                        f"{probe['bf16_s'] * 1e3:.1f} ms" if "fp32_s" in probe else
                        f"source {c.get('source')}")
+            kernel = runs[0].get("attention_choice") or {}
             print(f"\n{name}: precision {runs[0]['precision']} ({figures}; {c.get('why', '')})"
-                  f"; attention {runs[0].get('attention')}; compiled: "
+                  f"; attention {runs[0].get('attention')} ({kernel.get('why', 'not recorded')})"
+                  "; compiled: "
                   f"{(runs[0].get('compile_choice') or {}).get('compiled', 'n/a')}")
     trainers = {b: results[b] for b in (*TRAINERS, *EXTRA_TRAINERS) if b in results}
     fastest = max(trainers, key=lambda b: rate(trainers[b])) if trainers else None

@@ -157,3 +157,109 @@ def test_train_compile_takes_on_off_auto_and_the_former_booleans(tmp_path):
     with pytest.raises(ConfigError, match="train.compile: expected one of off, on, auto"):
         compose(overrides=["train.compile=sometimes"])
     assert upgrade_stored({"train": {"compile": True}})["train"]["compile"] == "on"
+
+
+# ---------------------------------------------------------------------------------------------
+# model.attention=auto (adaptune.attention): sdpa or eager by measurement, eager's memory bounded.
+
+ROOMY = {"eager_bytes": 10 * 2**20, "available": 10 * 2**30}  # 10 MB extra of 10 GB free
+
+
+def _timings(sdpa: float, eager: float, calls: list):
+    def measure():
+        calls.append(1)
+        return {"sdpa_s": sdpa, "eager_s": eager, "tokens": 1024}
+    return measure
+
+
+def _decide(measure_fn, key=KEY, *, requested="auto", loaded="sdpa", steps=1000, **memory):
+    from adaptune import attention
+
+    return attention.decide(requested, loaded=loaded, switchable=True, steps=steps,
+                            device="cpu", key_parts=key, measure_fn=measure_fn,
+                            **(memory or ROOMY))
+
+
+def test_attention_auto_picks_the_kernel_measured_faster(cache):
+    calls: list = []
+    picked, record = _decide(_timings(1.10, 1.00, calls))
+    assert picked == "eager" and record["source"] == "measured now" and "1.10x" in record["why"]
+    # Eager 1% faster is under the margin: sdpa; eager slower (a GPU, long sequences): sdpa.
+    assert _decide(_timings(1.01, 1.00, calls), {**KEY, "threads": 1})[0] == "sdpa"
+    assert _decide(_timings(1.00, 2.00, calls), {**KEY, "threads": 3})[0] == "sdpa"
+    assert len(calls) == 3
+    # Cached per device and run shape: the next run of that shape does not measure.
+    picked, record = _decide(_timings(1.00, 9.00, calls))
+    assert picked == "eager" and record["source"] == "cached measurement" and len(calls) == 3
+    # Several processes (no measurement possible) read the cache too...
+    assert _decide(None)[0] == "eager"
+    # ...and keep transformers' choice where nothing is cached.
+    picked, record = _decide(None, {**KEY, "threads": 9})
+    assert picked == "sdpa" and "several processes" in record["why"]
+
+
+def test_attention_auto_keeps_transformers_choice_where_it_should_not_measure(cache):
+    calls: list = []
+    eager_faster = _timings(2.0, 1.0, calls)
+    assert _decide(eager_faster, requested="sdpa")[1]["why"] == "asked for"
+    assert _decide(eager_faster, requested="eager", loaded="eager")[0] == "eager"
+    # An architecture transformers loaded with eager (no sdpa) offers no choice.
+    assert _decide(eager_faster, loaded="eager")[0] == "eager"
+    # A short run with nothing cached: a measurement would cost what it could gain.
+    picked, record = _decide(eager_faster, steps=50)
+    assert picked == "sdpa" and "50 steps" in record["why"]
+    # Eager's memory for the longest batch over the share of what is free: never tried.
+    picked, record = _decide(eager_faster, eager_bytes=3 * 2**30, available=10 * 2**30)
+    assert picked == "sdpa" and "3,072 MB more" in record["why"]
+    picked, record = _decide(eager_faster, eager_bytes=-1, available=10 * 2**30)
+    assert picked == "sdpa" and "cannot be bounded" in record["why"]
+    assert calls == []
+
+
+def test_eager_memory_bound_grows_with_the_square_of_the_length():
+    from transformers import BertConfig
+
+    from adaptune.attention import eager_extra_bytes
+
+    config = BertConfig(num_hidden_layers=6, num_attention_heads=12)
+    short, long = eager_extra_bytes(config, 32, 128), eager_extra_bytes(config, 32, 512)
+    assert long == 16 * short and 250 * 2**20 < short < 350 * 2**20  # NER: +350 MB measured
+
+
+def test_a_run_trains_with_the_kernel_the_measurement_picks(tiny_encoder, cls_files, tmp_path,
+                                                           cache, monkeypatch):
+    from adaptune import attention
+
+    monkeypatch.setattr(attention, "UNMEASURED_MIN_STEPS", 0)
+    monkeypatch.setattr(attention, "measure", lambda model, batch, device, bf16: {
+        "sdpa_s": 2.0, "eager_s": 1.0, "tokens": int(batch["attention_mask"].numel())})
+    train, dev = cls_files
+    m = run(tiny_config(tiny_encoder, train, dev, tmp_path / "e")).metrics
+    assert m["attention"] == "eager" and m["attention_choice"]["picked"] == "eager"
+    assert m["compile_choice"]["compiled"] is False
+    # With eager's memory over the share it is never measured: sdpa.
+    monkeypatch.setattr(attention, "MEMORY_SHARE", 1e-12)
+    m = run(tiny_config(tiny_encoder, train, dev, tmp_path / "s",
+                        train={"batch_size": 4})).metrics
+    assert m["attention"] == "sdpa" and "memory" in m["attention_choice"]["why"]
+
+
+def test_the_attention_measurement_leaves_the_run_as_it_would_have_been(tiny_encoder, cls_files,
+                                                                       tmp_path, cache,
+                                                                       monkeypatch):
+    """A real measurement (dropout on, so it draws random numbers) that ends in sdpa trains the
+    same run, to the last bit, as model.attention=sdpa; its figures are in metrics.json."""
+    from adaptune import attention
+
+    train, dev = cls_files
+    fixed = run(tiny_config(tiny_encoder, train, dev, tmp_path / "sdpa",
+                            model={"attention": "sdpa", "dropout": "checkpoint"})).metrics
+    monkeypatch.setattr(attention, "UNMEASURED_MIN_STEPS", 0)
+    monkeypatch.setattr(attention, "MARGIN", float("inf"))  # measure, then keep sdpa
+    auto = run(tiny_config(tiny_encoder, train, dev, tmp_path / "auto",
+                           model={"dropout": "checkpoint"})).metrics
+    choice = auto["attention_choice"]
+    assert choice["picked"] == "sdpa" == auto["attention"] and choice["source"] == "measured now"
+    assert choice["figures"]["sdpa_s"] > 0 and choice["figures"]["eager_s"] > 0
+    for key in ("dev", "final_train_loss", "evaluations", "optimizer_steps"):
+        assert auto[key] == fixed[key], key

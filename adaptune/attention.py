@@ -1,0 +1,180 @@
+"""`model.attention=auto`: the attention kernel that trains this model faster here, sdpa or
+eager, measured rather than assumed.
+
+transformers takes `scaled_dot_product_attention` (sdpa) wherever an architecture has it. That
+is the right call on GPUs and for long sequences, but not everywhere: on this project's 2-core
+AVX2 CPU the plain matmul-softmax-matmul ("eager") trained the NER job 1.09x faster and the
+SST-2 job 1.11x (identical dev metrics: with the backbone's dropout off the two compute the same
+function), the fused CPU kernel being slower than two large matrix products at sequence lengths
+of 20-60. So the choice is measured like the precision (adaptune.precision): forward and backward
+passes of the run's own model, its method applied, on a median-length training batch, in the
+chosen precision, each kernel in turn after a warm-up, random state restored; eager is taken
+when it is at least MARGIN faster. The answer is cached per device, torch version, threads,
+model, method, task, batch size and precision in `$ADAPTUNE_CACHE/attention.json`.
+
+Eager keeps the attention probabilities of every layer for the backward pass: memory that grows
+with the square of the sequence length. Before measuring, that extra memory is bounded for the
+run's longest possible batch; eager is never tried when the bound exceeds MEMORY_SHARE of the
+memory available, however fast it would be.
+
+Not measured (transformers' choice kept): an explicit `model.attention`; an architecture whose
+kernel transformers did not resolve to sdpa, or that cannot switch kernels after loading; runs of
+fewer than UNMEASURED_MIN_STEPS steps with nothing cached (a measurement costs about as much as
+the few percent such a run could gain); several processes with nothing cached (they would time
+each other).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from adaptune.precision import cache_key, cached, kept_random_state, store, timed_pass
+
+CACHE_FILE = "attention.json"
+COMPARED = ("sdpa", "eager")
+MARGIN = 1.03  # eager must be at least 3% faster to be chosen (the two are otherwise equal)
+REPEATS = 3  # timed passes per kernel (after one warm-up each)
+UNMEASURED_MIN_STEPS = 200
+MEMORY_SHARE = 0.2  # eager's extra memory may take at most this share of the available memory
+
+
+def transformers_model(model: nn.Module) -> nn.Module | None:
+    """The outermost transformers model inside the task model (the backbone, under peft's
+    wrappers when a method has been applied)."""
+    from transformers import PreTrainedModel
+
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+def kernel(model: nn.Module) -> str | None:
+    backbone = transformers_model(model)
+    return getattr(getattr(backbone, "config", None), "_attn_implementation", None)
+
+
+def set_kernel(model: nn.Module, name: str) -> bool:
+    """Switch the backbone's attention kernel in place; False when the architecture cannot
+    (transformers then warns and keeps the loaded one)."""
+    backbone = transformers_model(model)
+    if backbone is None:
+        return False
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its warning is replaced by the record's "why"
+    try:
+        backbone.set_attn_implementation(name)
+    except (ValueError, ImportError):
+        return False
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return kernel(model) == name
+
+
+def eager_extra_bytes(config: Any, batch_size: int, max_length: int) -> int:
+    """What eager keeps beyond sdpa for the backward pass of one batch: attention scores and
+    probabilities, batch x heads x length^2, in fp32, in every layer (an upper bound: bf16
+    autocast halves it)."""
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not layers or not heads:
+        return -1  # unknown architecture: cannot be bounded
+    return int(layers * batch_size * heads * max_length ** 2 * 4 * 2)
+
+
+def available_bytes(device: str) -> int:
+    """Memory free for the run: the GPU's free memory, or the system's MemAvailable."""
+    if device == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - no way to tell
+        return 0
+
+
+def measure(model: nn.Module, batch: dict[str, torch.Tensor], device: str,
+            bf16: bool = False) -> dict[str, float]:
+    """Median seconds of a forward and backward pass of `model` on `batch` with each kernel,
+    alternating, after one warm-up each. Leaves the model on sdpa, gradients cleared and the
+    random state as it was."""
+    times: dict[str, list[float]] = {name: [] for name in COMPARED}
+    with kept_random_state(device):
+        try:
+            for repeat in range(REPEATS + 1):
+                for name in COMPARED:
+                    set_kernel(model, name)
+                    elapsed = timed_pass(model, batch, device, bf16)
+                    if repeat:  # the first pass of each is a warm-up
+                        times[name].append(elapsed)
+        finally:
+            set_kernel(model, "sdpa")
+    return {f"{name}_s": statistics.median(times[name]) for name in COMPARED} | {
+        "tokens": int(batch["attention_mask"].numel())}
+
+
+def decide(requested: str, *, loaded: str | None, switchable: bool, steps: int, device: str,
+           key_parts: dict[str, Any], eager_bytes: int, available: int,
+           measure_fn: Callable[[], dict[str, float]] | None) -> tuple[str | None, dict[str, Any]]:
+    """(kernel to train with, record for metrics.json). `loaded`: the kernel transformers
+    resolved; `measure_fn` runs `measure` (None with several processes)."""
+    record: dict[str, Any] = {"requested": requested, "loaded": loaded}
+
+    def keep(why: str) -> tuple[str | None, dict[str, Any]]:
+        return loaded, {**record, "picked": loaded, "why": why}
+
+    if requested != "auto":
+        return keep("asked for")
+    if loaded != "sdpa" or not switchable:
+        return keep(f"transformers loaded {loaded} and this architecture offers no sdpa/eager "
+                    "choice after loading")
+    if eager_bytes < 0 or eager_bytes > MEMORY_SHARE * available:
+        bound = "cannot be bounded for this architecture" if eager_bytes < 0 else (
+            f"would need up to {eager_bytes / 2**20:,.0f} MB more for the longest batch, over "
+            f"{MEMORY_SHARE:.0%} of the {available / 2**20:,.0f} MB available")
+        return keep(f"eager's memory {bound}: sdpa kept")
+    key = cache_key(device, key_parts)
+    cache, figures = cached(CACHE_FILE, key)
+    source = "cached measurement"
+    if figures is None:
+        if measure_fn is None:
+            return keep("several processes and no cached measurement: transformers' choice")
+        if steps < UNMEASURED_MIN_STEPS:
+            return keep(f"{steps} steps and no measurement for this model here: runs under "
+                        f"{UNMEASURED_MIN_STEPS} steps keep transformers' choice")
+        figures, source = measure_fn(), "measured now"
+        cache[key] = figures
+        store(CACHE_FILE, cache)
+    picked = "eager" if figures["eager_s"] * MARGIN < figures["sdpa_s"] else "sdpa"
+    ratio = figures["sdpa_s"] / max(1e-12, figures["eager_s"])
+    return picked, {**record, "picked": picked, "figures": figures, "source": source,
+                    "why": f"eager ran {ratio:.2f}x the speed of sdpa on this run's model and "
+                           f"batch ({source}); eager is picked from {MARGIN:.2f}x"}
+
+
+def apply(requested: str, model: nn.Module, *, steps: int, device: str, batch_size: int,
+          max_length: int, key_parts: dict[str, Any],
+          measure_fn: Callable[[], dict[str, float]] | None) -> dict[str, Any]:
+    """Train `model` with the kernel `decide` picks (switched in place); returns the record."""
+    loaded = kernel(model)
+    switchable = (requested == "auto" and loaded == "sdpa" and set_kernel(model, "eager")
+                  and set_kernel(model, "sdpa"))
+    backbone = transformers_model(model)
+    eager_bytes = eager_extra_bytes(getattr(backbone, "config", None), batch_size, max_length)
+    available = available_bytes(device) if requested == "auto" and switchable else 0
+    picked, record = decide(requested, loaded=loaded, switchable=switchable, steps=steps,
+                            device=device, key_parts=key_parts, eager_bytes=eager_bytes,
+                            available=available, measure_fn=measure_fn)
+    if picked and picked != kernel(model):
+        set_kernel(model, picked)
+    return record
