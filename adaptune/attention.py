@@ -34,7 +34,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from adaptune.precision import cache_key, cached, kept_random_state, store, timed_pass
+from adaptune.precision import (cache_key, cached, faster, kept_random_state,
+                                measure_and_store, timed_pass)
 
 CACHE_FILE = "attention.json"
 COMPARED = ("sdpa", "eager")
@@ -144,22 +145,17 @@ def decide(requested: str, *, loaded: str | None, switchable: bool, steps: int, 
             f"{MEMORY_SHARE:.0%} of the {available / 2**20:,.0f} MB available")
         return keep(f"eager's memory {bound}: sdpa kept")
     key = cache_key(device, key_parts)
-    cache, figures = cached(CACHE_FILE, key)
-    source = "cached measurement"
+    figures, source = cached(CACHE_FILE, key)[1], "cached measurement"
     if figures is None:
         if measure_fn is None:
             return keep("several processes and no cached measurement: transformers' choice")
         if steps < UNMEASURED_MIN_STEPS:
             return keep(f"{steps} steps and no measurement for this model here: runs under "
                         f"{UNMEASURED_MIN_STEPS} steps keep transformers' choice")
-        figures, source = measure_fn(), "measured now"
-        cache[key] = figures
-        store(CACHE_FILE, cache)
-    picked = "eager" if figures["eager_s"] * MARGIN < figures["sdpa_s"] else "sdpa"
-    ratio = figures["sdpa_s"] / max(1e-12, figures["eager_s"])
+        figures, source = measure_and_store(CACHE_FILE, key, measure_fn), "measured now"
+    picked, why = faster(figures, "sdpa", "eager", MARGIN, source)
     return picked, {**record, "picked": picked, "figures": figures, "source": source,
-                    "why": f"eager ran {ratio:.2f}x the speed of sdpa on this run's model and "
-                           f"batch ({source}); eager is picked from {MARGIN:.2f}x"}
+                    "why": why}
 
 
 def apply(requested: str, model: nn.Module, *, steps: int, device: str, batch_size: int,

@@ -21,7 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from adaptune.precision import cache_key, cached, kept_random_state, store, timed_pass
+from adaptune.precision import (cache_key, cached, kept_random_state, measure_and_store,
+                                timed_pass)
 
 CACHE_FILE = "compile.json"
 UNMEASURED_MIN_STEPS = 2000
@@ -66,16 +67,13 @@ def decide(mode: str, *, steps: int, device: str, key_parts: dict[str, Any],
     if mode in ("on", "off"):
         return mode == "on", {"requested": mode, "compiled": mode == "on", "why": "asked for"}
     key = cache_key(device, key_parts)
-    cache, figures = cached(CACHE_FILE, key)
-    source = "cached measurement"
+    figures, source = cached(CACHE_FILE, key)[1], "cached measurement"
     if figures is None:
         if steps < UNMEASURED_MIN_STEPS:
             return False, {"requested": "auto", "compiled": False,
                            "why": f"{steps} steps and no measurement for this model here: "
                                   f"runs under {UNMEASURED_MIN_STEPS} steps stay eager"}
-        figures, source = measure_fn(), "measured now"
-        cache[key] = figures
-        store(CACHE_FILE, cache)
+        figures, source = measure_and_store(CACHE_FILE, key, measure_fn), "measured now"
     saving = predicted_saving(figures, steps)
     return saving > 0, {"requested": "auto", "compiled": saving > 0, "figures": figures,
                         "source": source, "predicted_saving_s": saving,

@@ -137,6 +137,26 @@ def store(name: str, cache: dict[str, Any]) -> None:
         pass
 
 
+def measure_and_store(name: str, key: str, measure_fn: Callable[[], dict[str, Any]]
+                      ) -> dict[str, Any]:
+    """`measure_fn()`'s figures, stored under `key` in the cache file `name`."""
+    cache, _ = cached(name, key)
+    figures = measure_fn()
+    cache[key] = figures
+    store(name, cache)
+    return figures
+
+
+def faster(figures: dict[str, float], incumbent: str, challenger: str, margin: float,
+           source: str) -> tuple[str, str]:
+    """(the kernel or precision to use, why): `challenger` only where its measured pass
+    (figures["<name>_s"]) is at least `margin` times faster than the incumbent's."""
+    ratio = figures[f"{incumbent}_s"] / max(1e-12, figures[f"{challenger}_s"])
+    return (challenger if ratio > margin else incumbent,
+            f"{challenger} ran {ratio:.2f}x the speed of {incumbent} on this run's model and "
+            f"batch ({source}); {challenger} is picked from {margin:.2f}x")
+
+
 def cache_key(device: str, key_parts: dict[str, Any]) -> str:
     return json.dumps({"device": device_key(device), "torch": torch.__version__, **key_parts},
                       sort_keys=True)
@@ -160,22 +180,16 @@ def choose(requested: str, *, device: str, key_parts: dict[str, Any],
     if not native_bf16(device):
         return "fp32", {**record, "picked": "fp32", "why": "no native bf16 on this device"}
     key = cache_key(device, key_parts)
-    cache, figures = cached(CACHE_FILE, key)
-    source = "cached probe"
+    figures, source = cached(CACHE_FILE, key)[1], "cached measurement"
     if figures is None and probe is None:
         picked = fallback(device, non_embedding_params)
         return picked, {**record, "picked": picked,
                         "why": "several processes and no cached probe: the fallback rule"}
     if figures is None:
-        figures, source = probe(), "probe"
-        cache[key] = figures
-        store(CACHE_FILE, cache)
-    picked = "bf16" if figures["bf16_s"] * MARGIN < figures["fp32_s"] else "fp32"
-    ratio = figures["fp32_s"] / max(1e-12, figures["bf16_s"])
+        figures, source = measure_and_store(CACHE_FILE, key, probe), "measured now"
+    picked, why = faster(figures, "fp32", "bf16", MARGIN, source)
     return picked, {**record, "picked": picked, "probe": figures, "source": source,
-                    "why": f"bf16 ran {ratio:.2f}x the speed of fp32 on this run's model and "
-                           f"batch ({source}); bf16 is picked from {MARGIN:.2f}x",
-                    "device": device_key(device)}
+                    "why": why, "device": device_key(device)}
 
 
 def probe_batch(task: Any, features: list[dict], sampler: Any, pad_token_id: int,

@@ -36,7 +36,7 @@ def test_bf16_is_picked_only_when_it_is_measured_faster(cache):
     # Another machine (another cache key): bf16 only 5% faster, under the margin -> fp32.
     picked, record = precision.choose("auto", device="cpu", key_parts={**KEY, "threads": 1},
                                       probe=_probe(1.0, 0.95, calls), non_embedding_params=1)
-    assert picked == "fp32" and record["source"] == "probe"
+    assert picked == "fp32" and record["source"] == "measured now"
     # ...and where bf16 is slower (this project's first CPU), fp32 as well.
     picked, _ = precision.choose("auto", device="cpu", key_parts={**KEY, "threads": 3},
                                  probe=_probe(1.0, 2.0, calls), non_embedding_params=1)
@@ -49,7 +49,7 @@ def test_the_answer_is_cached_per_device_and_run_shape(cache):
                      non_embedding_params=1)
     picked, record = precision.choose("auto", device="cpu", key_parts=KEY,
                                       probe=_probe(1.0, 9.0, calls), non_embedding_params=1)
-    assert picked == "bf16" and record["source"] == "cached probe" and len(calls) == 1
+    assert picked == "bf16" and record["source"] == "cached measurement" and len(calls) == 1
     stored = json.loads(cache.read_text())
     (key,) = stored
     assert json.loads(key)["device"].startswith("cpu:") and json.loads(key)["torch"]
@@ -86,7 +86,7 @@ def test_the_probe_leaves_the_run_exactly_as_it_would_have_been(tiny_encoder, cl
     auto = run(tiny_config(tiny_encoder, train, dev, tmp_path / "auto",
                            train={"precision": "auto"})).metrics
     choice = auto["precision_choice"]
-    assert choice["picked"] == "fp32" == auto["precision"] and choice["source"] == "probe"
+    assert choice["picked"] == "fp32" == auto["precision"] and choice["source"] == "measured now"
     assert choice["probe"]["fp32_s"] > 0 and choice["probe"]["bf16_s"] > 0
     for key in ("dev", "final_train_loss", "evaluations", "optimizer_steps"):
         assert auto[key] == fixed[key], key
