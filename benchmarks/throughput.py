@@ -66,7 +66,11 @@ CONTENDERS = ("adaptune", *TRAINERS)
 # Run only when named: the length-grouped fp32 Trainer with the backbone's dropout off (every
 # rate of its config at 0, passed to from_pretrained), as adaptune trains adapters by default
 # (model.dropout=auto), so that lever is not credited to adaptune alone.
-EXTRA_TRAINERS = ("trainer-grouped-fp32-no-dropout",)
+EXTRA_TRAINERS = ("trainer-grouped-fp32-no-dropout",
+                  # ...and with eager attention too (attn_implementation="eager"), where adaptune's
+                  # model.attention=auto picks it: every lever adaptune pulls by default, pulled on
+                  # Trainer's side as well, in each precision.
+                  "trainer-grouped-fp32-eager-no-dropout", "trainer-grouped-bf16-eager-no-dropout")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,7 +128,8 @@ def run_adaptune(job: dict[str, Any], out: Path, variant: dict[str, Any], seed: 
 
 
 def run_trainer(job: dict[str, Any], out: Path, bf16: bool, seed: int,
-                grouped: bool = False, no_dropout: bool = False) -> dict[str, Any]:
+                grouped: bool = False, no_dropout: bool = False,
+                eager: bool = False) -> dict[str, Any]:
     """The baseline a user would write with transformers + peft."""
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import (
@@ -156,15 +161,18 @@ def run_trainer(job: dict[str, Any], out: Path, bf16: bool, seed: int,
     from transformers import AutoConfig
 
     from adaptune.modeling import dropout_keys
-    rates = {k: 0.0 for k in dropout_keys(AutoConfig.from_pretrained(path))} if no_dropout else {}
+    overrides: dict[str, Any] = ({k: 0.0 for k in dropout_keys(AutoConfig.from_pretrained(path))}
+                                 if no_dropout else {})
+    if eager:  # the attention kernel, as a transformers user passes it
+        overrides["attn_implementation"] = "eager"
     if job["task"] == "ner":
         model = AutoModelForTokenClassification.from_pretrained(path, num_labels=len(labels),
-                                                                **rates)
+                                                                **overrides)
         collate = DataCollatorForTokenClassification(tokenizer)
         task_type = TaskType.TOKEN_CLS
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels),
-                                                                   **rates)
+                                                                   **overrides)
         model.config.pad_token_id = tokenizer.pad_token_id
         collate = DataCollatorWithPadding(tokenizer)
         task_type = TaskType.SEQ_CLS
@@ -216,9 +224,10 @@ def _child(job_name: str, contender: str, out: Path, seed: int, threads: int) ->
     if contender.startswith("adaptune"):
         result = run_adaptune(job, folder, ADAPTUNE_VARIANTS[contender], seed, threads)
     else:
-        result = run_trainer(job, folder, contender.endswith("bf16"), seed,
+        result = run_trainer(job, folder, "-bf16" in contender, seed,
                              grouped="grouped" in contender,
-                             no_dropout=contender.endswith("no-dropout"))
+                             no_dropout=contender.endswith("no-dropout"),
+                             eager="-eager" in contender)
     if torch.cuda.is_available():
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
