@@ -163,10 +163,15 @@ def advise(results: str | Path, model: str, within: float = 0.01, fraction: floa
         if fit is not None:
             note = f"{note} Rank law for {model} {chosen[1]}: {fit.describe()}.".strip()
     # The rivals a backtest re-runs: the best (the tolerance's reference), and the cheapest
-    # cells just outside the tolerance (fresh seeds could bring them in).
+    # cells just outside the tolerance (fresh seeds could bring them in). Where the pick is the
+    # best itself, the runner-up stands in for the best: it is the cell most likely to lead on
+    # fresh seeds, and without it a pick that nothing undercuts would be re-run alone, a
+    # backtest that cannot fail.
     cheaper = sorted((k for k in keys if params[k] < params[chosen]),
                      key=lambda k: -sign * means[k])
-    others = distinct([chosen, best, *cheaper])[1:]  # without cells that train as another
+    runner_up = sorted((k for k in distinct([chosen, *keys])[1:]),
+                       key=lambda k: -sign * means[k])[:1] if chosen == best else []
+    others = distinct([chosen, best, *runner_up, *cheaper])[1:]  # none trains as another
     rivals = tuple(others[:3 if others and others[0] == best else 2])
     return Advice(model, chosen[1], chosen[2], means[chosen], params[chosen],
                   _label(best[1], best[2]), means[best],

@@ -168,6 +168,24 @@ def test_backtest_rivals_skip_a_cell_that_trains_the_same_model():
     assert advisor.distinct([rs4, lora1, rs1, dora1]) == [rs4, lora1, dora1]
 
 
+def test_backtest_rivals_hold_the_runner_up_where_the_pick_is_the_best(tmp_path):
+    """A pick that is the best cell and that no cheaper cell undercuts is re-run beside the
+    runner-up: alone, its backtest could not fail (it would be the best of one)."""
+    means = {("lora", 1): 0.80, ("lora", 2): 0.876, ("lora", 4): 0.872, ("lora", 8): 0.85}
+    _write_fixture(tmp_path, lambda method, rank, n, d: 1 - means[(method, rank)],
+                   models=("m1",), methods=("lora",), ranks=(1, 2, 4, 8), fractions=(1.0,),
+                   seeds=(0, 1, 2), noise=0.0005)
+    advice = advisor.advise(tmp_path, "m1", within=0.0)  # the best, r=2: only r=1 is cheaper
+    assert advice.rank == 2 and [k[2] for k in advice.rivals] == [4, 1]  # runner-up, cheaper
+    # Where the best is the cheapest cell, the runner-up is its one rival.
+    means[("lora", 1)] = 0.90
+    _write_fixture(tmp_path, lambda method, rank, n, d: 1 - means[(method, rank)],
+                   models=("m1",), methods=("lora",), ranks=(1, 2, 4, 8), fractions=(1.0,),
+                   seeds=(0, 1, 2), noise=0.0005)
+    advice = advisor.advise(tmp_path, "m1", within=0.01)
+    assert advice.rank == 1 and [k[2] for k in advice.rivals] == [2]
+
+
 def test_method_table_says_when_a_row_has_no_interval():
     """An interim table (one seed so far) names the missing interval instead of [nan, nan]."""
     from types import SimpleNamespace
