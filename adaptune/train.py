@@ -657,10 +657,11 @@ def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: flo
     metrics["precision_choice"] = tr.precision_record
     metrics["compile_choice"] = tr.compile_record
     metrics["attention_choice"] = tr.attention_record
-    # The attention kernel the run trained with.
-    backbone = getattr(tr.accelerator.unwrap_model(tr.model), "backbone", None)
-    config = getattr(backbone, "config", None)
-    metrics["attention"] = getattr(config, "_attn_implementation", None)
+    from adaptune import attention as attentions
+
+    model = tr.accelerator.unwrap_model(tr.model)
+    metrics["attention"] = attentions.kernel(model)  # the kernel the run trained with
+    config = getattr(getattr(model, "backbone", None), "config", None)
     # The backbone's dropout rates in use (model.dropout: the checkpoint's, or the run's).
     metrics["backbone_dropout"] = ({key: getattr(config, key) for key in dropout_keys(config)}
                                    if config is not None else None)
