@@ -7,10 +7,14 @@ AVX2 CPU the plain matmul-softmax-matmul ("eager") trained the NER job 1.09x fas
 SST-2 job 1.11x (identical dev metrics: with the backbone's dropout off the two compute the same
 function), the fused CPU kernel being slower than two large matrix products at sequence lengths
 of 20-60. So the choice is measured like the precision (adaptune.precision): forward and backward
-passes of the run's own model, its method applied, on a median-length training batch, in the
-chosen precision, each kernel in turn after a warm-up, random state restored; eager is taken
-when it is at least MARGIN faster. The answer is cached per device, torch version, threads,
-model, method, task, batch size and precision in `$ADAPTUNE_CACHE/attention.json`.
+passes of the run's own model, its method applied, in the chosen precision, each kernel in turn
+after a warm-up, random state restored; eager is taken when it is at least MARGIN faster. They
+are timed on two training batches, one with padding and one without (`probe_batches`): for a
+batch without padding transformers gives sdpa no mask, and its fast path then tied eager on
+smollm2-135m in bf16 (475 against 472 ms) while eager was 1.25-1.37x faster on a padded batch;
+one median batch spoke for one kind only, and 45% of that job's batches are padded. The answer
+is cached per device, torch version, threads, model, method, task, batch size and precision in
+`$ADAPTUNE_CACHE/attention.json`.
 
 Eager keeps the attention probabilities of every layer for the backward pass: memory that grows
 with the square of the sequence length. Before measuring, that extra memory is bounded for the
@@ -19,9 +23,9 @@ memory available, however fast it would be.
 
 Not measured (transformers' choice kept): an explicit `model.attention`; an architecture whose
 kernel transformers did not resolve to sdpa, or that cannot switch kernels after loading; runs of
-fewer than UNMEASURED_MIN_STEPS steps with nothing cached (a measurement costs about 8 steps,
-more than such a run gains at the smallest speed-up seen); several processes with nothing
-cached (they would time each other).
+fewer than UNMEASURED_MIN_STEPS steps with nothing cached (a measurement costs up to 16 steps,
+about what such a run gains at a typical speed-up); several processes with nothing cached (they
+would time each other).
 """
 
 from __future__ import annotations
@@ -41,11 +45,12 @@ CACHE_FILE = "attention.json"
 COMPARED = ("sdpa", "eager")
 MARGIN = 1.03  # eager must be at least 3% faster to be chosen (the two are otherwise equal)
 REPEATS = 3  # timed passes per kernel (after one warm-up each)
-# A measurement is 2 x (1 + REPEATS) = 8 forward+backward passes, about 8 training steps. The
-# smallest gain eager has shown on a CPU is 1.09x (fp32 NER, AVX2; 1.13x to 1.92x in bf16 on
-# AVX512), which repays those 8 steps after 8 / (1 - 1/1.09), about 97 steps; shorter runs with
-# nothing cached keep transformers' choice.
-UNMEASURED_MIN_STEPS = 100
+# A measurement is up to 2 kernels x 2 batches x (1 + REPEATS) = 16 forward+backward passes,
+# about 16 training steps. Eager's gains measured on CPUs so far: 1.04x to 1.92x over six jobs
+# and machines, median about 1.12x, which repays 16 steps after 16 / (1 - 1/1.12), about 150
+# steps; shorter runs with nothing cached keep transformers' choice. (At the smallest gain,
+# 1.04x, it would take about 420.)
+UNMEASURED_MIN_STEPS = 150
 MEMORY_SHARE = 0.2  # eager's extra memory may take at most this share of the available memory
 
 
@@ -108,24 +113,48 @@ def available_bytes(device: str) -> int:
         return 0
 
 
-def measure(model: nn.Module, batch: dict[str, torch.Tensor], device: str,
+def probe_batches(task: Any, features: list[dict], sampler: Any, pad_token_id: int,
+                  device: str) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """The batches the kernels are timed on, each with its weight: of the run's first-epoch
+    batches, the median-length one among those with padding and among those without, weighted
+    by that kind's share of the epoch (one batch of weight 1 where the epoch has one kind)."""
+    batches = sampler.batches(0)
+    kinds: dict[bool, list[list[int]]] = {}
+    for batch in batches:
+        lengths = {len(features[i]["input_ids"]) for i in batch}
+        kinds.setdefault(len(lengths) > 1, []).append(batch)
+    probes = []
+    for padded, group in sorted(kinds.items()):
+        group = sorted(group, key=lambda b: max(len(features[i]["input_ids"]) for i in b))
+        collated = task.collate([features[i] for i in group[len(group) // 2]], pad_token_id)
+        probes.append(({k: v.to(device) for k, v in collated.items()}, len(group) / len(batches)))
+    return probes
+
+
+def measure(model: nn.Module, batches: list[tuple[dict[str, torch.Tensor], float]], device: str,
             bf16: bool = False) -> dict[str, float]:
-    """Median seconds of a forward and backward pass of `model` on `batch` with each kernel,
-    alternating, after one warm-up each. Leaves the model on sdpa, gradients cleared and the
-    random state as it was."""
-    times: dict[str, list[float]] = {name: [] for name in COMPARED}
+    """Seconds of a forward and backward pass of `model` with each kernel: per batch the median
+    of REPEATS passes (alternating kernels, after one warm-up each), weighted over `batches`
+    (`probe_batches`). Leaves the model on sdpa, gradients cleared and the random state as it
+    was."""
+    times: dict[tuple[str, int], list[float]] = {}
     with kept_random_state(device):
         try:
             for repeat in range(REPEATS + 1):
-                for name in COMPARED:
-                    set_kernel(model, name)
-                    elapsed = timed_pass(model, batch, device, bf16)
-                    if repeat:  # the first pass of each is a warm-up
-                        times[name].append(elapsed)
+                for index, (batch, _) in enumerate(batches):
+                    for name in COMPARED:
+                        set_kernel(model, name)
+                        elapsed = timed_pass(model, batch, device, bf16)
+                        if repeat:  # the first pass of each is a warm-up
+                            times.setdefault((name, index), []).append(elapsed)
         finally:
             set_kernel(model, "sdpa")
-    return {f"{name}_s": statistics.median(times[name]) for name in COMPARED} | {
-        "tokens": int(batch["attention_mask"].numel())}
+    figures = {f"{name}_s": sum(weight * statistics.median(times[name, index])
+                                for index, (_, weight) in enumerate(batches))
+               for name in COMPARED}
+    return figures | {"tokens": sum(int(b["attention_mask"].numel()) for b, _ in batches),
+                      "padded_share": sum(w for b, w in batches
+                                          if not bool(b["attention_mask"].all()))}
 
 
 def decide(requested: str, *, loaded: str | None, switchable: bool, steps: int, device: str,
@@ -148,7 +177,8 @@ def decide(requested: str, *, loaded: str | None, switchable: bool, steps: int, 
             f"would need up to {eager_bytes / 2**20:,.0f} MB more for the longest batch, over "
             f"{MEMORY_SHARE:.0%} of the {available / 2**20:,.0f} MB available")
         return keep(f"eager's memory {bound}: sdpa kept")
-    key = cache_key(device, key_parts)
+    # (Measurements over one median batch, before both kinds of batch were timed, are not reused.)
+    key = cache_key(device, {**key_parts, "probe": "padded and unpadded batches"})
     figures, source = cached(CACHE_FILE, key)[1], "cached measurement"
     if figures is None:
         if measure_fn is None:

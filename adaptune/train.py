@@ -484,8 +484,10 @@ def _setup(p: Prepared) -> Trainer:
         p.run.config.model.attention, model, steps=plan.total_steps, device=device,
         batch_size=t.batch_size, max_length=max(len(f["input_ids"]) for f in p.train_features),
         key_parts={**shape, "precision": precision},
-        measure_fn=(lambda: attentions.measure(*on_device(), device, bf16=precision == "bf16"))
-        if processes == 1 else None)
+        measure_fn=(lambda: attentions.measure(
+            on_device()[0], attentions.probe_batches(p.task, p.train_features, sampler,
+                                                     p.tokenizer.pad_token_id, device),
+            device, bf16=precision == "bf16")) if processes == 1 else None)
     # Compilation: asked for, or (auto) predicted to repay its cost over this run's steps.
     compile_record = compiling.apply(
         t.compile, model, steps=plan.total_steps, device=device,

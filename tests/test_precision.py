@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from adaptune import precision
 from adaptune.train import run
@@ -216,6 +217,66 @@ def test_attention_auto_keeps_transformers_choice_where_it_should_not_measure(ca
     assert calls == []
 
 
+class _PadTask:
+    """collate as the tasks do it: right padding, a mask of the real tokens."""
+
+    @staticmethod
+    def collate(features, pad_token_id):
+        width = max(len(f["input_ids"]) for f in features)
+        ids = [f["input_ids"] + [pad_token_id] * (width - len(f["input_ids"])) for f in features]
+        mask = [[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"]))
+                for f in features]
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+
+def test_attention_probes_a_padded_and_an_unpadded_batch_weighted_by_their_shares():
+    from adaptune.attention import probe_batches
+    from adaptune.batching import LengthGroupedBatches
+
+    # 12 sentences of length 5 (batches of 4 without padding) and 8 of mixed lengths.
+    lengths = [5] * 12 + [3, 7, 4, 8, 6, 9, 2, 10]
+    features = [{"input_ids": [1] * n} for n in lengths]
+    sampler = LengthGroupedBatches(lengths, 4, 0, False)  # random batches: both kinds occur
+    kinds = {}
+    for batch in sampler.batches(0):
+        kinds.setdefault(len({lengths[i] for i in batch}) > 1, []).append(batch)
+    probes = probe_batches(_PadTask, features, sampler, 0, "cpu")
+    assert len(probes) == len(kinds) and abs(sum(w for _, w in probes) - 1) < 1e-9
+    for batch, weight in probes:
+        padded = not bool(batch["attention_mask"].all())
+        assert weight == len(kinds[padded]) / 5
+    # One kind only: one batch of weight 1.
+    same = [{"input_ids": [1] * 5}] * 8
+    (batch, weight), = probe_batches(_PadTask, same, LengthGroupedBatches([5] * 8, 4, 0, True),
+                                     0, "cpu")
+    assert weight == 1 and batch["attention_mask"].all()
+
+
+def test_attention_measurement_weights_each_kind_of_batch(monkeypatch):
+    """The case that made a single median batch mislead: eager ties sdpa on the batch without
+    padding and is faster on the padded one; the weighted figures show eager ahead."""
+    from adaptune import attention
+
+    current = {"kernel": "sdpa"}
+    monkeypatch.setattr(attention, "set_kernel", lambda model, name: current.update(kernel=name))
+    seconds = {("sdpa", False): 0.47, ("eager", False): 0.47,
+               ("sdpa", True): 0.53, ("eager", True): 0.41}
+    monkeypatch.setattr(attention, "timed_pass", lambda model, batch, device, bf16: seconds[
+        current["kernel"], not bool(batch["attention_mask"].all())])
+    full = {"attention_mask": torch.ones(16, 8, dtype=torch.long)}
+    padded = {"attention_mask": torch.tensor([[1] * 9] * 15 + [[1] * 5 + [0] * 4])}
+    figures = attention.measure(None, [(full, 0.55), (padded, 0.45)], "cpu")
+    assert abs(figures["sdpa_s"] - (0.55 * 0.47 + 0.45 * 0.53)) < 1e-9
+    assert abs(figures["eager_s"] - (0.55 * 0.47 + 0.45 * 0.41)) < 1e-9
+    assert figures["padded_share"] == 0.45 and figures["tokens"] == 16 * 8 + 16 * 9
+    assert current["kernel"] == "sdpa"  # left as loaded
+    assert attention.faster(figures, "sdpa", "eager", attention.MARGIN, "measured now")[0] \
+        == "eager"
+    # The unpadded batch alone, as the single-batch probe saw it: a tie, so sdpa.
+    alone = attention.measure(None, [(full, 1.0)], "cpu")
+    assert attention.faster(alone, "sdpa", "eager", attention.MARGIN, "measured now")[0] == "sdpa"
+
+
 def test_eager_memory_bound_grows_with_the_square_of_the_length():
     from transformers import BertConfig
 
@@ -231,8 +292,9 @@ def test_a_run_trains_with_the_kernel_the_measurement_picks(tiny_encoder, cls_fi
     from adaptune import attention
 
     monkeypatch.setattr(attention, "UNMEASURED_MIN_STEPS", 0)
-    monkeypatch.setattr(attention, "measure", lambda model, batch, device, bf16: {
-        "sdpa_s": 2.0, "eager_s": 1.0, "tokens": int(batch["attention_mask"].numel())})
+    monkeypatch.setattr(attention, "measure", lambda model, batches, device, bf16: {
+        "sdpa_s": 2.0, "eager_s": 1.0, "tokens": sum(int(b["attention_mask"].numel())
+                                                      for b, _ in batches)})
     train, dev = cls_files
     m = run(tiny_config(tiny_encoder, train, dev, tmp_path / "e")).metrics
     assert m["attention"] == "eager" and m["attention_choice"]["picked"] == "eager"
