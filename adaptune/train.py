@@ -35,7 +35,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from adaptune import attention as attentions
 from adaptune import checkpoint as ckpt
+from adaptune import compiling
+from adaptune import precision as precisions
 from adaptune import tracking
 from adaptune.artifact import ADAPTER_DIR, write_adapter
 from adaptune.batching import LengthGroupedBatches
@@ -420,10 +423,6 @@ def _setup(p: Prepared) -> Trainer:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from adaptune import attention as attentions
-    from adaptune import compiling
-    from adaptune import precision as precisions
-
     t = p.run.config.train
     set_seed(t.seed)
     model = p.build_model()
@@ -659,8 +658,6 @@ def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: flo
     metrics["precision_choice"] = tr.precision_record
     metrics["compile_choice"] = tr.compile_record
     metrics["attention_choice"] = tr.attention_record
-    from adaptune import attention as attentions
-
     model = tr.accelerator.unwrap_model(tr.model)
     metrics["attention"] = attentions.kernel(model)  # the kernel the run trained with
     config = getattr(getattr(model, "backbone", None), "config", None)
