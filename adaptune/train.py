@@ -647,7 +647,10 @@ def _loop(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState",
             state.epoch += 1
             state.batch_in_epoch = 0
     progress.close()
-    return time.perf_counter() - started
+    # Kept in the state: a paused run's checkpoint carries it, so the run that resumes counts
+    # this part's time too (its overhead already holds this part's evaluations).
+    state.elapsed = time.perf_counter() - started
+    return state.elapsed
 
 
 def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: float,

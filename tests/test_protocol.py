@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import pytest
 import torch
@@ -149,6 +150,34 @@ def test_a_paused_run_continues_exactly_as_one_run(tiny_encoder, unique_files, t
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_paused_run_counts_the_time_of_its_first_part(tiny_encoder, unique_files, tmp_path,
+                                                        monkeypatch):
+    """A run resumed from a pause (a halving rung) reports the whole run's wall and training
+    time. Before the fix its checkpoint carried no elapsed time but all the evaluations'
+    overhead, so train_time_s came out as the second part's wall minus both parts' evaluations:
+    negative in committed sweep records. Evaluations here take 0.3 s each to make that plain."""
+    from adaptune import train as flow
+
+    real = flow.Prepared.evaluate
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.3)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(flow.Prepared, "evaluate", slow)
+    train, dev = unique_files
+    cfg = tiny_config(tiny_encoder, train, dev, tmp_path / "run",
+                      data={"selection_examples": 10}, train={"max_steps": 8, "eval_every": 2})
+    first = run(cfg.replace(train={"pause_at_fraction": 0.5})).metrics
+    rest = run(cfg).metrics
+    assert rest["resumed_from"]
+    assert first["wall_time_s"] > 0.6  # two evaluations in the first part
+    # The whole run's wall holds both parts (the second has 2 more evaluations and dev).
+    assert rest["wall_time_s"] > first["wall_time_s"] + 0.6
+    assert 0 < first["train_time_s"] < first["wall_time_s"]
+    assert first["train_time_s"] <= rest["train_time_s"] < rest["wall_time_s"]
 
 
 def _record(score: float) -> dict:
