@@ -473,6 +473,15 @@ def _mean_of(records: list[dict[str, Any]], field_name: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def train_time(record: dict[str, Any]) -> float | None:
+    """The record's training seconds, or None where they are known to be wrong: a run resumed
+    (a halving rung) by code before the record's `times_cover` mark counted only its last part,
+    less every part's evaluations (negative in some committed records)."""
+    if record.get("resumed_from") and record.get("times_cover") != "whole run":
+        return None
+    return record.get("train_time_s")
+
+
 def method_rows(res: Results, reference: tuple[str, int] = ("lora", 8)) -> list[dict[str, Any]]:
     """Per model and method (and rank), at the largest data fraction: the dev metric's mean and
     95% t interval over seeds, trainable parameters, the training loop's memory above the
@@ -500,7 +509,7 @@ def method_rows(res: Results, reference: tuple[str, int] = ("lora", 8)) -> list[
                 "mean": float(np.mean(values)), "interval": t_interval(values),
                 "trainable_params": trainable,
                 "memory_increase_mb": _mean_of(recs, "train_memory_increase_mb"),
-                "train_time_s": _mean_of(recs, "train_time_s"),
+                "train_time_s": _mean_of([{"t": train_time(r)} for r in recs], "t"),
                 "adapter_bytes": _mean_of(recs, "adapter_bytes"),
                 "lr": sorted({r.get("selected_lr") or r["config"]["train"]["lr"] for r in recs}),
                 "p_vs_reference": p, "beats_reference": beats})
@@ -515,7 +524,9 @@ def method_lines(res: Results, rows: list[dict[str, Any]]) -> list[str]:
     lines = ["", "## Methods compared", "",
              f"Dev {res.metric}: mean and 95% t interval over seeds; memory: the training "
              "loop's peak above the frozen model it started with (CPU: resident set sampled "
-             "every 20 ms); time: training steps only; Welch test against LoRA r=8 of the same "
+             "every 20 ms); time: training steps only ('-' where not recorded correctly: "
+             "halving rungs resumed by code before 2026-12-06 counted their last part only); "
+             "Welch test against LoRA r=8 of the same "
              "model. 'beats' = better beyond seed noise (p < 0.05) at no more trainable "
              "parameters.", "",
              f"| model | method | rank | seeds | {res.metric} [95%] | trainable | memory MB | "
@@ -581,7 +592,7 @@ def peft_comparison_record(res: Results, record: dict[str, Any]) -> dict[str, An
             "error_msg": ""},
         "train_info": {
             "accelerator_memory_max": (record.get("train_peak_memory_mb") or 0) * 2**20,
-            "train_time": record.get("train_time_s"), "file_size": record.get("adapter_bytes"),
+            "train_time": train_time(record), "file_size": record.get("adapter_bytes"),
             "num_trainable_params": record["trainable_params"],
             "num_total_params": record["total_params"], "status": "success",
             "metrics": evals},

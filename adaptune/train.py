@@ -701,6 +701,9 @@ def final_metrics(p: Prepared, state: "ckpt.TrainState", wall: float, resumed_fr
         "epochs": plan.epochs,
         "wall_time_s": wall,  # training, evaluations and checkpoints
         "train_time_s": wall - state.overhead,  # training steps only
+        # Both times cover every part of a resumed run. Records without this mark were written
+        # by code that counted a resumed run's last part only (report.train_time).
+        "times_cover": "whole run",
         "train_real_tokens": state.real_tokens * processes,
         "train_padded_tokens": state.padded_tokens * processes,
         "real_tokens_per_s": state.real_tokens * processes / max(1e-9, wall - state.overhead),

@@ -172,7 +172,7 @@ def test_a_paused_run_counts_the_time_of_its_first_part(tiny_encoder, unique_fil
                       data={"selection_examples": 10}, train={"max_steps": 8, "eval_every": 2})
     first = run(cfg.replace(train={"pause_at_fraction": 0.5})).metrics
     rest = run(cfg).metrics
-    assert rest["resumed_from"]
+    assert rest["resumed_from"] and rest["times_cover"] == "whole run"
     assert first["wall_time_s"] > 0.6  # two evaluations in the first part
     # The whole run's wall holds both parts (the second has 2 more evaluations and dev).
     assert rest["wall_time_s"] > first["wall_time_s"] + 0.6

@@ -278,3 +278,14 @@ def test_html_report_renders_in_a_headless_browser(tmp_path):
     dom = proc.stdout
     assert f'data-images-loaded="{len(plots)}/{len(plots)}"' in dom, proc.stderr[-2000:]
     assert dom.count("<table") >= 4 and "Scaling laws and their held-out checks" in dom
+
+
+def test_train_time_is_dropped_where_an_old_resumed_run_counted_its_last_part_only():
+    from adaptune.report import train_time
+
+    fresh = {"train_time_s": 12.5, "resumed_from": None}
+    old_rung = {"train_time_s": -3.9, "resumed_from": "work/x/checkpoints/step-63"}
+    new_rung = {**old_rung, "train_time_s": 20.1, "times_cover": "whole run"}
+    assert train_time(fresh) == 12.5
+    assert train_time(old_rung) is None
+    assert train_time(new_rung) == 20.1
