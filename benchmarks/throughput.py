@@ -259,11 +259,14 @@ def op_category(name: str) -> str:
     return "element-wise, norms, softmax, loss"
 
 
-def profile_adaptune(job_name: str, out: Path, steps: int, threads: int) -> None:
+def profile_adaptune(job_name: str, out: Path, steps: int, threads: int,
+                     variant: str = "adaptune") -> None:
     """Profile adaptune's job twice, for 10 and 10 + `steps` optimizer steps, and print the
     difference by kind of operator: model loading, tokenization and evaluation cost the same in
     both and cancel, leaving `steps` training steps. Time outside any operator is Python and
     framework work (the training loop, peft's and accelerate's wrappers, collation).
+    `variant` (an ADAPTUNE_VARIANTS name) profiles a lever forced, e.g. eager attention, which a
+    run this short would not measure for itself.
 
     Then what bounds the model FLOP rate: the profiler counts each matrix product's FLOPs, so
     the rate while in matrix products, against the machine's peak measured here, and the share
@@ -277,7 +280,8 @@ def profile_adaptune(job_name: str, out: Path, steps: int, threads: int) -> None
     # once per machine and cache the answer, and that one-time cost must not land in the
     # 10-step run alone (it made the difference below smaller than its parts: shares > 100%).
     warm = run_adaptune({**job, "dev_examples": 32}, out / f"profile-{job_name}-warmup",
-                        {"max_steps": 2}, seed=42, threads=threads)
+                        {**ADAPTUNE_VARIANTS[variant], "max_steps": 2}, seed=42,
+                        threads=threads)
     dtype = torch.bfloat16 if warm["precision"] == "bf16" else torch.float32
     peak = matmul_peak(dtype)
     totals = []
@@ -286,7 +290,8 @@ def profile_adaptune(job_name: str, out: Path, steps: int, threads: int) -> None
                      with_flops=True) as prof:
             start = time.perf_counter()
             run_adaptune({**job, "dev_examples": 32}, out / f"profile-{job_name}-{n}",
-                         {"max_steps": n}, seed=42, threads=threads)
+                         {**ADAPTUNE_VARIANTS[variant], "max_steps": n}, seed=42,
+                         threads=threads)
             wall = time.perf_counter() - start
         by_kind: dict[str, float] = {}
         # (product, its operands' shapes) -> [calls, seconds, FLOPs]
@@ -303,8 +308,10 @@ def profile_adaptune(job_name: str, out: Path, steps: int, threads: int) -> None
         by_kind["outside operators (Python, framework)"] = wall - sum(by_kind.values())
         totals.append((wall, by_kind, products))
     wall = totals[1][0] - totals[0][0]
+    attention = (warm.get("attention_choice") or {}).get("picked", "-")
     print(f"\n### profile: adaptune on {job_name}, {steps} training steps "
-          f"({wall / steps:.3f} s per step under the profiler, {warm['precision']})\n")
+          f"({wall / steps:.3f} s per step under the profiler, {warm['precision']}, "
+          f"attention {attention}{'' if variant == 'adaptune' else ', variant ' + variant})\n")
     print("| where the time goes | seconds | share |")
     print("|---|---|---|")
     kinds = sorted(totals[1][1], key=lambda k: -(totals[1][1][k] - totals[0][1].get(k, 0.0)))
@@ -406,6 +413,10 @@ def main() -> None:
     parser.add_argument("--model", default="", help="replace every job's model (a zoo name, "
                         "Hub id or folder), e.g. where the zoo cannot be installed")
     parser.add_argument("--batch", type=int, default=0, help="replace every job's batch size")
+    parser.add_argument("--train-examples", type=int, default=0, help="replace every job's "
+                        "number of training sentences (0 keeps each job's own: all of "
+                        "CoNLL-2003, 20,000 or 2,000 of SST-2), e.g. to time a run long enough "
+                        "for model.attention=auto to measure")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (default: "
                         "all cores; fewer only for accuracy runs beside other work: the timings "
                         "are then not the machine's)")
@@ -414,6 +425,9 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="instead of the comparison, profile adaptune's path on each job for "
                         "STEPS training steps and print where the time goes")
+    parser.add_argument("--profile-variant", default="adaptune", metavar="VARIANT",
+                        help="with --profile: which adaptune variant (e.g. "
+                        "adaptune-eager-attention)")
     parser.add_argument("--child", nargs=3, metavar=("JOB", "CONTENDER", "SEED"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -421,13 +435,15 @@ def main() -> None:
     for job in JOBS.values():
         job.update({"model": args.model} if args.model else {})
         job.update({"batch": args.batch} if args.batch else {})
+        job.update({"train_examples": args.train_examples} if args.train_examples else {})
     if args.child:
         _child(args.child[0], args.child[1], out, int(args.child[2]), args.threads)
         return
     if args.profile:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
         for job_name in args.jobs.split(","):
-            profile_adaptune(job_name, out, args.profile, args.threads)
+            profile_adaptune(job_name, out, args.profile, args.threads,
+                             args.profile_variant)
         return
     unknown = [c for c in args.contenders.split(",")
                if c and c not in (*ADAPTUNE_VARIANTS, *CONTENDERS, *EXTRA_TRAINERS)]
@@ -466,7 +482,8 @@ def main() -> None:
                     reused.append(f"{contender}/seed {seed}")
                     continue
                 proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--model",
-                                       args.model, "--batch", str(args.batch), "--threads",
+                                       args.model, "--batch", str(args.batch),
+                                       "--train-examples", str(args.train_examples), "--threads",
                                        str(args.threads), "--child",
                                        job_name, contender, str(seed)], capture_output=True,
                                       text=True, env={**os.environ, "ADAPTUNE_PROGRESS": "0"})
