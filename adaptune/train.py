@@ -473,12 +473,17 @@ def _setup(p: Prepared) -> Trainer:
 
     shape = {"model": p.run.model.path, "method": p.run.method.name, "task": p.task.name,
              "batch_size": t.batch_size, "threads": torch.get_num_threads()}
+    # Each decision's seconds go into its record: a measurement is paid once per machine and
+    # model (then cached), before training, so train_time_s does not hold it.
+    decided = time.perf_counter()
     precision, precision_record = precisions.choose(
         t.precision, device=device, non_embedding_params=backbone_non_embedding,
         probe=probe if processes == 1 else None, key_parts=shape)
+    precision_record["seconds"] = time.perf_counter() - decided
     _warn_if_emulated_bf16(precision)
     # The attention kernel: asked for, or (auto) sdpa or eager, whichever measured faster here
     # in the chosen precision, where eager's memory is bounded (see adaptune.attention).
+    decided = time.perf_counter()
     attention_record = attentions.apply(
         p.run.config.model.attention, model, steps=plan.total_steps, device=device,
         batch_size=t.batch_size, max_length=max(len(f["input_ids"]) for f in p.train_features),
@@ -487,11 +492,14 @@ def _setup(p: Prepared) -> Trainer:
             on_device()[0], attentions.probe_batches(p.task, p.train_features, sampler,
                                                      p.tokenizer.pad_token_id, device),
             device, bf16=precision == "bf16")) if processes == 1 else None)
+    attention_record["seconds"] = time.perf_counter() - decided
     # Compilation: asked for, or (auto) predicted to repay its cost over this run's steps.
+    decided = time.perf_counter()
     compile_record = compiling.apply(
         t.compile, model, steps=plan.total_steps, device=device,
         key_parts={**shape, "precision": precision, "attention": attention_record["picked"]},
         measure_fn=lambda: compiling.measure(*on_device(), device, bf16=precision == "bf16"))
+    compile_record["seconds"] = time.perf_counter() - decided
     if t.compile == "on" and not compile_record.get("blocks"):
         warnings.warn(f"train.compile: found no repeated blocks in {p.run.model.name} to "
                       "compile; training without torch.compile", stacklevel=3)

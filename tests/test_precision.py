@@ -89,6 +89,10 @@ def test_the_probe_leaves_the_run_exactly_as_it_would_have_been(tiny_encoder, cl
     choice = auto["precision_choice"]
     assert choice["picked"] == "fp32" == auto["precision"] and choice["source"] == "measured now"
     assert choice["probe"]["fp32_s"] > 0 and choice["probe"]["bf16_s"] > 0
+    # What the decision cost is recorded: at least two of each precision's three timed passes
+    # take their median or longer.
+    assert choice["seconds"] >= 2 * (choice["probe"]["fp32_s"] + choice["probe"]["bf16_s"])
+    assert auto["attention_choice"]["seconds"] >= 0 and auto["compile_choice"]["seconds"] >= 0
     for key in ("dev", "final_train_loss", "evaluations", "optimizer_steps"):
         assert auto[key] == fixed[key], key
 
