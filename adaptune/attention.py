@@ -9,12 +9,14 @@ function), the fused CPU kernel being slower than two large matrix products at s
 of 20-60. So the choice is measured like the precision (adaptune.precision): forward and backward
 passes of the run's own model, its method applied, in the chosen precision, each kernel in turn
 after a warm-up, random state restored; eager is taken when it is at least MARGIN faster. They
-are timed on two training batches, one with padding and one without (`probe_batches`): for a
-batch without padding transformers gives sdpa no mask, and its fast path then tied eager on
-smollm2-135m in bf16 (475 against 472 ms) while eager was 1.25-1.37x faster on a padded batch;
-one median batch spoke for one kind only, and 45% of that job's batches are padded. The answer
-is cached per device, torch version, threads, model, method, task, batch size and precision in
-`$ADAPTUNE_CACHE/attention.json`.
+are timed on two training batches, one with padding and one without
+(`adaptune.precision.probe_batches`): for a batch without padding transformers gives sdpa no
+mask, and its fast path then tied eager on smollm2-135m in bf16 (475 against 472 ms) while eager
+was 1.25-1.37x faster on a padded batch; one median batch spoke for one kind only, and 45% of
+that job's batches are padded. Where the precision is measured too, both are measured together
+(adaptune.precision: each precision with each kernel), and the kernel is then picked from those
+figures in the chosen precision. The answer is cached per device, torch version, threads, model,
+method, task, batch size and precision in `$ADAPTUNE_CACHE/attention.json`.
 
 Eager keeps the attention probabilities of every layer for the backward pass: memory that grows
 with the square of the sequence length. Before measuring, that extra memory is bounded for the
@@ -31,15 +33,14 @@ would time each other).
 from __future__ import annotations
 
 import os
-import statistics
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from adaptune.precision import (cache_key, cached, faster, kept_random_state,
-                                measure_and_store, timed_pass)
+from adaptune.precision import (Batches, batch_facts, cache_key, cached, faster,
+                                measure_and_store, time_passes)
 
 CACHE_FILE = "attention.json"
 COMPARED = ("sdpa", "eager")
@@ -113,48 +114,40 @@ def available_bytes(device: str) -> int:
         return 0
 
 
-def probe_batches(task: Any, features: list[dict], sampler: Any, pad_token_id: int,
-                  device: str) -> list[tuple[dict[str, torch.Tensor], float]]:
-    """The batches the kernels are timed on, each with its weight: of the run's first-epoch
-    batches, the median-length one among those with padding and among those without, weighted
-    by that kind's share of the epoch (one batch of weight 1 where the epoch has one kind)."""
-    batches = sampler.batches(0)
-    kinds: dict[bool, list[list[int]]] = {}
-    for batch in batches:
-        lengths = {len(features[i]["input_ids"]) for i in batch}
-        kinds.setdefault(len(lengths) > 1, []).append(batch)
-    probes = []
-    for padded, group in sorted(kinds.items()):
-        group = sorted(group, key=lambda b: max(len(features[i]["input_ids"]) for i in b))
-        collated = task.collate([features[i] for i in group[len(group) // 2]], pad_token_id)
-        probes.append(({k: v.to(device) for k, v in collated.items()}, len(group) / len(batches)))
-    return probes
-
-
-def measure(model: nn.Module, batches: list[tuple[dict[str, torch.Tensor], float]], device: str,
-            bf16: bool = False) -> dict[str, float]:
+def measure(model: nn.Module, batches: Batches, device: str, bf16: bool = False
+            ) -> dict[str, float]:
     """Seconds of a forward and backward pass of `model` with each kernel: per batch the median
     of REPEATS passes (alternating kernels, after one warm-up each), weighted over `batches`
-    (`probe_batches`). Leaves the model on sdpa, gradients cleared and the random state as it
-    was."""
-    times: dict[tuple[str, int], list[float]] = {}
-    with kept_random_state(device):
-        try:
-            for repeat in range(REPEATS + 1):
-                for index, (batch, _) in enumerate(batches):
-                    for name in COMPARED:
-                        set_kernel(model, name)
-                        elapsed = timed_pass(model, batch, device, bf16)
-                        if repeat:  # the first pass of each is a warm-up
-                            times.setdefault((name, index), []).append(elapsed)
-        finally:
-            set_kernel(model, "sdpa")
-    figures = {f"{name}_s": sum(weight * statistics.median(times[name, index])
-                                for index, (_, weight) in enumerate(batches))
-               for name in COMPARED}
-    return figures | {"tokens": sum(int(b["attention_mask"].numel()) for b, _ in batches),
-                      "padded_share": sum(w for b, w in batches
-                                          if not bool(b["attention_mask"].all()))}
+    (`adaptune.precision.probe_batches`). Leaves the model on sdpa, gradients cleared and the
+    random state as it was."""
+    timed = time_passes(model, batches, device, [(name, bf16) for name in COMPARED], set_kernel)
+    return {f"{name}_s": timed[name, bf16] for name in COMPARED} | batch_facts(batches)
+
+
+def from_precision_probe(figures: dict[str, Any], precision: str) -> dict[str, Any] | None:
+    """The kernels' figures in `precision` from a precision probe that timed both kernels in
+    both precisions (None where it timed one kernel)."""
+    by_kernel = figures.get("by_kernel") or {}
+    if not all(name in by_kernel for name in COMPARED):
+        return None
+    return ({f"{name}_s": by_kernel[name][f"{precision}_s"] for name in COMPARED}
+            | {k: figures[k] for k in ("tokens", "padded_share") if k in figures})
+
+
+def not_measured_because(requested: str, loaded: str | None, switchable: bool, eager_bytes: int,
+                         available: int) -> str | None:
+    """Why the kernel is not measured whatever the run's length or the cache (None: it may be)."""
+    if requested != "auto":
+        return "asked for"
+    if loaded != "sdpa" or not switchable:
+        return (f"transformers loaded {loaded} and this architecture offers no sdpa/eager "
+                "choice after loading")
+    if eager_bytes < 0 or eager_bytes > MEMORY_SHARE * available:
+        bound = "cannot be bounded for this architecture" if eager_bytes < 0 else (
+            f"would need up to {eager_bytes / 2**20:,.0f} MB more for the longest batch, over "
+            f"{MEMORY_SHARE:.0%} of the {available / 2**20:,.0f} MB available")
+        return f"eager's memory {bound}: sdpa kept"
+    return None
 
 
 def decide(requested: str, *, loaded: str | None, switchable: bool, steps: int, device: str,
@@ -167,16 +160,9 @@ def decide(requested: str, *, loaded: str | None, switchable: bool, steps: int, 
     def keep(why: str) -> tuple[str | None, dict[str, Any]]:
         return loaded, {**record, "picked": loaded, "why": why}
 
-    if requested != "auto":
-        return keep("asked for")
-    if loaded != "sdpa" or not switchable:
-        return keep(f"transformers loaded {loaded} and this architecture offers no sdpa/eager "
-                    "choice after loading")
-    if eager_bytes < 0 or eager_bytes > MEMORY_SHARE * available:
-        bound = "cannot be bounded for this architecture" if eager_bytes < 0 else (
-            f"would need up to {eager_bytes / 2**20:,.0f} MB more for the longest batch, over "
-            f"{MEMORY_SHARE:.0%} of the {available / 2**20:,.0f} MB available")
-        return keep(f"eager's memory {bound}: sdpa kept")
+    reason = not_measured_because(requested, loaded, switchable, eager_bytes, available)
+    if reason:
+        return keep(reason)
     # (Measurements over one median batch, before both kinds of batch were timed, are not reused.)
     key = cache_key(device, {**key_parts, "probe": "padded and unpadded batches"})
     figures, source = cached(CACHE_FILE, key)[1], "cached measurement"
@@ -192,19 +178,34 @@ def decide(requested: str, *, loaded: str | None, switchable: bool, steps: int, 
                     "why": why}
 
 
-def apply(requested: str, model: nn.Module, *, steps: int, device: str, batch_size: int,
-          max_length: int, key_parts: dict[str, Any],
-          measure_fn: Callable[[], dict[str, float]] | None) -> dict[str, Any]:
-    """Train `model` with the kernel `decide` picks (switched in place); returns the record."""
+def options(requested: str, model: nn.Module, *, device: str, batch_size: int,
+            max_length: int) -> dict[str, Any]:
+    """What `decide` needs to know of the model and the machine (switching kernels to test
+    whether the architecture can)."""
     loaded = kernel(model)
     switchable = (requested == "auto" and loaded == "sdpa" and set_kernel(model, "eager")
                   and set_kernel(model, "sdpa"))
     backbone = transformers_model(model)
-    eager_bytes = eager_extra_bytes(getattr(backbone, "config", None), batch_size, max_length)
-    available = available_bytes(device) if requested == "auto" and switchable else 0
-    picked, record = decide(requested, loaded=loaded, switchable=switchable, steps=steps,
-                            device=device, key_parts=key_parts, eager_bytes=eager_bytes,
-                            available=available, measure_fn=measure_fn)
+    return {"loaded": loaded, "switchable": switchable,
+            "eager_bytes": eager_extra_bytes(getattr(backbone, "config", None), batch_size,
+                                             max_length),
+            "available": available_bytes(device) if requested == "auto" and switchable else 0}
+
+
+def worth_measuring(requested: str, opts: dict[str, Any], steps: int) -> bool:
+    """Whether this run would measure the kernels if nothing were cached: then the precision
+    probe times both kernels (see adaptune.precision)."""
+    return (steps >= UNMEASURED_MIN_STEPS and not not_measured_because(
+        requested, opts["loaded"], opts["switchable"], opts["eager_bytes"], opts["available"]))
+
+
+def apply(requested: str, model: nn.Module, opts: dict[str, Any], *, steps: int, device: str,
+          key_parts: dict[str, Any], measure_fn: Callable[[], dict[str, float]] | None
+          ) -> dict[str, Any]:
+    """Train `model` with the kernel `decide` picks (switched in place); returns the record.
+    `opts`: `options(...)` of this model."""
+    picked, record = decide(requested, steps=steps, device=device, key_parts=key_parts,
+                            measure_fn=measure_fn, **opts)
     if picked and picked != kernel(model):
         set_kernel(model, picked)
     return record

@@ -5,12 +5,23 @@ Whether bf16 pays is a property of the machine and the model's shapes, not of "C
 "GPUs": on one project machine a 2048^3 bf16 product ran at half the fp32 rate, on another
 (AVX512-BF16) at 4.3x, and even there small models can lose the gain to the casts. So the
 probe times what the run will do: forward and backward passes of the run's own model (its
-method applied) on one of its own training batches of median length, in each precision,
-alternating, after one warm-up each; no optimizer step, gradients cleared and the random state
-put back, so the run trains exactly as it would have (tested). bf16 is picked when it is at
-least MARGIN faster and the device executes it natively. The answer is cached per device (CPU
-model and bf16 support, or GPU name), torch version, threads, model, method, task and batch size
-in `$ADAPTUNE_CACHE/precision.json`, so the probe (a few steps) is paid once.
+method applied) in each precision, alternating, after one warm-up each; no optimizer step,
+gradients cleared and the random state put back, so the run trains exactly as it would have
+(tested). bf16 is picked when it is at least MARGIN faster and the device executes it natively.
+
+What is timed (`probe_batches`, `measure`): of the run's first-epoch batches, the median one
+among those with padding and among those without, each weighted by its kind's share of the
+epoch. One median batch spoke for one kind only, and the kinds differ: a batch without padding
+gives sdpa no mask and its fast path, and on smollm2-135m (Intel Xeon, AMX) bf16 ran 1.10x fp32
+on the median batch, which had no padding, but 1.00x over both kinds.
+
+The precision and the attention kernel (adaptune.attention) are chosen together where the run
+would measure the kernel: the probe then times both kernels in both precisions, and each
+precision is judged by its faster kernel. Chosen one after the other, in sdpa, that model would
+have stayed in fp32 although bf16 with eager ran 1.24x faster than anything in fp32: eager's
+padded batches gained 1.4x from bf16, sdpa's nothing. The answer is cached per device (CPU model
+and bf16 support, or GPU name), torch version, threads, model, method, task, batch size and the
+kernels compared in `$ADAPTUNE_CACHE/precision.json`, so the probe (8 to 32 passes) is paid once.
 
 With several processes the probe is not run (they would time each other): a cached answer is
 used, else the rule measured on this project's machines (bf16 on GPUs for models of at least 50M
@@ -98,20 +109,58 @@ def timed_pass(model: nn.Module, batch: dict[str, torch.Tensor], device: str,
     return elapsed
 
 
-def measure(model: nn.Module, batch: dict[str, torch.Tensor], device: str) -> dict[str, float]:
-    """Median seconds of a forward and backward pass of `model` on `batch` in fp32 and in bf16
-    autocast, alternating, after one warm-up each. Leaves no trace: gradients cleared, random
-    state restored."""
-    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+Batches = list[tuple[dict[str, torch.Tensor], float]]  # (batch, its weight): probe_batches
+
+
+def time_passes(model: nn.Module, batches: Batches, device: str,
+                combinations: list[tuple[str | None, bool]],
+                switch: Callable[[nn.Module, str], Any] | None = None
+                ) -> dict[tuple[str | None, bool], float]:
+    """Seconds of a forward and backward pass per (attention kernel, bf16) combination: per
+    batch the median of REPEATS passes after one warm-up, the combinations alternating within
+    each round, weighted over `batches`. A kernel of None leaves the model's own; others are
+    set with `switch`, and the model's first kernel is put back. Leaves no trace: gradients
+    cleared, random state restored."""
+    times: dict[tuple[str | None, bool, int], list[float]] = {}
+    first = next((k for k, _ in combinations if k is not None), None)
     with kept_random_state(device):
-        for repeat in range(REPEATS + 1):
-            for name in ("fp32", "bf16"):
-                elapsed = timed_pass(model, batch, device, bf16=name == "bf16")
-                if repeat:  # the first pass of each is a warm-up
-                    times[name].append(elapsed)
-    return {"fp32_s": statistics.median(times["fp32"]),
-            "bf16_s": statistics.median(times["bf16"]),
-            "tokens": int(batch["attention_mask"].numel())}
+        try:
+            for repeat in range(REPEATS + 1):
+                for index, (batch, _) in enumerate(batches):
+                    for kernel, bf16 in combinations:
+                        if kernel is not None and switch is not None:
+                            switch(model, kernel)
+                        elapsed = timed_pass(model, batch, device, bf16)
+                        if repeat:  # the first pass of each is a warm-up
+                            times.setdefault((kernel, bf16, index), []).append(elapsed)
+        finally:
+            if first is not None and switch is not None:
+                switch(model, first)
+    return {(kernel, bf16): sum(weight * statistics.median(times[kernel, bf16, index])
+                                for index, (_, weight) in enumerate(batches))
+            for kernel, bf16 in combinations}
+
+
+def batch_facts(batches: Batches) -> dict[str, Any]:
+    """What the figures were measured on: tokens (padded) and the padded batches' weight."""
+    return {"tokens": sum(int(b["attention_mask"].numel()) for b, _ in batches),
+            "padded_share": sum(w for b, w in batches if not bool(b["attention_mask"].all()))}
+
+
+def measure(model: nn.Module, batches: Batches, device: str,
+            kernels: tuple[str | None, ...] = (None,),
+            switch: Callable[[nn.Module, str], Any] | None = None) -> dict[str, Any]:
+    """Seconds of a forward and backward pass in fp32 and in bf16 autocast, each with the
+    fastest of `kernels` (None: the model's own kernel), over the weighted `batches`; with
+    several kernels, every kernel's figures too (`by_kernel`)."""
+    timed = time_passes(model, batches, device,
+                        [(k, bf16) for k in kernels for bf16 in (False, True)], switch)
+    figures: dict[str, Any] = {"fp32_s": min(timed[k, False] for k in kernels),
+                               "bf16_s": min(timed[k, True] for k in kernels)}
+    if len(kernels) > 1:
+        figures["by_kernel"] = {str(k): {"fp32_s": timed[k, False], "bf16_s": timed[k, True]}
+                                for k in kernels}
+    return figures | batch_facts(batches)
 
 
 def cached(name: str, key: str) -> tuple[dict[str, Any], Any]:
@@ -188,16 +237,26 @@ def choose(requested: str, *, device: str, key_parts: dict[str, Any],
     if figures is None:
         figures, source = measure_and_store(CACHE_FILE, key, probe), "measured now"
     picked, why = faster(figures, "fp32", "bf16", MARGIN, source)
+    if "by_kernel" in figures:
+        why += (f"; each precision with the faster of the attention kernels "
+                f"{', '.join(sorted(figures['by_kernel']))}")
     return picked, {**record, "picked": picked, "probe": figures, "source": source,
                     "why": why, "device": device_key(device)}
 
 
-def probe_batch(task: Any, features: list[dict], sampler: Any, pad_token_id: int,
-                device: str) -> dict[str, torch.Tensor]:
-    """A training batch of median padded length from the run's first epoch."""
+def probe_batches(task: Any, features: list[dict], sampler: Any, pad_token_id: int,
+                  device: str) -> Batches:
+    """The batches the probes time, each with its weight: of the run's first-epoch batches, the
+    median-length one among those with padding and among those without, weighted by that
+    kind's share of the epoch (one batch of weight 1 where the epoch has one kind)."""
     batches = sampler.batches(0)
-    lengths = [max(len(features[i]["input_ids"]) for i in b) for b in batches]
-    median = sorted(range(len(batches)), key=lambda k: lengths[k])[len(batches) // 2]
-    batch = task.collate([features[i] for i in batches[median]], pad_token_id)
-    return {k: v.to(device) for k, v in batch.items()}
-
+    kinds: dict[bool, list[list[int]]] = {}
+    for batch in batches:
+        lengths = {len(features[i]["input_ids"]) for i in batch}
+        kinds.setdefault(len(lengths) > 1, []).append(batch)
+    probes = []
+    for padded, group in sorted(kinds.items()):
+        group = sorted(group, key=lambda b: max(len(features[i]["input_ids"]) for i in b))
+        collated = task.collate([features[i] for i in group[len(group) // 2]], pad_token_id)
+        probes.append(({k: v.to(device) for k, v in collated.items()}, len(group) / len(batches)))
+    return probes

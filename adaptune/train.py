@@ -455,21 +455,29 @@ def _setup(p: Prepared) -> Trainer:
         generator=torch.Generator().manual_seed(t.seed))
     p.run.method.before_train(model, loader)
 
-    # Precision: measured on this model and one of its batches when "auto" (see
-    # adaptune.precision), then handed to accelerate.
-    probe_batch: list[dict[str, torch.Tensor]] = []
+    # Precision and attention kernel: measured on this model and its batches when "auto" (see
+    # adaptune.precision and adaptune.attention), then handed to accelerate and transformers.
+    probes: list[precisions.Batches] = []
 
-    def on_device() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    def on_device() -> tuple[nn.Module, precisions.Batches]:
         """The model on the run's device (a 4/8-bit base already sits on its GPU, and
-        bitsandbytes models refuse `.to`) and the probes' batch, built once."""
-        if not probe_batch:
-            probe_batch.append(precisions.probe_batch(p.task, p.train_features, sampler,
-                                                      p.tokenizer.pad_token_id, device))
+        bitsandbytes models refuse `.to`) and the probes' weighted batches, built once."""
+        if not probes:
+            probes.append(precisions.probe_batches(p.task, p.train_features, sampler,
+                                                   p.tokenizer.pad_token_id, device))
         here = next(model.parameters()).device.type == device
-        return (model if here else model.to(device)), probe_batch[0]
+        return (model if here else model.to(device)), probes[0]
 
-    def probe() -> dict[str, float]:
-        return precisions.measure(*on_device(), device)
+    attention_options = attentions.options(
+        p.run.config.model.attention, model, device=device, batch_size=t.batch_size,
+        max_length=max(len(f["input_ids"]) for f in p.train_features))
+    # Where this run would measure the kernel, the precision probe times both kernels in both
+    # precisions: the two choices interact (bf16 may pay with one kernel only).
+    kernels = (attentions.COMPARED if attentions.worth_measuring(
+        p.run.config.model.attention, attention_options, plan.total_steps) else (None,))
+
+    def probe() -> dict[str, Any]:
+        return precisions.measure(*on_device(), device, kernels, attentions.set_kernel)
 
     shape = {"model": p.run.model.path, "method": p.run.method.name, "task": p.task.name,
              "batch_size": t.batch_size, "threads": torch.get_num_threads()}
@@ -478,27 +486,37 @@ def _setup(p: Prepared) -> Trainer:
     decided = time.perf_counter()
     precision, precision_record = precisions.choose(
         t.precision, device=device, non_embedding_params=backbone_non_embedding,
-        probe=probe if processes == 1 else None, key_parts=shape)
+        probe=probe if processes == 1 else None,
+        # (Single-batch measurements, before both kinds of batch were timed, are not reused.)
+        key_parts={**shape, "probe": "padded and unpadded batches",
+                   "kernels": [str(k) for k in kernels]})
     precision_record["seconds"] = time.perf_counter() - decided
     _warn_if_emulated_bf16(precision)
+
+    def measure_kernels() -> dict[str, Any]:
+        """The kernels in the chosen precision: from the precision probe where it timed them,
+        else measured now."""
+        joint = attentions.from_precision_probe(precision_record.get("probe") or {}, precision)
+        if joint is not None:
+            return {**joint, "from": "the precision probe"}
+        model_here, batches = on_device()
+        return attentions.measure(model_here, batches, device, bf16=precision == "bf16")
+
     # The attention kernel: asked for, or (auto) sdpa or eager, whichever measured faster here
     # in the chosen precision, where eager's memory is bounded (see adaptune.attention).
     decided = time.perf_counter()
     attention_record = attentions.apply(
-        p.run.config.model.attention, model, steps=plan.total_steps, device=device,
-        batch_size=t.batch_size, max_length=max(len(f["input_ids"]) for f in p.train_features),
-        key_parts={**shape, "precision": precision},
-        measure_fn=(lambda: attentions.measure(
-            on_device()[0], attentions.probe_batches(p.task, p.train_features, sampler,
-                                                     p.tokenizer.pad_token_id, device),
-            device, bf16=precision == "bf16")) if processes == 1 else None)
+        p.run.config.model.attention, model, attention_options, steps=plan.total_steps,
+        device=device, key_parts={**shape, "precision": precision},
+        measure_fn=measure_kernels if processes == 1 else None)
     attention_record["seconds"] = time.perf_counter() - decided
     # Compilation: asked for, or (auto) predicted to repay its cost over this run's steps.
     decided = time.perf_counter()
     compile_record = compiling.apply(
         t.compile, model, steps=plan.total_steps, device=device,
         key_parts={**shape, "precision": precision, "attention": attention_record["picked"]},
-        measure_fn=lambda: compiling.measure(*on_device(), device, bf16=precision == "bf16"))
+        measure_fn=lambda: compiling.measure(*_heaviest(*on_device()), device,
+                                             bf16=precision == "bf16"))
     compile_record["seconds"] = time.perf_counter() - decided
     if t.compile == "on" and not compile_record.get("blocks"):
         warnings.warn(f"train.compile: found no repeated blocks in {p.run.model.name} to "
@@ -522,6 +540,13 @@ def _setup(p: Prepared) -> Trainer:
                     "backbone_non_embedding": backbone_non_embedding},
                    precision_record=precision_record, compile_record=compile_record,
                    attention_record=attention_record)
+
+
+def _heaviest(model: nn.Module, batches: "precisions.Batches"
+              ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The model and the probe batch of the larger weight: compilation is timed on one batch
+    shape (each new shape recompiles)."""
+    return model, max(batches, key=lambda item: item[1])[0]
 
 
 @contextmanager

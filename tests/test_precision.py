@@ -99,8 +99,8 @@ def test_the_probe_leaves_the_run_exactly_as_it_would_have_been(tiny_encoder, cl
 
 def test_a_run_takes_bf16_when_the_probe_says_so(tiny_encoder, cls_files, tmp_path, cache,
                                                  monkeypatch):
-    monkeypatch.setattr(precision, "measure", lambda model, batch, device: {
-        "fp32_s": 2.0, "bf16_s": 1.0, "tokens": int(batch["attention_mask"].numel())})
+    monkeypatch.setattr(precision, "measure", lambda model, batches, device, kernels, switch: {
+        "fp32_s": 2.0, "bf16_s": 1.0, **precision.batch_facts(batches)})
     train, dev = cls_files
     m = run(tiny_config(tiny_encoder, train, dev, tmp_path / "b",
                         train={"precision": "auto"})).metrics
@@ -233,9 +233,9 @@ class _PadTask:
         return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
 
 
-def test_attention_probes_a_padded_and_an_unpadded_batch_weighted_by_their_shares():
-    from adaptune.attention import probe_batches
+def test_probes_take_a_padded_and_an_unpadded_batch_weighted_by_their_shares():
     from adaptune.batching import LengthGroupedBatches
+    from adaptune.precision import probe_batches
 
     # 12 sentences of length 5 (batches of 4 without padding) and 8 of mixed lengths.
     lengths = [5] * 12 + [3, 7, 4, 8, 6, 9, 2, 10]
@@ -265,7 +265,7 @@ def test_attention_measurement_weights_each_kind_of_batch(monkeypatch):
     monkeypatch.setattr(attention, "set_kernel", lambda model, name: current.update(kernel=name))
     seconds = {("sdpa", False): 0.47, ("eager", False): 0.47,
                ("sdpa", True): 0.53, ("eager", True): 0.41}
-    monkeypatch.setattr(attention, "timed_pass", lambda model, batch, device, bf16: seconds[
+    monkeypatch.setattr(precision, "timed_pass", lambda model, batch, device, bf16: seconds[
         current["kernel"], not bool(batch["attention_mask"].all())])
     full = {"attention_mask": torch.ones(16, 8, dtype=torch.long)}
     padded = {"attention_mask": torch.tensor([[1] * 9] * 15 + [[1] * 5 + [0] * 4])}
@@ -279,6 +279,75 @@ def test_attention_measurement_weights_each_kind_of_batch(monkeypatch):
     # The unpadded batch alone, as the single-batch probe saw it: a tie, so sdpa.
     alone = attention.measure(None, [(full, 1.0)], "cpu")
     assert attention.faster(alone, "sdpa", "eager", attention.MARGIN, "measured now")[0] == "sdpa"
+
+
+# Seconds of a pass on this project's Intel Xeon (AMX), NER job, by (kernel, bf16, padded):
+# sdpa's masked path loses in bf16, eager's gains 1.5x (measured in session 24, rounded).
+XEON_NER = {("sdpa", False, False): 0.120, ("sdpa", True, False): 0.105,
+            ("sdpa", False, True): 0.236, ("sdpa", True, True): 0.267,
+            ("eager", False, False): 0.127, ("eager", True, False): 0.105,
+            ("eager", False, True): 0.237, ("eager", True, True): 0.156}
+UNPADDED = {"attention_mask": torch.ones(32, 11, dtype=torch.long)}
+PADDED = {"attention_mask": torch.tensor([[1] * 24] * 31 + [[1] * 20 + [0] * 4])}
+
+
+def _simulated_passes(monkeypatch, seconds):
+    """timed_pass returns `seconds` by the kernel last switched to, the precision and whether
+    the batch is padded (no forward pass runs)."""
+    from adaptune import attention
+
+    current, real = {"kernel": "sdpa"}, attention.set_kernel
+
+    def set_kernel(model, name):
+        current.update(kernel=name)
+        return real(model, name) if model is not None else True
+
+    monkeypatch.setattr(attention, "set_kernel", set_kernel)
+    monkeypatch.setattr(precision, "timed_pass", lambda model, batch, device, bf16: seconds[
+        current["kernel"], bf16, not bool(batch["attention_mask"].all())])
+    return current
+
+
+def test_precision_and_kernel_are_measured_together_where_they_interact(monkeypatch, cache):
+    """bf16 loses with sdpa on padded batches and wins with eager: judged in sdpa alone (the
+    kernel transformers loads), fp32 would be kept; judged with each precision's faster kernel,
+    bf16 with eager is 1.4x faster than anything in fp32, and the kernel then follows."""
+    from adaptune import attention
+
+    current = _simulated_passes(monkeypatch, XEON_NER)
+    batches = [(UNPADDED, 0.37), (PADDED, 0.63)]
+    alone = precision.measure(None, batches, "cpu")  # the model's own kernel: sdpa
+    assert precision.faster(alone, "fp32", "bf16", precision.MARGIN, "x")[0] == "fp32"
+    joint = precision.measure(None, batches, "cpu", attention.COMPARED, attention.set_kernel)
+    assert current["kernel"] == "sdpa"  # put back
+    assert joint["fp32_s"] == pytest.approx(0.37 * 0.120 + 0.63 * 0.236)  # sdpa, fp32's best
+    assert joint["bf16_s"] == pytest.approx(0.37 * 0.105 + 0.63 * 0.156)  # eager, bf16's best
+    picked, record = precision.choose("auto", device="cpu", key_parts=KEY,
+                                      probe=lambda: joint, non_embedding_params=1)
+    assert picked == "bf16" and "faster of the attention kernels eager, sdpa" in record["why"]
+    kernels = attention.from_precision_probe(record["probe"], picked)
+    assert attention.faster(kernels, "sdpa", "eager", attention.MARGIN, "x")[0] == "eager"
+    assert attention.from_precision_probe(alone, "bf16") is None  # one kernel timed
+
+
+def test_a_long_run_measures_precision_and_kernel_in_one_probe(tiny_encoder, cls_files,
+                                                               tmp_path, cache, monkeypatch):
+    from adaptune import attention
+
+    _simulated_passes(monkeypatch, XEON_NER)
+    monkeypatch.setattr(attention, "UNMEASURED_MIN_STEPS", 0)
+    monkeypatch.setattr(attention, "measure", lambda *a, **k: pytest.fail("measured twice"))
+    train, dev = cls_files
+    m = run(tiny_config(tiny_encoder, train, dev, tmp_path / "j",
+                        train={"precision": "auto"})).metrics
+    assert m["precision"] == "bf16" and m["attention"] == "eager", m["attention_choice"]
+    assert m["attention_choice"]["figures"]["from"] == "the precision probe"
+    assert sorted(m["precision_choice"]["probe"]["by_kernel"]) == ["eager", "sdpa"]
+    # A run too short to measure the kernel times one kernel only, and keeps sdpa.
+    monkeypatch.setattr(attention, "UNMEASURED_MIN_STEPS", 10**6)
+    m = run(tiny_config(tiny_encoder, train, dev, tmp_path / "s",
+                        train={"precision": "auto"})).metrics
+    assert m["attention"] == "sdpa" and "by_kernel" not in m["precision_choice"]["probe"]
 
 
 def test_eager_memory_bound_grows_with_the_square_of_the_length():
