@@ -45,9 +45,9 @@ from adaptune.precision import (Batches, batch_facts, cache_key, cached, faster,
 CACHE_FILE = "attention.json"
 COMPARED = ("sdpa", "eager")
 MARGIN = 1.03  # eager must be at least 3% faster to be chosen (the two are otherwise equal)
-REPEATS = 3  # timed passes per kernel (after one warm-up each)
-# A measurement is up to 2 kernels x 2 batches x (1 + REPEATS) = 16 forward+backward passes,
-# about 16 training steps. Eager's gains measured on CPUs so far: 1.04x to 1.92x over six jobs
+# A measurement is up to 2 kernels x 2 batches x (1 + precision.REPEATS) = 16 forward+backward
+# passes (timed with the precision's where that is measured too: 16 more than the precision's
+# own), about 16 training steps. Eager's gains measured on CPUs so far: 1.04x to 1.92x over six jobs
 # and machines, median about 1.12x, which repays 16 steps after 16 / (1 - 1/1.12), about 150
 # steps; shorter runs with nothing cached keep transformers' choice. (At the smallest gain,
 # 1.04x, it would take about 420.)
@@ -117,9 +117,9 @@ def available_bytes(device: str) -> int:
 def measure(model: nn.Module, batches: Batches, device: str, bf16: bool = False
             ) -> dict[str, float]:
     """Seconds of a forward and backward pass of `model` with each kernel: per batch the median
-    of REPEATS passes (alternating kernels, after one warm-up each), weighted over `batches`
-    (`adaptune.precision.probe_batches`). Leaves the model on sdpa, gradients cleared and the
-    random state as it was."""
+    of precision.REPEATS passes (alternating kernels, after one warm-up each), weighted over
+    `batches` (`adaptune.precision.probe_batches`). Leaves the model on sdpa, gradients cleared
+    and the random state as it was."""
     timed = time_passes(model, batches, device, [(name, bf16) for name in COMPARED], set_kernel)
     return {f"{name}_s": timed[name, bf16] for name in COMPARED} | batch_facts(batches)
 
