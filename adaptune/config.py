@@ -43,7 +43,7 @@ class ModelConfig:
     # "auto": mean on encoders, the last token on decoders.
     pooling: str = "auto"
     # The attention kernel, as transformers' `attn_implementation`. "auto": in training, sdpa
-    # or eager, whichever a short measurement on the run's model and batch finds faster here
+    # or eager, whichever a short measurement on the run's model and batches finds faster here
     # (eager only where its extra memory is bounded; adaptune.attention), elsewhere
     # transformers' choice (scaled_dot_product_attention where the architecture has it, else
     # eager); "flash_attention_2" needs the flash-attn package and a GPU.
@@ -342,7 +342,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW weight decay (none on biases and norms)
     warmup_ratio: float = 0.06  # share of the steps spent warming the lr up
     max_grad_norm: float = 1.0  # gradient clipping; 0: none
-    # auto: fp32 or bf16 autocast, whichever a probe of this run's model and batch measures
+    # auto: fp32 or bf16 autocast, whichever a probe of this run's model and batches measures
     # faster on this device (adaptune.precision; cached per device and model); or fp32, bf16.
     precision: str = "auto"
     seed: int = 42  # training order, initialisation, dropout; and the training subset

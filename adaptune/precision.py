@@ -203,7 +203,7 @@ def faster(figures: dict[str, float], incumbent: str, challenger: str, margin: f
     ratio = figures[f"{incumbent}_s"] / max(1e-12, figures[f"{challenger}_s"])
     return (challenger if ratio > margin else incumbent,
             f"{challenger} ran {ratio:.2f}x the speed of {incumbent} on this run's model and "
-            f"batch ({source}); {challenger} is picked from {margin:.2f}x")
+            f"probe batches ({source}); {challenger} is picked from {margin:.2f}x")
 
 
 def cache_key(device: str, key_parts: dict[str, Any]) -> str:
