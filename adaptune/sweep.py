@@ -523,7 +523,7 @@ def record_cell(cell: Cell, out: Path, environment: Mapping[str, Any] | None, st
             tokens_seen=m["train_real_tokens"], padded_tokens=m["train_padded_tokens"],
             optimizer_steps=m["optimizer_steps"], train_time_s=m["train_time_s"],
             run_wall_time_s=m["wall_time_s"], times_cover=m.get("times_cover"),
-            precision=m["precision"],
+            precision=m["precision"], attention=m.get("attention"),
             peak_memory_mb=m["peak_memory_mb"], resumed_from=m["resumed_from"],
             train_peak_memory_mb=m.get("train_peak_memory_mb"),
             train_memory_increase_mb=m.get("train_memory_increase_mb"),

@@ -109,8 +109,9 @@ def test_runs_every_cell_once_and_skips_finished_cells_on_restart(tiny_encoder, 
     lora = next(r for r in records.values() if r["axes"]["rank"] == 4)
     assert lora["status"] == "ok" and lora["metric"] == "accuracy"
     for key in ("trainable_params", "non_embedding_params", "tokens_seen", "wall_time_s",
-                "code_version", "libraries", "device", "config"):
+                "code_version", "libraries", "device", "config", "precision"):
         assert key in lora, key
+    assert lora["attention"] in ("sdpa", "eager")  # the kernel it trained with (auto: measured)
     assert lora["libraries"]["peft"] and lora["code_version"]["adaptune"]
     assert lora["tokens_seen"] > 0 and lora["optimizer_steps"] == 4
     assert not (out / "work").exists() or not any((out / "work").iterdir())
