@@ -12,14 +12,15 @@ gradients cleared and the random state put back, so the run trains exactly as it
 What is timed (`probe_batches`, `measure`): of the run's first-epoch batches, the median one
 among those with padding and among those without, each weighted by its kind's share of the
 epoch. One median batch spoke for one kind only, and the kinds differ: a batch without padding
-gives sdpa no mask and its fast path, and on smollm2-135m (Intel Xeon, AMX) bf16 ran 1.10x fp32
-on the median batch, which had no padding, but 1.00x over both kinds.
+gives sdpa no mask and its fast path, and on smollm2-135m (Intel Xeon, AMX) bf16 with sdpa ran
+1.08-1.14x fp32 on the median batch, which had no padding, but 1.03x over both kinds
+(benchmarks/results/probe_kinds_xeon.md).
 
 The precision and the attention kernel (adaptune.attention) are chosen together where the run
 would measure the kernel: the probe then times both kernels in both precisions, and each
 precision is judged by its faster kernel. Chosen one after the other, in sdpa, that model would
-have stayed in fp32 although bf16 with eager ran 1.24x faster than anything in fp32: eager's
-padded batches gained 1.4x from bf16, sdpa's nothing. The answer is cached per device (CPU model
+have stayed in fp32 although bf16 with eager ran 1.34x faster than anything in fp32: eager's
+padded batches gained 1.4-1.5x from bf16, sdpa's nothing. The answer is cached per device (CPU model
 and bf16 support, or GPU name), torch version, threads, model, method, task, batch size and the
 kernels compared in `$ADAPTUNE_CACHE/precision.json`, so the probe (8 to 32 passes) is paid once.
 

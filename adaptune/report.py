@@ -468,9 +468,14 @@ def t_interval(values: list[float]) -> tuple[float, float]:
     return mean - half, mean + half
 
 
+def _mean(values: list[float | None]) -> float | None:
+    """The mean of the values that are known (None where none is)."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
 def _mean_of(records: list[dict[str, Any]], field_name: str) -> float | None:
-    values = [r[field_name] for r in records if r.get(field_name) is not None]
-    return float(np.mean(values)) if values else None
+    return _mean([r.get(field_name) for r in records])
 
 
 def train_time(record: dict[str, Any]) -> float | None:
@@ -509,7 +514,7 @@ def method_rows(res: Results, reference: tuple[str, int] = ("lora", 8)) -> list[
                 "mean": float(np.mean(values)), "interval": t_interval(values),
                 "trainable_params": trainable,
                 "memory_increase_mb": _mean_of(recs, "train_memory_increase_mb"),
-                "train_time_s": _mean_of([{"t": train_time(r)} for r in recs], "t"),
+                "train_time_s": _mean([train_time(r) for r in recs]),
                 "adapter_bytes": _mean_of(recs, "adapter_bytes"),
                 "lr": sorted({r.get("selected_lr") or r["config"]["train"]["lr"] for r in recs}),
                 "p_vs_reference": p, "beats_reference": beats})
