@@ -21,7 +21,7 @@ from adaptune.inference import predict_features
 from adaptune.tasks import Task, build_task, task_class
 from adaptune.train import RunResult, run
 
-__all__ = ["finetune", "load", "build_base", "Predictor"]
+__all__ = ["finetune", "finetune_config", "load", "build_base", "Predictor"]
 
 # Shortcuts accepted by `finetune`: keyword -> the config field it sets. The model section's
 # fields need one (`model` is the model's name there); its dropout is `backbone_dropout`, as
@@ -48,6 +48,17 @@ def finetune(model: str = "minilm-l6", *, task: str = "classification", dataset:
     the model section only through its shortcuts, `model` being its name); `config` is a
     starting RunConfig (e.g. one with a method's own options:
     `compose({"method": {"name": "adalora", "adalora": {"tinit": 0.2}}})`)."""
+    return run(finetune_config(model, task=task, dataset=dataset, method=method,
+                               output_dir=output_dir, config=config, dev_dataset=dev_dataset,
+                               **overrides))
+
+
+def finetune_config(model: str = "minilm-l6", *, task: str = "classification",
+                    dataset: Any = "", method: str = "lora", output_dir: str = "",
+                    config: RunConfig | None = None, dev_dataset: Any = None,
+                    **overrides: Any) -> RunConfig:
+    """The RunConfig `finetune` would run with the same arguments, without running it (to
+    inspect or save it, or to set a run up step by step)."""
     changes: dict[str, Any] = {"model": {"name": model}, "method": {"name": method},
                                "data": {"task": task}}
     if dataset is not None and not isinstance(dataset, str):
@@ -68,7 +79,7 @@ def finetune(model: str = "minilm-l6", *, task: str = "classification", dataset:
             changes[key] = {**changes.get(key, {}), **value}
         else:
             changes[key] = value
-    return run(compose(config, changes))
+    return compose(config, changes)
 
 
 def _tables_on_disk(dataset: Any, dev_dataset: Any) -> tuple[str, str]:

@@ -5,11 +5,12 @@ Recipes, the Python API, domain adaptation and the benchmark runners all call th
 
   1. `check_output_dir`, `prepare`: everything that can be checked before training (output
      folder, config, model, data, targets), the data read and tokenized
-  2. `_setup`: the task model, its precision, the accelerator, the method's adapter, AdamW with
+  2. `setup`: the task model, its precision, the accelerator, the method's adapter, AdamW with
      warm-up then linear decay, length-grouped batches
   3. `ckpt.restore_latest`: resume from the newest complete checkpoint, if any
-  4. `_train`: the loop (clipping, accumulation, bf16 autocast when chosen, the method's
-     per-step hook, periodic evaluation that keeps the best adapter, checkpoints)
+  4. `_train`: the loop around `train_step` (one batch: loss, backward, clipping, accumulation,
+     bf16 autocast when chosen, the method's per-step hook), with periodic evaluation that keeps
+     the best adapter, and checkpoints
   5. `_final_metrics`: metrics.json beside config.json and adapter/ in the output folder
 
 The run is resolved once (`adaptune.spec.resolve`: model facts, task and method instances);
@@ -310,7 +311,7 @@ def _strip_resumable(d: dict) -> dict:
 
 @dataclass
 class Trainer:
-    """The objects one run trains with, built by `_setup`."""
+    """The objects one run trains with, built by `setup`."""
 
     accelerator: Any
     model: nn.Module
@@ -347,7 +348,7 @@ def run(config: RunConfig, *, prepared: Prepared | None = None) -> RunResult:
 
 
 def _run_in_folder(config: RunConfig, p: Prepared, out: Path, action: str) -> RunResult:
-    tr = _setup(p)
+    tr = setup(p)
     main = tr.accelerator.is_main_process
     if action in ("new", "overwrite") and main:
         _clear_run_files(out)  # another run's files, or a failed run's leftovers
@@ -417,7 +418,7 @@ def _score_kept_checkpoint_on_dev(p: Prepared, tr: Trainer, state: "ckpt.TrainSt
     accelerator.wait_for_everyone()
 
 
-def _setup(p: Prepared) -> Trainer:
+def setup(p: Prepared) -> Trainer:
     """Model, precision, accelerator, the method's adapter, optimizer, schedule and batches."""
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
@@ -618,29 +619,13 @@ def _loop(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState",
             if state.batch_in_epoch else tr.loader
         for batch in epoch_loader:
             state.batch_in_epoch += 1
-            with accelerator.accumulate(model):
-                state.real_tokens += int(batch["attention_mask"].sum())
-                state.padded_tokens += batch["attention_mask"].numel()
-                # The loss is a mean over the batch's labelled positions. Length-grouped batches
-                # hold very different numbers of them (short sentences together, long ones
-                # together), so scale by this batch's share: every labelled token then weighs
-                # the same, as in random batches, instead of short sentences weighing more.
-                loss = model(**batch).loss * (_labelled_in(batch) / tr.labelled_per_batch)
-                if not torch.isfinite(loss.detach()):
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at optimizer step {state.step + 1}; last good "
-                        f"checkpoint: {ckpt.latest(out) or 'none'} (lower train.lr, or use "
-                        "train.precision=fp32)")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                tr.optimizer.step()
-                if accelerator.sync_gradients:
-                    # Method hook (AdaLoRA's budget) between step() and zero_grad().
-                    p.run.method.after_step(accelerator.unwrap_model(model), state.step + 1)
-                    # Once per optimizer step, whatever the number of processes (see _setup).
-                    tr.scheduler.step()
-                tr.optimizer.zero_grad(set_to_none=True)
+            state.real_tokens += int(batch["attention_mask"].sum())
+            state.padded_tokens += batch["attention_mask"].numel()
+            try:
+                loss = train_step(p, tr, batch, state.step + 1)
+            except TrainingDiverged as e:
+                raise TrainingDiverged(f"{e}; last good checkpoint: {ckpt.latest(out) or 'none'} "
+                                       "(lower train.lr, or use train.precision=fp32)") from None
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
@@ -684,6 +669,34 @@ def _loop(p: Prepared, tr: Trainer, out: Path, state: "ckpt.TrainState",
     # this part's time too (its overhead already holds this part's evaluations).
     state.elapsed = time.perf_counter() - started
     return state.elapsed
+
+
+def train_step(p: Prepared, tr: Trainer, batch: dict[str, torch.Tensor],
+               step: int) -> torch.Tensor:
+    """One batch forward and backward, and at the end of an accumulation the optimizer step
+    (`step` is its number, from 1): what the loop repeats, and what benchmarks/step_levers.py
+    times. Returns the loss; raises TrainingDiverged before stepping on a non-finite one."""
+    accelerator, model = tr.accelerator, tr.model
+    with accelerator.accumulate(model):
+        # The loss is a mean over the batch's labelled positions. Length-grouped batches hold
+        # very different numbers of them (short sentences together, long ones together), so
+        # scale by this batch's share: every labelled token then weighs the same, as in random
+        # batches, instead of short sentences weighing more.
+        loss = model(**batch).loss * (_labelled_in(batch) / tr.labelled_per_batch)
+        if not torch.isfinite(loss.detach()):
+            raise TrainingDiverged(f"loss is {loss.item()} at optimizer step {step}")
+        accelerator.backward(loss)
+        max_grad_norm = p.run.config.train.max_grad_norm
+        if accelerator.sync_gradients and max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        tr.optimizer.step()
+        if accelerator.sync_gradients:
+            # Method hook (AdaLoRA's budget) between step() and zero_grad().
+            p.run.method.after_step(accelerator.unwrap_model(model), step)
+            # Once per optimizer step, whatever the number of processes (see setup).
+            tr.scheduler.step()
+        tr.optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def _final_metrics(p: Prepared, tr: Trainer, state: "ckpt.TrainState", wall: float,

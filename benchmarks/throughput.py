@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from adaptune.config import RunConfig
 from adaptune.report import t_interval
 from adaptune.sweep import device_name
 
@@ -96,10 +97,10 @@ ADAPTUNE_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_adaptune(job: dict[str, Any], out: Path, variant: dict[str, Any], seed: int,
-                 threads: int = 0) -> dict[str, Any]:
-    from adaptune import finetune
-    from adaptune.config import RunConfig
+def adaptune_config(job: dict[str, Any], out: Path, variant: dict[str, Any], seed: int,
+                    threads: int = 0) -> RunConfig:
+    """The run adaptune trains for `job` with `variant`'s levers changed."""
+    from adaptune import finetune_config
     from adaptune.tasks import task_class
 
     n_train = job["train_examples"]
@@ -109,15 +110,21 @@ def run_adaptune(job: dict[str, Any], out: Path, variant: dict[str, Any], seed: 
                                      "max_train_examples": n_train}, train={"seed": seed}).data
     steps = math.ceil(len(task_class(job["task"])().load(data, "train", seed)) / job["batch"])
     warmup_ratio = (job["warmup_steps"] + 0.5) / steps
-    result = finetune(job["model"], task=job["task"], dataset=job["dataset"], method="lora",
-                      rank=8, targets=job["targets"], lr=job["lr"], epochs=1,
-                      batch_size=job["batch"], max_length=job["max_length"],
-                      max_train_examples=n_train, max_dev_examples=job.get("dev_examples", 0),
-                      seed=seed, output_dir=str(out), overwrite=True,
-                      **{"dropout": job["lora_dropout"], **variant,
-                         "train": {"num_threads": threads, "warmup_ratio": warmup_ratio,
-                                   **variant.get("train", {})}})
-    m = result.metrics
+    settings = {"method": "lora", "rank": 8, "targets": job["targets"], "lr": job["lr"],
+                "epochs": 1, "batch_size": job["batch"], "max_length": job["max_length"],
+                "max_train_examples": n_train, "max_dev_examples": job.get("dev_examples", 0),
+                "seed": seed, "output_dir": str(out), "overwrite": True,
+                "dropout": job["lora_dropout"], **variant,
+                "train": {"num_threads": threads, "warmup_ratio": warmup_ratio,
+                          **variant.get("train", {})}}
+    return finetune_config(job["model"], task=job["task"], dataset=job["dataset"], **settings)
+
+
+def run_adaptune(job: dict[str, Any], out: Path, variant: dict[str, Any], seed: int,
+                 threads: int = 0) -> dict[str, Any]:
+    from adaptune import run
+
+    m = run(adaptune_config(job, out, variant, seed, threads)).metrics
     steps = m["optimizer_steps"]
     return {"wall_s": m["train_time_s"], "real_tokens": m["train_real_tokens"],
             "padded_tokens": m["train_padded_tokens"], "dev": m["dev"][m["main_metric"]],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import adaptune
-from adaptune.errors import ModelError
+from adaptune.errors import ConfigError, ModelError
 from conftest import dev_accuracy_of_predictions, metric_from_example_stats
 
 
@@ -23,6 +23,17 @@ def test_finetune_then_predict(tiny_encoder, cls_files, tmp_path):
     assert accuracy >= 0.75
     assert metric_from_example_stats(result.metrics, "classification") == accuracy
     assert dev_accuracy_of_predictions(adaptune.load(result.adapter_dir), dev) == accuracy
+
+
+def test_finetune_config_is_the_run_finetune_would_start(tmp_path):
+    config = adaptune.finetune_config("minilm-l3", task="ner", rank=4, lr=3e-4,
+                                      train={"seed": 7}, output_dir=str(tmp_path))
+    assert (config.model.name, config.data.task, config.data.dataset) == ("minilm-l3", "ner",
+                                                                         "conll2003")
+    assert (config.method.rank, config.train.lr, config.train.seed) == (4, 3e-4, 7)
+    assert not (tmp_path / "config.json").exists()  # nothing run, nothing written
+    with pytest.raises(ConfigError, match="lrr"):
+        adaptune.finetune_config("minilm-l3", train={"lrr": 1e-3})
 
 
 def test_load_refuses_a_folder_that_is_not_an_adapter(tmp_path):

@@ -230,12 +230,12 @@ def test_base_moving_inits_save_an_adapter_for_the_untouched_base(init, tiny_enc
     trained model's outputs on a freshly built base."""
     import json
 
-    from adaptune.train import _setup
+    from adaptune.train import setup
 
     cfg = tiny_config(tiny_encoder, *cls_files, tmp_path / init,
                       method={"rank": RANK, "lora": {"init": init}})
     p = prepare(cfg)
-    tr = _setup(p)
+    tr = setup(p)
     model = tr.model
     torch.manual_seed(1)
     with torch.no_grad():  # stand-in for training: move every trainable tensor
@@ -280,12 +280,12 @@ def test_eva_initialises_from_a_pass_over_training_batches(tiny_encoder, cls_fil
 
 
 def test_loraplus_gives_b_its_own_learning_rate(tiny_encoder, cls_files, tmp_path):
-    from adaptune.train import _setup
+    from adaptune.train import setup
 
     cfg = tiny_config(tiny_encoder, *cls_files, tmp_path / "lp",
                       method={"rank": RANK, "lora": {"loraplus_lr_ratio": 16}},
                       train={"lr": 1e-3})
-    tr = _setup(prepare(cfg))
+    tr = setup(prepare(cfg))
     names = {id(p): n for n, p in tr.model.named_parameters()}
     lrs = {}
     for group in tr.optimizer.param_groups:

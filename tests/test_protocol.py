@@ -322,13 +322,13 @@ def test_grids_that_select_lrs_need_a_selection_split(tiny_encoder, unique_files
 def test_rslora_scales_by_the_square_root_of_the_rank(tiny_encoder, unique_files, tmp_path):
     from peft.tuners.lora import LoraLayer
 
-    from adaptune.train import _setup, prepare
+    from adaptune.train import setup, prepare
 
     train, dev = unique_files
     for scaling, expected in [("alpha/r", 16 / 4), ("rslora", 16 / 2)]:
         cfg = tiny_config(tiny_encoder, train, dev, tmp_path / scaling.replace("/", "_"),
                           method={"rank": 4, "alpha": 16, "scaling": scaling})
-        model = _setup(prepare(cfg)).model
+        model = setup(prepare(cfg)).model
         layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         assert layers and all(m.scaling["default"] == pytest.approx(expected) for m in layers)
     with pytest.raises(ConfigError, match="method.scaling=rslora applies to LoRA-style"):
