@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="", help="also write every process's figures to this "
+                        "JSON file")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -141,22 +143,26 @@ def main() -> None:
     print(f"device: {throughput.device_name()}, {torch.get_num_threads()} threads; fp32 2048^3 "
           f"peak {peak / 1e9:.0f} GFLOP/s", flush=True)
     results: dict[str, list[dict[str, Any]]] = {}
-    for _ in range(args.repeats):
-        for lever in [x for pair in zip(["adaptune"] * len(levers), levers) for x in pair]:
-            env = dict(os.environ)
-            if lever == "malloc-kept":
-                env["GLIBC_TUNABLES"] = MALLOC_KEPT
-            done = subprocess.run(
-                [sys.executable, __file__, "--job", args.job, "--child", lever, "--seed",
-                 str(args.seed), "--batches", str(args.batches), "--rounds", str(args.rounds)],
-                env=env, capture_output=True, text=True)
-            line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-            if done.returncode or not line:
-                sys.exit(f"{lever} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-            result = json.loads(line[-1][len("RESULT "):])
-            results.setdefault(lever, []).append(result)
-            print(f"  {lever}: {result['step_s'] * 1e3:.1f} ms a step "
-                  f"(warm-up {result['warm_up_s']:.1f} s)", flush=True)
+    order = [x for _ in range(args.repeats)
+             for pair in zip(["adaptune"] * len(levers), levers) for x in pair]
+    for position, lever in enumerate(order):
+        env = dict(os.environ)
+        if lever == "malloc-kept":
+            env["GLIBC_TUNABLES"] = MALLOC_KEPT
+        done = subprocess.run(
+            [sys.executable, __file__, "--job", args.job, "--child", lever, "--seed",
+             str(args.seed), "--batches", str(args.batches), "--rounds", str(args.rounds)],
+            env=env, capture_output=True, text=True)
+        line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+        if done.returncode or not line:
+            sys.exit(f"{lever} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        result = {**json.loads(line[-1][len("RESULT "):]), "order": position}
+        results.setdefault(lever, []).append(result)
+        print(f"  {lever}: {result['step_s'] * 1e3:.1f} ms a step "
+              f"(warm-up {result['warm_up_s']:.1f} s)", flush=True)
+    if args.out:  # to print the table again, or read the figures, later
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"peak": peak, "results": results}))
     print_table(args, results, peak)
 
 
@@ -172,15 +178,20 @@ def print_table(args: argparse.Namespace, results: dict[str, list[dict[str, Any]
           f"{base['shapes'][0][1]}-{base['shapes'][-1][1]} tokens long, "
           f"{base['real_tokens_per_step']:.0f} real tokens a step on average), each step's "
           f"fastest of {args.rounds} rounds, {args.repeats} processes per lever, alternating\n")
-    print("| lever | ms a step, per process | mean | vs adaptune | model GFLOP/s | of the fp32 "
-          "peak | warm-up s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| lever | ms a step, per process | mean | vs adaptune's mean | vs the adaptune process "
+          "just before (each, geometric mean) | model GFLOP/s | of the fp32 peak | warm-up s |")
+    print("|---|---|---|---|---|---|---|---|")
     for lever, runs in results.items():
         mean = statistics.mean(r["step_s"] for r in runs)
         each = " ".join(f"{r['step_s'] * 1e3:.1f}" for r in runs)
-        print(f"| {lever} | {each} | "
-              f"{mean * 1e3:.1f} | {default / mean:.3f}x | {flops / mean / 1e9:.1f} | "
-              f"{flops / mean / peak:.1%} | "
+        # The host's speed moves between processes: the ratio to the default-path process that
+        # ran just before each (they alternate) is the steadier reading.
+        paired = [results["adaptune"][r["order"] // 2]["step_s"] / r["step_s"] for r in runs] \
+            if lever != "adaptune" else []
+        paired_text = (" ".join(f"{x:.3f}x" for x in paired)
+                       + f" ({statistics.geometric_mean(paired):.3f}x)") if paired else "-"
+        print(f"| {lever} | {each} | {mean * 1e3:.1f} | {default / mean:.3f}x | {paired_text} | "
+              f"{flops / mean / 1e9:.1f} | {flops / mean / peak:.1%} | "
               f"{statistics.mean(r['warm_up_s'] for r in runs):.1f} |")
     print("\n(lora-first-target-only is a bound, not a lever: it trains fewer LoRA layers. "
           "Model FLOPs are 4 x the non-embedding parameters per real token, as in "
